@@ -1,0 +1,175 @@
+"""The manifest beside the shards: build, write atomically, read, verify, and list shard URLs."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import uuid
+from datetime import datetime, timezone
+
+import fsspec
+
+from data_prep.schema import IMAGE_KEY, LABEL_KEY, MANIFEST_NAME, MANIFEST_VERSION, META_KEY
+from pipeline.errors import HardnegError
+
+SAMPLE_PARTS = (IMAGE_KEY, LABEL_KEY, META_KEY)
+_SHARD_FIELDS = {"path": str, "num_samples": int, "bytes": int, "sha256": str}
+
+
+def out_fs(out: str):
+    """(filesystem, root path) of an output location; HardnegError if fsspec cannot open it."""
+    if not isinstance(out, str) or not out:
+        raise HardnegError(f"OUT={out!r}; expected a path or an fsspec URL")
+    try:
+        fs, root = fsspec.core.url_to_fs(out)
+    except Exception as e:  # unknown protocol, missing driver (e.g. s3fs), bad URL
+        raise HardnegError(f"cannot use OUT '{out}': {type(e).__name__}: {e}") from None
+    return fs, root.rstrip("/") or "/"
+
+
+def join_url(out: str, rel: str) -> str:
+    """URL of ``rel`` inside ``out``: same protocol as ``out``, an absolute path when it is local."""
+    if "://" in out or "::" in out:
+        return f"{out.rstrip('/')}/{rel}"
+    _, root = out_fs(out)
+    return posixpath.join(root, rel)
+
+
+def build_manifest(dataset: str, prep: dict, splits: dict, image: dict, skipped: list) -> dict:
+    """The manifest dict (``splits``: name -> {num_samples, classes, shards}); stamped with the time."""
+    return {
+        "version": MANIFEST_VERSION,
+        "dataset": dataset,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prep": dict(prep),
+        "image": dict(image),
+        "splits": splits,
+        "skipped": list(skipped),
+    }
+
+
+def write_manifest(out: str, manifest: dict) -> None:
+    """Write ``OUT/manifest.json`` atomically (temp name in the same directory, then rename)."""
+    fs, root = out_fs(out)
+    final = posixpath.join(root, MANIFEST_NAME)
+    tmp = posixpath.join(root, f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}")
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+        fs.mv(tmp, final)
+    finally:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:  # cleanup must not mask the error being handled
+            pass
+
+
+def _check_manifest(m, where: str) -> None:
+    """Raise HardnegError naming the first thing wrong with a parsed manifest."""
+    if not isinstance(m, dict):
+        raise HardnegError(f"invalid manifest {where}: expected a JSON object")
+    if m.get("version") != MANIFEST_VERSION:
+        raise HardnegError(
+            f"manifest {where} has version {m.get('version')!r}; this code reads version {MANIFEST_VERSION}"
+        )
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise HardnegError(f"invalid manifest {where}: 'splits' must be a non-empty object")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise HardnegError(f"invalid manifest {where}: split '{name}' needs a 'shards' list")
+        if not isinstance(split.get("num_samples"), int) or not isinstance(split.get("classes"), list):
+            raise HardnegError(f"invalid manifest {where}: split '{name}' needs 'num_samples' and 'classes'")
+        for i, shard in enumerate(split["shards"]):
+            for key, typ in _SHARD_FIELDS.items():
+                if not isinstance(shard, dict) or not isinstance(shard.get(key), typ):
+                    raise HardnegError(
+                        f"invalid manifest {where}: split '{name}' shard {i} needs '{key}' ({typ.__name__})"
+                    )
+            path = shard["path"]
+            if path.startswith("/") or ".." in path.split("/") or "://" in path:
+                raise HardnegError(f"invalid manifest {where}: shard path '{path}' must be relative to it")
+
+
+def read_manifest(out: str) -> dict:
+    """Read and check ``OUT/manifest.json``; HardnegError if missing, unreadable, invalid or another version."""
+    fs, root = out_fs(out)
+    path = posixpath.join(root, MANIFEST_NAME)
+    where = f"'{join_url(out, MANIFEST_NAME)}'"
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise HardnegError(f"no manifest {where}; run prepare first") from None
+    except Exception as e:
+        raise HardnegError(f"cannot read manifest {where}: {type(e).__name__}: {e}") from None
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HardnegError(f"manifest {where} is not valid JSON: {e}") from None
+    _check_manifest(m, where)
+    return m
+
+
+def shard_urls(out: str, manifest: dict, split: str) -> list[str]:
+    """URLs of the shards of ``split`` (same protocol as ``out``); HardnegError naming the splits there are."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise HardnegError(f"unknown split '{split}'; available: {', '.join(splits) or 'none'}")
+    return [join_url(out, shard["path"]) for shard in splits[split]["shards"]]
+
+
+def count_samples(data: bytes) -> tuple[int, list[str]]:
+    """(number of samples, problems) of tar bytes; a sample is the members sharing a key."""
+    parts: dict[str, set] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = posixpath.basename(member.name)
+            key, _, ext = base.partition(".")
+            parts.setdefault(posixpath.join(posixpath.dirname(member.name), key), set()).add(ext)
+    problems = [
+        f"sample '{key}' lacks {', '.join(sorted(set(SAMPLE_PARTS) - exts))}"
+        for key, exts in parts.items()
+        if not set(SAMPLE_PARTS) <= exts
+    ]
+    return len(parts), problems
+
+
+def verify(out: str) -> list[str]:
+    """Re-read every shard the manifest lists; the problems found (an empty list means all is well)."""
+    manifest = read_manifest(out)
+    fs, root = out_fs(out)
+    problems = []
+    for split, info in manifest["splits"].items():
+        total = sum(shard["num_samples"] for shard in info["shards"])
+        if total != info["num_samples"]:
+            problems.append(f"split '{split}': shards hold {total} samples, manifest says {info['num_samples']}")
+        for shard in info["shards"]:
+            name = shard["path"]
+            try:
+                with fs.open(posixpath.join(root, name), "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                problems.append(f"{name}: missing")
+                continue
+            except Exception as e:
+                problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+                continue
+            if len(data) != shard["bytes"]:
+                problems.append(f"{name}: {len(data)} bytes, manifest says {shard['bytes']}")
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest")
+            try:
+                n, bad = count_samples(data)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                problems.append(f"{name}: not a readable tar ({type(e).__name__}: {e})")
+                continue
+            problems.extend(f"{name}: {p}" for p in bad)
+            if n != shard["num_samples"]:
+                problems.append(f"{name}: {n} samples, manifest says {shard['num_samples']}")
+    return problems

@@ -1,0 +1,40 @@
+"""Pure: records per split -> shard specs (a seeded shuffle, then chunks of ``shard_size``)."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from pipeline.errors import HardnegError
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Shard ``index`` of ``split`` holds the split's records at positions ``records``, in that order."""
+
+    split: str
+    index: int
+    records: tuple[int, ...]
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """Raise HardnegError unless ``value`` is an int >= ``minimum``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise HardnegError(f"{name}={value!r}; expected an integer >= {minimum}")
+
+
+def plan_shards(sizes: Mapping[str, int], shard_size: int, seed: int) -> list[ShardSpec]:
+    """Shuffle each split once with ``seed`` (independently of the other splits) and cut it into shards."""
+    _check_int("shard_size", shard_size, 1)
+    _check_int("seed", seed, 0)
+    specs = []
+    for split, n in sizes.items():
+        _check_int(f"size of split '{split}'", n, 0)
+        # Seeded by (seed, split name) so adding or removing a split never changes another's plan.
+        rng = np.random.default_rng([int(seed), zlib.crc32(split.encode("utf-8"))])
+        order = rng.permutation(n).tolist()
+        for index, start in enumerate(range(0, n, shard_size)):
+            specs.append(ShardSpec(split, index, tuple(order[start:start + shard_size])))
+    return specs

@@ -1,0 +1,28 @@
+"""The record format both sides agree on: what a shard sample and a manifest hold.
+
+This is the one module of data_prep that pipeline/ may import.
+
+A shard is a WebDataset tar named ``{split}-{index:06d}.tar``; each sample has
+  ``__key__``  ``{split}_{source_index:08d}``
+  ``png``      the image, RGB, PNG-encoded (lossless)
+  ``cls``      the integer label as ASCII text (``-1`` for unlabelled)
+  ``json``     ``{"index": source_index, "label": int, "source": str, "file": str|None}``
+The manifest ``manifest.json`` sits beside the shards; shard paths in it are relative to it.
+"""
+from __future__ import annotations
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+IMAGE_KEY = "png"
+LABEL_KEY = "cls"
+META_KEY = "json"
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, source_index: int) -> str:
+    """The ``__key__`` of a sample: unique within a dataset, stable across runs."""
+    return f"{split}_{source_index:08d}"

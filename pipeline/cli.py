@@ -1,0 +1,134 @@
+"""The ``hardneg`` console script. Each handler loads its inputs and calls one function.
+
+User errors (HardnegError) print one line and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.errors import HardnegError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML recipe holding only what differs from the defaults")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+
+
+def _load_config(args):
+    from pipeline import config
+
+    cfg = config.load(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def cmd_prep(args) -> None:
+    if args.source == "verify":
+        from data_prep.manifest import verify
+
+        problems = verify(args.out)
+        for problem in problems:
+            print(problem)
+        if problems:
+            raise HardnegError(f"{len(problems)} problem(s) in {args.out}")
+        print(f"ok: every shard of {args.out} matches its manifest")
+        return
+    from data_prep.prep import prepare
+
+    manifest = prepare(args.source, args.out, shard_size=args.shard_size, seed=args.seed,
+                       test_size=args.test_size, progress=not args.quiet)
+    counts = ", ".join(f"{s}: {v['num_samples']} in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
+    print(f"wrote {args.out} ({counts})")
+
+
+def _print_train_summary(result: dict) -> None:
+    from pipeline.tracking import ui_command
+
+    knn = result.get("knn_top1")
+    tail = f", kNN top-1 {knn:.4f}" if knn is not None else ""
+    print(f"run {result['run_name']}: {result['step']} steps{tail}")
+    print(f"checkpoint: {result.get('checkpoint')}")
+    if result.get("mlflow_run_id"):
+        print(f"MLflow run id: {result['mlflow_run_id']}")
+        print(f"open the UI:  {ui_command(result['tracking_uri'])}")
+
+
+def cmd_train(args) -> None:
+    from pipeline.launch import train_run
+
+    cfg = _load_config(args)
+    _print_train_summary(train_run(cfg, resume=args.resume))
+
+
+def cmd_eval(args) -> None:
+    from pipeline.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides), indent=2))
+
+
+def cmd_demo(args) -> None:
+    from pipeline.demo import run_demo
+
+    run_demo(args.config, args.out, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hardneg", description="Contrastive pretraining with hard negatives.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prep", help="shard a dataset (or `prep verify OUT`)",
+                       description="Write WebDataset shards + manifest.json for SOURCE into OUT (any fsspec URL).")
+    p.add_argument("source", metavar="SOURCE", help="builtin:digits | imagefolder:PATH | verify")
+    p.add_argument("out", metavar="OUT", help="output directory or URL")
+    p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--test-size", type=int, default=300, help="held-out test images for builtin:digits")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("train", help="pretrain an encoder", description="Pretrain per a config (Ray Train or local).")
+    _config_args(p)
+    p.add_argument("--resume", action="store_const", const="", default=None,
+                   help="continue a stopped run from its last checkpoint: tracking.run_name, else the latest run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="kNN top-1 of a checkpoint, as JSON",
+                       description="Weighted kNN on backbone features: memory = train split, queries = test split.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint dir, its state.pt, or a run dir")
+    p.add_argument("--data", required=True, metavar="OUT", help="prepared shards (directory with manifest.json)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="prep + train + eval on builtin:digits, with baselines",
+                       description="The whole job on the embedded digits dataset; ends printing kNN top-1.")
+    p.add_argument("--config", default="configs/demo.yaml", metavar="FILE", help="default configs/demo.yaml")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="where shards, runs and mlflow.db go")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and args.resume is not None:
+        # `--resume` continues tracking.run_name when one is given
+        args.resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.run_name=")), "")
+    try:
+        args.func(args)
+    except HardnegError as e:
+        print(f"hardneg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hardneg: interrupted; `hardneg train ... --resume` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

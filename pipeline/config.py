@@ -1,0 +1,262 @@
+"""Typed, frozen, validated run configuration: the one place defaults live.
+
+load(path, overrides) reads a YAML file holding only what differs from the defaults, applies
+dotted ``key=value`` overrides, and returns a frozen ``Config``. Every problem (missing file,
+duplicate YAML key, unknown key, wrong type, impossible value) is a one-line ``HardnegError``
+naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import HardnegError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    path: str = "demo_out/shards"  # directory (any fsspec URL) holding manifest.json + shards
+    format: Literal["wds"] = "wds"
+    train_split: str = "train"
+    eval_split: str = "test"
+    shuffle_buffer: int = Field(1000, ge=0)
+    loader_workers: int = Field(0, ge=0)
+
+
+class AugmentConfig(_Section):
+    """SimCLR two-view augmentation (Chen et al. 2020); the papers' CIFAR recipe by default."""
+
+    image_size: int = Field(32, ge=4)
+    crop_scale_min: float = Field(0.08, gt=0.0, le=1.0)
+    crop_scale_max: float = Field(1.0, gt=0.0, le=1.0)
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    rotation_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0)
+    brightness: float = Field(0.4, ge=0.0)
+    contrast: float = Field(0.4, ge=0.0)
+    saturation: float = Field(0.4, ge=0.0)
+    hue: float = Field(0.1, ge=0.0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
+    blur_p: float = Field(0.0, ge=0.0, le=1.0)
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> "AugmentConfig":
+        if self.crop_scale_min > self.crop_scale_max:
+            raise ValueError(
+                f"augment.crop_scale_min={self.crop_scale_min} must be <= "
+                f"augment.crop_scale_max={self.crop_scale_max}"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    width: int = Field(64, ge=4)  # channels of the first stage; 64 is the standard ResNet
+    proj_hidden_dim: int = Field(512, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    proj_bn: bool = True
+
+
+class LossConfig(_Section):
+    name: Literal["nt_xent", "dcl", "hcl", "sscl"] = "nt_xent"
+    temperature: float = Field(0.5, gt=0.0)
+    tau_plus: float = Field(0.1, ge=0.0, lt=1.0)
+    beta: float = Field(1.0, ge=0.0)
+    n_hard: int = Field(32, ge=1)
+    n_synthetic: int = Field(8, ge=0)
+    mix: Literal["paper", "release"] = "paper"
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)  # for the global batch; no hidden rescaling
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    global_batch_size: int = Field(256, ge=2)
+    log_every_steps: int = Field(10, ge=1)
+    knn_every_epochs: int = Field(1, ge=0)  # 0: never during training
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    seed: int = 0
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class ClusterConfig(_Section):
+    launcher: Literal["ray", "local"] = "ray"  # local: one plain process, for debugging
+    address: Optional[str] = None  # None: start a private local Ray instance
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: bool = False
+    storage_path: str = "runs"  # where checkpoints go; any fsspec URL Ray accepts
+    max_failures: int = Field(0, ge=-1)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "hardneg"
+    run_name: Optional[str] = None
+
+
+class EvalConfig(_Section):
+    knn_k: int = Field(200, ge=1)
+    knn_temperature: float = Field(0.5, gt=0.0)
+    batch_size: int = Field(512, ge=1)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "Config":
+        workers = 1 if self.cluster.launcher == "local" else self.cluster.num_workers
+        if self.train.global_batch_size % workers:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} must divide by "
+                f"cluster.num_workers={workers}"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.cluster.launcher == "local" else self.cluster.num_workers
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.train.global_batch_size // self.world_size
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of letting the last one win."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise HardnegError(
+                f"duplicate key '{key}' in config (line {key_node.start_mark.line + 1})"
+            )
+        seen[key] = loader.construct_object(value_node, deep=deep)
+    return seen
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise HardnegError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise HardnegError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise HardnegError(f"cannot read config file {path}: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HardnegError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _format_error(err: ValidationError) -> str:
+    """One line per config, naming the first bad key and what is allowed."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in loc) or "config"
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(Config, loc))
+        return f"unknown config key '{key}'; allowed here: {allowed}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return f"invalid config: {msg}"
+    return f"invalid config value {key}={first.get('input')!r}: {msg}"
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set ``a.b=value`` (value parsed as YAML) inside the nested dict ``data``."""
+    if "=" not in override:
+        raise HardnegError(f"override '{override}' must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise HardnegError(f"override '{override}' names no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise HardnegError(f"override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a nested dict into a frozen Config (HardnegError on any problem)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise HardnegError(_format_error(e)) from None
+
+
+def load(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read YAML at ``path`` (or the defaults), apply dotted overrides, validate."""
+    data = _read_yaml(path) if path else {}
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(data)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The fully resolved config as plain YAML-able data."""
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every leaf: what MLflow stores as params."""
+    flat: dict[str, Any] = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat

@@ -1,0 +1,129 @@
+"""Evaluation: the weighted kNN monitor of InstDisc/SimCLR/HCL (Wu et al. 2018) on frozen features."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import data
+
+
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN: bank (M, d), bank_labels (M,), queries (Q, d) -> predicted labels (Q,).
+
+    Features are L2-normalised; each of the k nearest bank items votes for its class with weight
+    exp(cos / temperature). k is clamped to the bank size.
+    """
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    k = min(k, bank.shape[0])
+    preds = []
+    for start in range(0, queries.shape[0], chunk):
+        sim = queries[start : start + chunk] @ bank.T  # (q, M)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (q, k)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)  # (q, C)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_top1(bank, bank_labels, queries, query_labels, *, k: int, temperature: float) -> float:
+    """Top-1 accuracy of knn_predict: a float in [0, 1]."""
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
+    return (pred == query_labels).float().mean().item()
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module, batches, device: torch.device = torch.device("cpu")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``encoder`` in eval mode over (x, y) batches -> (features (n, d), labels (n,)); restores its mode."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    try:
+        for x, y in batches:
+            feats.append(encoder(x.to(device)).float().cpu())
+            labels.append(y)
+    finally:
+        encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_eval(
+    encoder: nn.Module,
+    data_path: str,
+    bank_split: str,
+    query_split: str,
+    transform: Callable,
+    *,
+    k: int,
+    temperature: float,
+    batch_size: int = 512,
+    device: torch.device = torch.device("cpu"),
+) -> float:
+    """kNN top-1 of ``encoder``'s features: memory = bank_split, queries = query_split."""
+    bank, bank_y = extract_features(encoder, data.eval_batches(data_path, bank_split, transform, batch_size), device)
+    query, query_y = extract_features(encoder, data.eval_batches(data_path, query_split, transform, batch_size), device)
+    return knn_top1(bank, bank_y, query, query_y, k=k, temperature=temperature)
+
+
+def raw_pixel_knn(data_path: str, bank_split: str, query_split: str, *, k: int, temperature: float) -> float:
+    """The raw-pixel baseline: kNN top-1 on flattened images, computed like knn_eval."""
+    bank, bank_y = data.raw_pixels(data_path, bank_split)
+    query, query_y = data.raw_pixels(data_path, query_split)
+    return knn_top1(bank, bank_y, query, query_y, k=k, temperature=temperature)
+
+
+def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object"]:
+    """(backbone with trained weights, its resolved config incl. overrides) from a checkpoint."""
+    from pipeline import checkpoint, config as config_mod
+    from pipeline.models import build_model
+
+    state = checkpoint.load(path)
+    saved = state["config"]
+    for override in overrides:
+        config_mod.apply_override(saved, override)
+    cfg = config_mod.from_dict(saved)
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.backbone, cfg
+
+
+def evaluate_checkpoint(path: str, data_path: str, overrides=()) -> dict:
+    """kNN top-1 of a checkpoint's backbone on ``data_path`` (k, T from its config's eval section)."""
+    from pipeline import augment
+
+    backbone, cfg = encoder_from_checkpoint(path, overrides)
+    top1 = knn_eval(
+        backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
+        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
+    )
+    return {"knn_top1": top1, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
+            "bank_split": cfg.data.train_split, "query_split": cfg.data.eval_split, "checkpoint": path}
+
+
+def random_init_knn(cfg, data_path: str) -> float:
+    """Baseline: the same network at random initialisation (seed from cfg), evaluated like a checkpoint."""
+    from pipeline import augment
+    from pipeline.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_model(cfg.model).backbone
+    return knn_eval(
+        backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
+        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
+    )

@@ -1,0 +1,68 @@
+"""Backbones and heads: torchvision ResNets with the CIFAR or ImageNet stem, and the MLP projector.
+
+Modules hold parameters only; no collectives and no device moves happen in here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+
+from pipeline.config import ModelConfig
+
+_BLOCKS = {
+    "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (resnet.Bottleneck, [3, 4, 6, 3]),
+}
+
+
+def build_backbone(name: str, stem: str, width: int = 64) -> tuple[nn.Module, int]:
+    """torchvision ResNet without its classifier: (B, 3, H, W) -> (B, feat_dim); returns (module, feat_dim).
+
+    stem="cifar" is the 3x3 stride-1 conv without max-pool used by SimCLR/HCL/SSCL on 32 px images;
+    width rescales every stage (64 = the standard network) so small demos fit a CPU.
+    """
+    block, layers = _BLOCKS[name]
+    net = resnet.ResNet(block, layers)
+    if width != 64:
+        # Rebuild the stages with torchvision's own blocks at the requested width.
+        net.inplanes = width
+        net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        net.bn1 = nn.BatchNorm2d(width)
+        net.layer1 = net._make_layer(block, width, layers[0])
+        net.layer2 = net._make_layer(block, width * 2, layers[1], stride=2)
+        net.layer3 = net._make_layer(block, width * 4, layers[2], stride=2)
+        net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feat_dim = width * 8 * block.expansion
+    net.fc = nn.Identity()
+    return net, feat_dim
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> nn.Sequential:
+    """Two-layer MLP projector g(h) (SimCLR; HCL uses Linear(no bias)-BN-ReLU-Linear): (B, in) -> (B, out)."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(hidden_dim))
+    layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder f and projector g: forward(x (B,3,H,W)) -> projections (B, proj_dim), un-normalised."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.backbone, self.feat_dim = build_backbone(cfg.backbone, cfg.stem, cfg.width)
+        self.projector = projection_head(self.feat_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def build_model(cfg: ModelConfig) -> ContrastiveModel:
+    """The model a config names."""
+    return ContrastiveModel(cfg)

@@ -1,0 +1,209 @@
+"""The step loop: ``run(cfg, ctx, hooks)`` runs unchanged in one process or inside a Ray Train worker.
+
+The launcher supplies ``ctx`` (rank, world, device; see dist.py) and ``hooks`` (where checkpoints
+come from and go to). Everything here is the same on every rank except that rank 0 tracks and
+evaluates; every rank reports at the same steps, because Ray Train's ``report`` is a barrier.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from functools import partial
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from data_prep.manifest import read_manifest
+from pipeline import augment, checkpoint, config as config_mod, data, dist, evaluate
+from pipeline.config import Config, LossConfig, OptimConfig
+from pipeline.errors import HardnegError
+from pipeline.losses import LOSSES
+from pipeline.models import build_model
+from pipeline.tracking import make_tracker
+
+# Keys that may change between a run and its resumption: length, launcher, bookkeeping.
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.knn_every_epochs",
+                     "train.checkpoint_every_epochs", "train.threads_per_worker", "data.path",
+                     "data.loader_workers", "cluster.", "tracking.", "eval.")
+
+
+class Hooks(Protocol):
+    """What a launcher provides: the checkpoint to resume from, and where reports go."""
+
+    def restore(self) -> Optional[dict]: ...
+    def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None: ...
+
+
+class LocalHooks:
+    """Plain-process launcher: checkpoints live in ``run_dir`` (local path)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def restore(self) -> Optional[dict]:
+        found = checkpoint.latest(self.run_dir)
+        return checkpoint.load(found) if found else None
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        if checkpoint_dir is not None:
+            checkpoint.publish(checkpoint_dir, os.path.join(self.run_dir, f"checkpoint_{metrics['step']:08d}"))
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to base_lr*min_ratio: a pure function of the step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum) / Adam / AdamW over all parameters, as the config names."""
+    params = model.parameters()
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_loss(cfg: LossConfig) -> Callable:
+    """The configured loss as f(z1, z2, gather, generator) -> scalar, hyper-parameters bound."""
+    fn = LOSSES[cfg.name]
+    kwargs = {"temperature": cfg.temperature}
+    if cfg.name in ("dcl", "hcl", "sscl"):
+        kwargs["tau_plus"] = cfg.tau_plus
+    if cfg.name in ("hcl", "sscl"):
+        kwargs["beta"] = cfg.beta
+    if cfg.name == "sscl":
+        kwargs.update(n_hard=cfg.n_hard, n_synthetic=cfg.n_synthetic, mix=cfg.mix)
+
+        def sscl_loss(z1, z2, gather, generator):
+            return fn(z1, z2, gather=gather, generator=generator, **kwargs)
+
+        return sscl_loss
+    return lambda z1, z2, gather, generator: fn(z1, z2, gather=gather, **kwargs)
+
+
+def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and ``cfg``, other than RESUMABLE_CHANGES."""
+    now = config_mod.flatten(cfg)
+    then = config_mod.flatten(config_mod.from_dict(saved))
+    return [
+        f"{k}: {then[k]!r} -> {now[k]!r}"
+        for k in now
+        if now[k] != then[k] and not k.startswith(RESUMABLE_CHANGES)
+    ]
+
+
+def _state(model, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str]) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "mlflow_run_id": run_id,
+        "config": config_mod.to_dict(cfg),
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
+    """Train per ``cfg`` on this rank; returns {"step", "epoch", "knn_top1", "mlflow_run_id"}."""
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    manifest = read_manifest(cfg.data.path)
+    spe = data.steps_per_epoch(manifest, cfg.data.train_split, cfg.train.global_batch_size)
+    total_steps = spe * cfg.train.epochs
+    warmup_steps = int(cfg.optim.warmup_epochs * spe)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model).to(ctx.device)
+    optimizer = build_optimizer(cfg.optim, model)
+    state = hooks.restore()
+    start_step, run_id = 0, None
+    if state is not None:
+        mismatches = resume_mismatches(state["config"], cfg)
+        if mismatches:
+            raise HardnegError("cannot resume: the config differs from the checkpoint's: " + "; ".join(mismatches))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, run_id = state["step"], state["mlflow_run_id"]
+    tracker = make_tracker(cfg.tracking, ctx.is_main, run_id)
+    if state is None:
+        tracker.log_params(config_mod.flatten(cfg) | {"world_size": ctx.world_size, "steps_per_epoch": spe})
+        tracker.log_text(config_mod.to_yaml(cfg), "config.yaml")
+
+    # Per-rank augmentation streams, re-derived from (seed, rank, step) so a resumed run is reproducible.
+    torch.manual_seed(cfg.train.seed * 100_003 + ctx.rank * 7_919 + start_step)
+    generator = torch.Generator().manual_seed(cfg.train.seed + start_step)  # same on every rank (SSCL draws)
+    net = dist.wrap_ddp(model, ctx)
+    gather = dist.make_gather(ctx)
+    loss_fn = build_loss(cfg.loss)
+    two_views = augment.TwoViews(augment.view_transform(cfg.augment))
+    batches = data.train_batches(
+        cfg.data.path, cfg.data.train_split, two_views, cfg.per_worker_batch_size,
+        rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
+        shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+    )
+    knn = partial(
+        evaluate.knn_eval, model.backbone, cfg.data.path, cfg.data.train_split, cfg.data.eval_split,
+        augment.eval_transform(cfg.augment), k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+        batch_size=cfg.eval.batch_size, device=ctx.device,
+    )
+
+    knn_top1, loss_sum, loss_count, tick, tick_step = None, 0.0, 0, time.perf_counter(), start_step
+    for step in range(start_step, total_steps):
+        lr = lr_at(step, cfg.optim.lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x1, x2, _ = next(batches)
+        # One forward over both views: BN sees both and DDP sees one call per backward.
+        z1, z2 = net(torch.cat([x1, x2]).to(ctx.device, non_blocking=True)).chunk(2)
+        loss = loss_fn(z1, z2, gather, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+
+        done = step + 1
+        epoch_end = done % spe == 0
+        if done % cfg.train.log_every_steps == 0 or epoch_end:
+            mean_loss = dist.all_reduce_mean(loss_sum / loss_count).item()
+            now = time.perf_counter()
+            images_per_s = (done - tick_step) * cfg.train.global_batch_size / max(now - tick, 1e-9)
+            tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": images_per_s}, step=done)
+            loss_sum, loss_count, tick, tick_step = 0.0, 0, now, done
+        if not epoch_end:
+            continue
+        epoch = done // spe
+        last = done == total_steps
+        metrics = {"step": done, "epoch": epoch, "loss": mean_loss}
+        if ctx.is_main and (last or (cfg.train.knn_every_epochs and epoch % cfg.train.knn_every_epochs == 0)):
+            knn_top1 = knn()
+            metrics["knn_top1"] = knn_top1
+            tracker.log_metrics({"knn_top1": knn_top1}, step=done)
+        _report(hooks, tracker, ctx, metrics, last or epoch % cfg.train.checkpoint_every_epochs == 0, last,
+                lambda: _state(model, optimizer, done, epoch, cfg, tracker.run_id))
+        if ctx.is_main:
+            print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}"
+                  + (f" knn_top1 {knn_top1:.4f}" if "knn_top1" in metrics else ""), flush=True)
+    tracker.finish()
+    return {"step": total_steps, "epoch": cfg.train.epochs, "knn_top1": knn_top1, "mlflow_run_id": tracker.run_id}
+
+
+def _report(hooks: Hooks, tracker, ctx: dist.DistContext, metrics: dict, save: bool, last: bool, make_state) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (and logs the final one to MLflow)."""
+    if not (save and ctx.is_main):
+        hooks.report(metrics, None)
+        return
+    tmp = tempfile.mkdtemp(prefix="hardneg-ckpt-")
+    try:
+        directory = checkpoint.write(make_state(), os.path.join(tmp, "checkpoint"))
+        if last:
+            tracker.log_artifacts(directory, "checkpoints/final")
+        hooks.report(metrics | {"mlflow_run_id": tracker.run_id}, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

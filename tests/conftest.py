@@ -1,0 +1,38 @@
+"""Shared fixtures: real digits shards on disk, free ports, a tiny training config."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipeline import config
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> str:
+    """builtin:digits prepared once per session into real WebDataset shards (6 train shards)."""
+    from data_prep.prep import prepare
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare("builtin:digits", str(out), shard_size=256)
+    return str(out)
+
+
+def tiny_config(tmp_path, shards: str, *overrides: str) -> config.Config:
+    """A config that trains a 4-channel ResNet-18 on 8 px digits in seconds."""
+    return config.load(None, [
+        f"data.path={shards}", "data.shuffle_buffer=200",
+        "augment.image_size=8", "augment.hflip_p=0", "augment.crop_scale_min=0.6",
+        "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
+        "train.global_batch_size=128", "train.log_every_steps=4", "train.epochs=1",
+        "eval.knn_k=20", "optim.lr=0.1",
+        f"cluster.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ])

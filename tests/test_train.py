@@ -1,0 +1,74 @@
+"""The step loop in one plain process: schedule, checkpoint contents, resume, config checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pipeline import checkpoint, dist, launch, train
+from pipeline.errors import HardnegError
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [train.lr_at(s, 1.0, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # non-increasing after warm-up
+    assert math.isclose(train.lr_at(20, 1.0, 4, 20, 0.1), 0.1)
+    assert math.isclose(train.lr_at(12, 1.0, 4, 20, 0.0), 0.5)  # half-way through the cosine
+
+
+def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
+                      "train.knn_every_epochs=0")
+    result = launch.train_run(cfg)
+    steps = 1497 // 128
+    assert result["step"] == steps and 0.0 <= result["knn_top1"] <= 1.0  # kNN always runs at the end
+    state = checkpoint.load(result["checkpoint"])
+    assert state["step"] == steps and state["epoch"] == 1
+    assert {"model", "optimizer", "config", "mlflow_run_id"} <= set(state)
+    assert state["config"]["train"]["global_batch_size"] == 128  # the resolved config travels along
+
+    # Continue the same run for one more epoch: it starts at the saved step, not at 0.
+    resumed_cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
+                              "train.epochs=2", f"tracking.run_name={result['run_name']}")
+    before = {k: v.clone() for k, v in state["model"].items()}
+    resumed = launch.train_run(resumed_cfg, resume=result["run_name"])
+    assert resumed["step"] == 2 * steps
+    after = checkpoint.load(resumed["checkpoint"])
+    assert after["step"] == 2 * steps
+    assert any(not torch.equal(before[k], after["model"][k]) for k in before)
+
+
+def test_resume_refuses_a_different_config(tmp_path, digits_shards):
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
+                      "train.knn_every_epochs=0", "tracking.run_name=r1")
+    launch.train_run(cfg)
+    other = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
+                        "loss.temperature=0.2", "tracking.run_name=r1")
+    with pytest.raises(HardnegError, match=r"cannot resume.*loss\.temperature: 0\.5 -> 0\.2"):
+        launch.train_run(other, resume="r1")
+    with pytest.raises(HardnegError, match=r"run 'r1' already exists.*--resume"):
+        launch.train_run(cfg)
+    with pytest.raises(HardnegError, match=r"no checkpoint"):
+        launch.train_run(cfg, resume="nonexistent")
+
+
+def test_preflight_errors_are_one_line(tmp_path, digits_shards):
+    with pytest.raises(HardnegError, match="global_batch_size=4096 exceeds the 1497 samples"):
+        launch.train_run(tiny_config(tmp_path, digits_shards, "train.global_batch_size=4096"))
+    with pytest.raises(HardnegError, match="data split 'val' not in"):
+        launch.train_run(tiny_config(tmp_path, digits_shards, "data.eval_split=val"))
+    with pytest.raises(HardnegError, match="manifest"):
+        launch.train_run(tiny_config(tmp_path, str(tmp_path / "no-shards")))
+
+
+def test_build_loss_binds_hyper_parameters():
+    from pipeline import config
+    from pipeline.losses import hcl
+
+    z1, z2 = torch.randn(8, 4), torch.randn(8, 4)
+    cfg = config.load(None, ["loss.name=hcl", "loss.beta=2", "loss.tau_plus=0.05"])
+    got = train.build_loss(cfg.loss)(z1, z2, dist.make_gather(dist.current_context()), None)
+    assert torch.allclose(got, hcl(z1, z2, temperature=0.5, tau_plus=0.05, beta=2.0))
