@@ -1,0 +1,221 @@
+"""The only module that imports torch.distributed: process context, gathers with gradient, DDP wrap.
+
+Everything here is the identity on a single process (not initialised, or world size 1), so the same
+training code runs as one CPU process, under torchrun, or inside a Ray Train worker.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: global rank, world size, rank on its node, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0 (the process that logs and writes checkpoints)."""
+        return self.rank == 0
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size) of the default group, or (0, 1) when there is none."""
+    if _initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def current_context(device: torch.device | str | None = None) -> DistContext:
+    """The context of this process: from torch.distributed if initialised, else rank 0 of world 1.
+
+    local_rank comes from the LOCAL_RANK environment variable (set by torchrun and Ray Train), else
+    it is the global rank (single-node launch). device defaults to CPU.
+    """
+    rank, world_size = _world()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def init_process_group(
+    backend: str, init_method: str, rank: int, world_size: int, *, timeout_s: float | None = None
+) -> DistContext:
+    """Join the default process group (e.g. backend="gloo", init_method="tcp://127.0.0.1:PORT").
+
+    timeout_s bounds rendezvous and every collective (torch's default, 10-30 min, when None).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}; expected an integer >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}; expected 0 <= rank < world_size={world_size}")
+    if _initialized():
+        raise RuntimeError("init_process_group: the default process group is already initialised")
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    device = None
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", rank)) % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    return current_context(device)
+
+
+def destroy_process_group() -> None:
+    """Leave the default process group; a no-op when none is initialised."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sum-reduces the gathered gradient and returns this rank's slice.
+
+    Rank r's loss L_r reads every rank's rows, so d(sum_r L_r)/dx_rank = sum_r dL_r/d gathered[slice].
+    DDP then divides parameter gradients by W, which gives the gradient of mean_r L_r: exactly the
+    single-process loss on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, world_size: int) -> Tensor:
+        x = x.contiguous()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)  # (world_size * n, ...)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        grad = torch.clone(grad, memory_format=torch.contiguous_format)  # never reduce in place
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None, None
+
+
+def _check_equal_shapes(x: Tensor, world_size: int) -> None:
+    """Raise ValueError (on every rank alike) unless all ranks hold tensors of the same shape."""
+    if x.dim() == 0:
+        raise ValueError("gather: expected a tensor with a leading batch dimension; got a scalar")
+    rest = 1
+    for size in x.shape[1:]:
+        rest *= int(size)
+    mine = torch.tensor([x.dim(), x.shape[0], rest], dtype=torch.long, device=x.device)
+    parts = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(parts, mine)
+    shapes = [tuple(int(v) for v in p.tolist()) for p in parts]
+    if any(s != shapes[0] for s in shapes):
+        sizes = [s[1] for s in shapes]
+        raise ValueError(
+            f"gather needs equal local tensors on every rank; got leading sizes per rank {sizes} "
+            f"(ndim, size, elements per row) = {shapes}"
+        )
+
+
+@dataclass(frozen=True)
+class GlobalGather:
+    """Callable x: (n_local, ...) -> (world_size * n_local, ...) in rank order, with gradient."""
+
+    rank: int
+    world_size: int
+    check_sizes: bool = True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not _initialized():
+            raise RuntimeError("GlobalGather: torch.distributed is not initialised")
+        if self.check_sizes:
+            _check_equal_shapes(x, self.world_size)
+        return _AllGatherWithGrad.apply(x, self.rank, self.world_size)
+
+
+@dataclass(frozen=True)
+class IdentityGather:
+    """The one-process gather: returns its input (rank 0 of a world of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x
+
+
+class _DefaultGroupGather:
+    """Gather over the default group; rank and world_size are read from torch.distributed on access."""
+
+    @property
+    def rank(self) -> int:
+        return _world()[0]
+
+    @property
+    def world_size(self) -> int:
+        return _world()[1]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x: (n, ...) -> (world_size * n, ...) in rank order, differentiable; identity on one process."""
+        rank, world_size = _world()
+        if world_size == 1:
+            return x
+        return GlobalGather(rank, world_size)(x)
+
+    def __repr__(self) -> str:
+        return "all_gather_with_grad"
+
+
+# A callable object rather than a def so that it carries .rank, which the losses need to find their rows.
+all_gather_with_grad = _DefaultGroupGather()
+
+
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """x: (n, ...) -> (world_size * n, ...) in rank order, detached; x.detach() on one process."""
+    rank, world_size = _world()
+    if world_size == 1:
+        return x.detach()
+    x = x.detach().contiguous()
+    _check_equal_shapes(x, world_size)
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """A new detached tensor holding the mean of x over ranks (x's value on one process)."""
+    _, world_size = _world()
+    y = x.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op on one process."""
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DistributedDataParallel(model) when ctx.world_size > 1, else the model unchanged."""
+    if ctx.world_size == 1:
+        return model
+    device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def make_gather(ctx: DistContext) -> Callable[[Tensor], Tensor]:
+    """The gather to inject into the losses: GlobalGather on W > 1 ranks, else IdentityGather."""
+    if ctx.world_size > 1:
+        return GlobalGather(ctx.rank, ctx.world_size)
+    return IdentityGather()

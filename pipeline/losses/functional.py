@@ -1,0 +1,176 @@
+"""Pure in-batch contrastive losses in log space: NT-Xent, DCL, HCL, SSCL (see METHODS.md).
+
+Layout: rows are this worker's 2n anchors [z1_local; z2_local]; columns are the gathered global batch
+[z1 of all ranks; z2 of all ranks] (2B columns, B the global batch), i.e. the single-process layout of
+the concatenated batch. Masks come from global indices, so the per-rank cost is O(n * B).
+Every loss is mean_i -log(pos_i / (pos_i + Ng_i)); only Ng_i differs, and all of them share
+`_log_ng_hcl`. Computation runs in float32 or wider whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .synth import check_synth_args, synthesize_hard_negatives
+
+Gather = Callable[[Tensor], Tensor]
+_LN2 = math.log(2.0)
+
+
+class _Batch(NamedTuple):
+    rows: Tensor  # (R, d) unit local anchors [z1; z2], R = 2n
+    cols: Tensor  # (C, d) unit global columns [Z1; Z2], C = 2B
+    row_ids: Tensor  # (R,) each anchor's own column index
+    sim: Tensor  # (R, C) cosine similarities
+    neg_mask: Tensor  # (R, C) True on the C - 2 real negatives of each row
+    pos: Tensor  # (R,) s_{i,i+} / t
+    neg: Tensor  # (R, C - 2) s_ij / t over the real negatives, in column order
+
+
+def _check_float(name: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = True, expected: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}; expected {expected}") from None
+    ok_low = v > low if low_open else v >= low
+    ok_high = v < high if high_open else v <= high
+    if not (math.isfinite(v) and ok_low and ok_high):
+        raise ValueError(f"{name}={value!r}; expected {expected}")
+    return v
+
+
+def _check_t(temperature: float) -> float:
+    return _check_float("temperature", temperature, 0.0, low_open=True, expected="a finite float > 0")
+
+
+def _check_tau_plus(tau_plus: float) -> float:
+    return _check_float("tau_plus", tau_plus, 0.0, 1.0, expected="a float in [0, 1)")
+
+
+def _check_beta(beta: float) -> float:
+    return _check_float("beta", beta, 0.0, expected="a finite float >= 0")
+
+
+def _batch(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) -> _Batch:
+    """Normalise (in float32+), gather the columns and build the global-index masks."""
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}: expected two (B, d) tensors of equal shape")
+    if not (z1.is_floating_point() and z2.is_floating_point()):
+        raise ValueError(f"z1 dtype {z1.dtype}, z2 dtype {z2.dtype}: expected floating point")
+    n, d = z1.shape
+    if n < 1:
+        raise ValueError("z1, z2: expected a batch of at least one pair")
+    dtype = torch.promote_types(torch.promote_types(z1.dtype, z2.dtype), torch.float32)
+    z1n = F.normalize(z1.to(dtype), dim=1)  # (n, d)
+    z2n = F.normalize(z2.to(dtype), dim=1)  # (n, d)
+    pairs = torch.cat([z1n, z2n], dim=1)  # (n, 2d): one collective for both views
+    gathered = gather(pairs) if gather is not None else pairs  # (B, 2d)
+    n_global = gathered.shape[0]
+    rank = getattr(gather, "rank", None)
+    if rank is None and n_global != n:
+        raise ValueError("gather: a gather that collects several ranks must expose .rank (e.g. dist.GlobalGather)")
+    rank = int(rank or 0)
+    if gathered.shape[1:] != pairs.shape[1:] or n_global % n or not 0 <= rank < n_global // n:
+        raise ValueError(
+            f"gather returned {tuple(gathered.shape)} for local {tuple(pairs.shape)} at rank {rank}; "
+            "expected (world_size * n, 2d) in rank order"
+        )
+    if n_global < 2:
+        raise ValueError(f"global batch B={n_global}; expected B >= 2 so that every anchor has a negative")
+    cols = torch.cat([gathered[:, :d], gathered[:, d:]], dim=0)  # (C, d), C = 2B
+    rows = torch.cat([z1n, z2n], dim=0)  # (R, d), R = 2n
+    local = rank * n + torch.arange(n, device=z1.device)  # (n,)
+    row_ids = torch.cat([local, local + n_global])  # (R,)
+    pos_ids = torch.cat([local + n_global, local])  # (R,)
+    col_ids = torch.arange(2 * n_global, device=z1.device)  # (C,)
+    neg_mask = (col_ids != row_ids[:, None]) & (col_ids != pos_ids[:, None])  # (R, C)
+    sim = rows @ cols.T  # (R, C)
+    logits = sim / temperature  # (R, C)
+    pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
+    neg = logits.masked_select(neg_mask).view(2 * n, 2 * n_global - 2)  # (R, N)
+    return _Batch(rows, cols, row_ids, sim, neg_mask, pos, neg)
+
+
+def _log1mexp(d: Tensor) -> Tensor:
+    """log(1 - exp(d)) for d < 0, accurate at both ends, with finite gradients on both branches."""
+    near = torch.log(-torch.expm1(d))  # accurate for d in (-ln2, 0)
+    far = torch.log1p(-torch.exp(torch.clamp(d, max=-_LN2)))  # accurate for d <= -ln2
+    return torch.where(d > -_LN2, near, far)
+
+
+def _log_ng_hcl(pos: Tensor, neg: Tensor, *, temperature: float, tau_plus: float, beta: float,
+                clamp: bool = True) -> Tensor:
+    """log Ng: (R,) of the HCL estimator (N/tau-)(sum_j w_ij neg_ij - tau+ pos_i), clamped at N e^{-1/t}.
+
+    pos: (R,) positive logits, neg: (R, N) negative logits (s/t), w = softmax(beta * neg) (not detached).
+    beta = 0 gives DCL, beta = 0 and tau+ = 0 gives NT-Xent (clamp=False: plain cross-entropy).
+    """
+    if tau_plus > 0.0 and not clamp:
+        raise ValueError("tau_plus > 0 needs the clamp: the debiased estimate can be negative")
+    n_neg = neg.shape[1]
+    if beta == 0.0:
+        log_sum = torch.logsumexp(neg, dim=1)  # (R,) log sum_j neg_ij
+    else:
+        top = neg.detach().amax(dim=1, keepdim=True)  # (R, 1) shift only; cancels exactly
+        shifted = neg - top  # (R, N) <= 0
+        log_sum = (math.log(n_neg) + top.squeeze(1) + torch.logsumexp((beta + 1.0) * shifted, dim=1)
+                   - torch.logsumexp(beta * shifted, dim=1))  # (R,) log N sum_j w_ij neg_ij
+    floor = math.log(n_neg) - 1.0 / temperature  # log(N e^{-1/t})
+    if tau_plus == 0.0:
+        if not clamp:
+            return log_sum
+        return torch.where(log_sum < floor, floor, log_sum)  # torch.clamp(min=floor), as the official code
+    # (N sum w neg - tau+ N pos) / tau-  in log space: log_sum + log(1 - e^d) - log tau-
+    d = math.log(tau_plus * n_neg) + pos - log_sum  # (R,) log(tau+ N pos / N sum w neg)
+    positive = d < 0  # else the debiased estimate is <= 0 and only the clamp is defined
+    d_safe = torch.where(positive, d, -1.0)  # (R,)
+    raw = log_sum + _log1mexp(d_safe) - math.log1p(-tau_plus)  # (R,)
+    return torch.where(positive & (raw >= floor), raw, floor)
+
+
+def _mean_loss(pos: Tensor, log_ng: Tensor) -> Tensor:
+    """mean_i -log(pos_i / (pos_i + Ng_i)) from logits: pos (R,), log_ng (R,) -> scalar."""
+    return (torch.logaddexp(pos, log_ng) - pos).mean()
+
+
+def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float, gather: Gather | None = None) -> Tensor:
+    """SimCLR NT-Xent (Chen et al. 2020, arXiv:2002.05709): z1, z2 (n, d) -> scalar mean over 2n anchors."""
+    t = _check_t(temperature)
+    b = _batch(z1, z2, t, gather)
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=0.0, beta=0.0, clamp=False))
+
+
+def dcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, gather: Gather | None = None) -> Tensor:
+    """Debiased contrastive loss (Chuang et al., NeurIPS 2020): z1, z2 (n, d) -> scalar mean over 2n anchors."""
+    t, tp = _check_t(temperature), _check_tau_plus(tau_plus)
+    b = _batch(z1, z2, t, gather)
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=tp, beta=0.0))
+
+
+def hcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float,
+        gather: Gather | None = None) -> Tensor:
+    """Hard-negative loss (Robinson et al., ICLR 2021): z1, z2 (n, d) -> scalar mean over 2n anchors."""
+    t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
+    b = _batch(z1, z2, t, gather)
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=tp, beta=bt))
+
+
+def sscl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float, n_hard: int,
+         n_synthetic: int, mix: str = "paper", generator: torch.Generator | None = None,
+         gather: Gather | None = None) -> Tensor:
+    """Synthetic hard negatives + HCL (Dong et al., arXiv:2304.02971): z1, z2 (n, d) -> scalar mean over 2n anchors."""
+    t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
+    check_synth_args(n_hard, n_synthetic, mix, generator)
+    b = _batch(z1, z2, t, gather)
+    neg = b.neg  # (R, N)
+    if n_synthetic > 0:
+        h = synthesize_hard_negatives(b.sim, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard,
+                                      n_synthetic=n_synthetic, mix=mix, generator=generator)  # (R, k, d)
+        synthetic = torch.einsum("rd,rkd->rk", b.rows, h) / t  # (R, k): gradient via the anchor only
+        neg = torch.cat([neg, synthetic], dim=1)  # (R, N + k)
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, neg, temperature=t, tau_plus=tp, beta=bt))

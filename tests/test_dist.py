@@ -1,0 +1,187 @@
+"""Two gloo processes on CPU, different data per rank: gathered losses and gradients equal one process."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline import dist
+from pipeline.losses import dcl, hcl, nt_xent, sscl
+
+WORLD = 2
+N_LOCAL = 4  # rows per rank; global batch B = 8
+DIM = 6
+
+LOSS_CASES = {
+    "nt_xent": lambda a, b, g: nt_xent(a, b, temperature=0.5, gather=g),
+    "dcl": lambda a, b, g: dcl(a, b, temperature=0.5, tau_plus=0.1, gather=g),
+    "hcl": lambda a, b, g: hcl(a, b, temperature=0.5, tau_plus=0.1, beta=2.0, gather=g),
+    "hcl_clamped": lambda a, b, g: hcl(a, b, temperature=0.5, tau_plus=0.6, beta=1.0, gather=g),
+    "sscl": lambda a, b, g: sscl(a, b, temperature=0.5, tau_plus=0.05, beta=1.0, n_hard=5, n_synthetic=3,
+                                 generator=torch.Generator().manual_seed(7), gather=g),
+    "sscl_release": lambda a, b, g: sscl(a, b, temperature=0.5, tau_plus=0.05, beta=1.0, n_hard=32,
+                                         n_synthetic=4, mix="release",
+                                         generator=torch.Generator().manual_seed(8), gather=g),
+}
+
+
+def _global_data():
+    """The concatenated batch; rank r holds rows [r * N_LOCAL, (r + 1) * N_LOCAL)."""
+    g = torch.Generator().manual_seed(123)
+    z1 = torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.7 * torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64)
+    return z1, z2
+
+
+def _model_and_inputs():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(DIM, 3).double()
+    g = torch.Generator().manual_seed(321)
+    x1 = torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64)
+    x2 = torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64)
+    return model, x1, x2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    ctx = dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank, WORLD, timeout_s=120)
+    try:
+        gather = dist.make_gather(ctx)
+        result: dict = {"ctx": (ctx.rank, ctx.world_size, ctx.is_main), "losses": {}}
+        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        z1_all, z2_all = _global_data()
+        for name, loss_fn in LOSS_CASES.items():
+            z1 = z1_all[rows].clone().requires_grad_(True)
+            z2 = z2_all[rows].clone().requires_grad_(True)
+            loss = loss_fn(z1, z2, gather)
+            loss.backward()
+            result["losses"][name] = (loss.detach(), z1.grad, z2.grad)
+        z1 = z1_all[rows].clone().requires_grad_(True)  # the functional gather finds its rank itself
+        z2 = z2_all[rows].clone().requires_grad_(True)
+        LOSS_CASES["hcl"](z1, z2, dist.all_gather_with_grad).backward()
+        result["functional"] = (dist.all_gather_with_grad.rank, dist.all_gather_with_grad.world_size, z1.grad, z2.grad)
+
+        # GlobalGather alone: forward in rank order; backward = all-reduced gradient, own slice
+        x = torch.full((3, 2), float(rank + 1), dtype=torch.float64, requires_grad=True)
+        y = gather(x)
+        weights = torch.arange(y.numel(), dtype=torch.float64).view_as(y) * (rank + 1)
+        (y * weights).sum().backward()
+        result["gather"] = (y.detach(), x.grad)
+        result["gather_fn"] = dist.all_gather_with_grad(x.detach()[:1] * 0 + rank)
+        result["no_grad"] = dist.all_gather_no_grad(torch.tensor([[rank, 10 + rank]]))
+        result["mean"] = dist.all_reduce_mean(torch.tensor([float(rank), 2.0 * rank]))
+        try:
+            gather(torch.zeros(2 + rank, 2))
+            result["unequal"] = None
+        except ValueError as err:
+            result["unequal"] = str(err)
+
+        # DDP: parameter gradients after DDP's 1/W averaging equal the single-process gradients
+        model, x1_all, x2_all = _model_and_inputs()
+        ddp = dist.wrap_ddp(model, ctx)
+        loss = hcl(ddp(x1_all[rows]), ddp(x2_all[rows]), temperature=0.5, tau_plus=0.1, beta=1.0, gather=gather)
+        loss.backward()
+        result["ddp"] = (type(ddp).__name__, loss.detach(), [p.grad.clone() for p in model.parameters()])
+        dist.barrier()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    # Results are on disk and the group is gone: skip the interpreter teardown, which takes seconds
+    # once DDP has pulled in torch._dynamo (a failure above still exits normally, with its traceback).
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def test_contexts(ranks):
+    assert [r["ctx"] for r in ranks] == [(0, 2, True), (1, 2, False)]
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_CASES))
+def test_gathered_loss_and_grads_equal_single_process(ranks, name):
+    z1 = _global_data()[0].clone().requires_grad_(True)
+    z2 = _global_data()[1].clone().requires_grad_(True)
+    loss = LOSS_CASES[name](z1, z2, None)
+    loss.backward()
+    per_rank = [r["losses"][name] for r in ranks]
+    mean_loss = torch.stack([p[0] for p in per_rank]).mean()
+    torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(per_rank[0][0], per_rank[1][0])  # the ranks really saw different data
+    for rank, (_, g1, g2) in enumerate(per_rank):
+        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        torch.testing.assert_close(g1 / WORLD, z1.grad[rows], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g2 / WORLD, z2.grad[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_functional_gather_carries_its_rank(ranks):
+    for rank, r in enumerate(ranks):
+        got_rank, got_world, g1, g2 = r["functional"]
+        assert (got_rank, got_world) == (rank, WORLD)
+        assert torch.equal(g1, r["losses"]["hcl"][1]) and torch.equal(g2, r["losses"]["hcl"][2])
+
+
+def test_global_gather_forward_and_backward(ranks):
+    expected = torch.cat([torch.full((3, 2), 1.0), torch.full((3, 2), 2.0)]).double()
+    # d/dx_r of sum_q <gather(x), w_q> with w_q = arange * (q + 1): sum of all weights, rank r's slice
+    total = torch.arange(12, dtype=torch.float64).view(6, 2) * sum(q + 1 for q in range(WORLD))
+    for rank, r in enumerate(ranks):
+        y, grad = r["gather"]
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(grad, total[rank * 3 : (rank + 1) * 3])
+        torch.testing.assert_close(r["gather_fn"], torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
+        assert torch.equal(r["no_grad"], torch.tensor([[0, 10], [1, 11]]))
+        torch.testing.assert_close(r["mean"], torch.tensor([0.5, 1.0]))
+
+
+def test_global_gather_rejects_unequal_sizes(ranks):
+    for r in ranks:
+        assert r["unequal"] is not None and "[2, 3]" in r["unequal"]
+
+
+def test_ddp_gradients_equal_single_process(ranks):
+    model, x1, x2 = _model_and_inputs()
+    loss = hcl(model(x1), model(x2), temperature=0.5, tau_plus=0.1, beta=1.0)
+    loss.backward()
+    for r in ranks:
+        kind, _, grads = r["ddp"]
+        assert kind == "DistributedDataParallel"
+        for got, want in zip(grads, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    mean_loss = torch.stack([r["ddp"][1] for r in ranks]).mean()
+    torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-6, atol=1e-8)
+
+
+def test_single_process_is_identity():
+    ctx = dist.current_context()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
+    x = torch.randn(3, 2, requires_grad=True)
+    gather = dist.make_gather(ctx)
+    assert (gather.rank, gather.world_size) == (0, 1) and gather(x) is x
+    assert dist.all_gather_with_grad(x) is x
+    assert torch.equal(dist.all_gather_no_grad(x), x) and not dist.all_gather_no_grad(x).requires_grad
+    torch.testing.assert_close(dist.all_reduce_mean(x), x.detach())
+    model = torch.nn.Linear(2, 2)
+    assert dist.wrap_ddp(model, ctx) is model
+    dist.barrier()
+    dist.destroy_process_group()  # no-op
+
+
+def test_init_process_group_validates():
+    with pytest.raises(ValueError, match="rank=2"):
+        dist.init_process_group("gloo", "tcp://127.0.0.1:1", 2, 2)
+    with pytest.raises(ValueError, match="world_size=0"):
+        dist.init_process_group("gloo", "tcp://127.0.0.1:1", 0, 0)
