@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from data_prep.cli import add_prep_parser
+from pipeline.bench import BENCHES, run_bench
 from pipeline.errors import HardnegError
 
 
@@ -26,25 +28,6 @@ def _load_config(args):
         print(config.to_yaml(cfg), end="")
         raise SystemExit(0)
     return cfg
-
-
-def cmd_prep(args) -> None:
-    if args.source == "verify":
-        from data_prep.manifest import verify
-
-        problems = verify(args.out)
-        for problem in problems:
-            print(problem)
-        if problems:
-            raise HardnegError(f"{len(problems)} problem(s) in {args.out}")
-        print(f"ok: every shard of {args.out} matches its manifest")
-        return
-    from data_prep.prep import prepare
-
-    manifest = prepare(args.source, args.out, shard_size=args.shard_size, seed=args.seed,
-                       test_size=args.test_size, progress=not args.quiet)
-    counts = ", ".join(f"{s}: {v['num_samples']} in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
-    print(f"wrote {args.out} ({counts})")
 
 
 def _print_train_summary(result: dict) -> None:
@@ -78,19 +61,17 @@ def cmd_demo(args) -> None:
     run_demo(args.config, args.out, args.overrides)
 
 
+def cmd_bench(args) -> None:
+    code = run_bench(args.name, args.args)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hardneg", description="Contrastive pretraining with hard negatives.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prep", help="shard a dataset (or `prep verify OUT`)",
-                       description="Write WebDataset shards + manifest.json for SOURCE into OUT (any fsspec URL).")
-    p.add_argument("source", metavar="SOURCE", help="builtin:digits | imagefolder:PATH | verify")
-    p.add_argument("out", metavar="OUT", help="output directory or URL")
-    p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    p.add_argument("--test-size", type=int, default=300, help="held-out test images for builtin:digits")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prep)
+    add_prep_parser(sub)
 
     p = sub.add_parser("train", help="pretrain an encoder", description="Pretrain per a config (Ray Train or local).")
     _config_args(p)
@@ -111,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="where shards, runs and mlflow.db go")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks printing ratios measured in one run",
+                       description="Run a benchmark; arguments after NAME go to it (NAME --help).")
+    p.add_argument("name", choices=sorted(BENCHES), metavar="NAME", help=", ".join(sorted(BENCHES)))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -84,6 +84,7 @@ def train_batches(
         _samples,
         wds.map(lambda pair: (*two_views(pair[0]), pair[1])),
         wds.batched(batch_size, partial=False),
+        wds.map(lambda batch: (batch[0], batch[1], torch.as_tensor(batch[2]))),
     )
     if loader_workers == 0:
         yield from pipeline

@@ -91,16 +91,16 @@ def raw_pixel_knn(data_path: str, bank_split: str, query_split: str, *, k: int, 
 def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object"]:
     """(backbone with trained weights, its resolved config incl. overrides) from a checkpoint."""
     from pipeline import checkpoint, config as config_mod
-    from pipeline.models import build_model
+    from pipeline.objectives import build_objective
 
     state = checkpoint.load(path)
     saved = state["config"]
     for override in overrides:
         config_mod.apply_override(saved, override)
     cfg = config_mod.from_dict(saved)
-    model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.backbone, cfg
+    objective = build_objective(cfg)
+    objective.load_state_dict(state["model"])
+    return objective.backbone, cfg
 
 
 def evaluate_checkpoint(path: str, data_path: str, overrides=()) -> dict:
@@ -119,10 +119,10 @@ def evaluate_checkpoint(path: str, data_path: str, overrides=()) -> dict:
 def random_init_knn(cfg, data_path: str) -> float:
     """Baseline: the same network at random initialisation (seed from cfg), evaluated like a checkpoint."""
     from pipeline import augment
-    from pipeline.models import build_model
+    from pipeline.objectives import build_objective
 
     torch.manual_seed(cfg.train.seed)
-    backbone = build_model(cfg.model).backbone
+    backbone = build_objective(cfg).backbone
     return knn_eval(
         backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
         k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,

@@ -12,16 +12,15 @@ import shutil
 import tempfile
 import time
 from functools import partial
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 
 from data_prep.manifest import read_manifest
 from pipeline import augment, checkpoint, config as config_mod, data, dist, evaluate
-from pipeline.config import Config, LossConfig, OptimConfig
+from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
-from pipeline.losses import LOSSES
-from pipeline.models import build_model
+from pipeline.objectives import build_objective
 from pipeline.tracking import make_tracker
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
@@ -70,24 +69,6 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_loss(cfg: LossConfig) -> Callable:
-    """The configured loss as f(z1, z2, gather, generator) -> scalar, hyper-parameters bound."""
-    fn = LOSSES[cfg.name]
-    kwargs = {"temperature": cfg.temperature}
-    if cfg.name in ("dcl", "hcl", "sscl"):
-        kwargs["tau_plus"] = cfg.tau_plus
-    if cfg.name in ("hcl", "sscl"):
-        kwargs["beta"] = cfg.beta
-    if cfg.name == "sscl":
-        kwargs.update(n_hard=cfg.n_hard, n_synthetic=cfg.n_synthetic, mix=cfg.mix)
-
-        def sscl_loss(z1, z2, gather, generator):
-            return fn(z1, z2, gather=gather, generator=generator, **kwargs)
-
-        return sscl_loss
-    return lambda z1, z2, gather, generator: fn(z1, z2, gather=gather, **kwargs)
-
-
 def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
     """Keys whose values differ between a checkpoint's config and ``cfg``, other than RESUMABLE_CHANGES."""
     now = config_mod.flatten(cfg)
@@ -99,9 +80,9 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
     ]
 
 
-def _state(model, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str]) -> dict:
+def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str]) -> dict:
     return {
-        "model": model.state_dict(),
+        "model": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "epoch": epoch,
@@ -120,15 +101,16 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     warmup_steps = int(cfg.optim.warmup_epochs * spe)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model).to(ctx.device)
-    optimizer = build_optimizer(cfg.optim, model)
+    generator = torch.Generator()  # same seed on every rank: SSCL's synthetic draws must agree
+    objective = build_objective(cfg, dist.make_gather(ctx), generator).to(ctx.device)
+    optimizer = build_optimizer(cfg.optim, objective)
     state = hooks.restore()
     start_step, run_id = 0, None
     if state is not None:
         mismatches = resume_mismatches(state["config"], cfg)
         if mismatches:
             raise HardnegError("cannot resume: the config differs from the checkpoint's: " + "; ".join(mismatches))
-        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, run_id = state["step"], state["mlflow_run_id"]
     tracker = make_tracker(cfg.tracking, ctx.is_main, run_id)
@@ -138,10 +120,8 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
 
     # Per-rank augmentation streams, re-derived from (seed, rank, step) so a resumed run is reproducible.
     torch.manual_seed(cfg.train.seed * 100_003 + ctx.rank * 7_919 + start_step)
-    generator = torch.Generator().manual_seed(cfg.train.seed + start_step)  # same on every rank (SSCL draws)
-    net = dist.wrap_ddp(model, ctx)
-    gather = dist.make_gather(ctx)
-    loss_fn = build_loss(cfg.loss)
+    generator.manual_seed(cfg.train.seed + start_step)
+    net = dist.wrap_ddp(objective, ctx)
     two_views = augment.TwoViews(augment.view_transform(cfg.augment))
     batches = data.train_batches(
         cfg.data.path, cfg.data.train_split, two_views, cfg.per_worker_batch_size,
@@ -149,7 +129,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
     )
     knn = partial(
-        evaluate.knn_eval, model.backbone, cfg.data.path, cfg.data.train_split, cfg.data.eval_split,
+        evaluate.knn_eval, objective.backbone, cfg.data.path, cfg.data.train_split, cfg.data.eval_split,
         augment.eval_transform(cfg.augment), k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
         batch_size=cfg.eval.batch_size, device=ctx.device,
     )
@@ -159,22 +139,28 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         lr = lr_at(step, cfg.optim.lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x1, x2, _ = next(batches)
-        # One forward over both views: BN sees both and DDP sees one call per backward.
-        z1, z2 = net(torch.cat([x1, x2]).to(ctx.device, non_blocking=True)).chunk(2)
-        loss = loss_fn(z1, z2, gather, generator)
+        done = step + 1
+        epoch_end = done % spe == 0
+        log_now = done % cfg.train.log_every_steps == 0 or epoch_end
+        x1, x2, labels = next(batches)
+        loss, stats = net(x1.to(ctx.device, non_blocking=True), x2.to(ctx.device, non_blocking=True),
+                          labels.to(ctx.device), with_stats=log_now)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        objective.after_step()
         loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
 
-        done = step + 1
-        epoch_end = done % spe == 0
-        if done % cfg.train.log_every_steps == 0 or epoch_end:
-            mean_loss = dist.all_reduce_mean(loss_sum / loss_count).item()
+        if log_now:
+            # one collective for the loss and every diagnostic the objective reported
+            names = sorted(stats)
+            values = torch.stack([loss_sum / loss_count] + [stats[k].detach().float() for k in names])
+            values = dist.all_reduce_mean(values).tolist()
+            mean_loss = values[0]
             now = time.perf_counter()
             images_per_s = (done - tick_step) * cfg.train.global_batch_size / max(now - tick, 1e-9)
-            tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": images_per_s}, step=done)
+            tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": images_per_s}
+                                | dict(zip(names, values[1:])), step=done)
             loss_sum, loss_count, tick, tick_step = 0.0, 0, now, done
         if not epoch_end:
             continue
@@ -186,7 +172,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             metrics["knn_top1"] = knn_top1
             tracker.log_metrics({"knn_top1": knn_top1}, step=done)
         _report(hooks, tracker, ctx, metrics, last or epoch % cfg.train.checkpoint_every_epochs == 0, last,
-                lambda: _state(model, optimizer, done, epoch, cfg, tracker.run_id))
+                lambda: _state(objective, optimizer, done, epoch, cfg, tracker.run_id))
         if ctx.is_main:
             print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}"
                   + (f" knn_top1 {knn_top1:.4f}" if "knn_top1" in metrics else ""), flush=True)

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config
 from pipeline import checkpoint, dist, launch, train
 from pipeline.errors import HardnegError
+from pipeline.objectives import bind_loss
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -70,5 +71,5 @@ def test_build_loss_binds_hyper_parameters():
 
     z1, z2 = torch.randn(8, 4), torch.randn(8, 4)
     cfg = config.load(None, ["loss.name=hcl", "loss.beta=2", "loss.tau_plus=0.05"])
-    got = train.build_loss(cfg.loss)(z1, z2, dist.make_gather(dist.current_context()), None)
+    got = bind_loss(cfg.loss)(z1, z2, dist.make_gather(dist.current_context()), None)
     assert torch.allclose(got, hcl(z1, z2, temperature=0.5, tau_plus=0.05, beta=2.0))
