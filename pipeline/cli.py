@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from cluster.cli import add_cluster_parsers
 from data_prep.cli import add_prep_parser
 from pipeline.bench import BENCHES, run_bench
 from pipeline.errors import HardnegError
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="where shards, runs and mlflow.db go")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    add_cluster_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks printing ratios measured in one run",
                        description="Run a benchmark; arguments after NAME go to it (NAME --help).")

@@ -110,6 +110,7 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "hardneg"
     run_name: Optional[str] = None
+    run_id: Optional[str] = None  # attach to this existing MLflow run (set by the launcher)
 
 
 class EvalConfig(_Section):

@@ -16,23 +16,25 @@ from data_prep.manifest import read_manifest
 from pipeline import checkpoint, config as config_mod, data, dist, train
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import absolute_uri
+from pipeline.tracking import absolute_uri, create_run
 
 
 def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
+def _with(cfg: Config, section: str, **values) -> Config:
+    """A new validated config with ``values`` replaced in ``section`` (configs are frozen)."""
+    data = config_mod.to_dict(cfg)
+    data[section] = data[section] | values
+    return config_mod.from_dict(data)
+
+
 def resolve_paths(cfg: Config) -> Config:
     """The same config with every relative path made absolute (Ray workers run in other directories)."""
-    return config_mod.from_dict(
-        config_mod.to_dict(cfg)
-        | {
-            "data": config_mod.to_dict(cfg)["data"] | {"path": _absolute(cfg.data.path)},
-            "cluster": config_mod.to_dict(cfg)["cluster"] | {"storage_path": _absolute(cfg.cluster.storage_path)},
-            "tracking": config_mod.to_dict(cfg)["tracking"] | {"uri": absolute_uri(cfg.tracking.uri, os.getcwd())},
-        }
-    )
+    cfg = _with(cfg, "data", path=_absolute(cfg.data.path))
+    cfg = _with(cfg, "cluster", storage_path=_absolute(cfg.cluster.storage_path))
+    return _with(cfg, "tracking", uri=absolute_uri(cfg.tracking.uri, os.getcwd()))
 
 
 def latest_run_name(storage_path: str) -> Optional[str]:
@@ -94,10 +96,12 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     """Train as configured (Ray Train or one local process); returns final metrics incl. run name."""
     cfg = resolve_paths(cfg)
     run_name = choose_run_name(cfg, resume)
-    cfg = config_mod.from_dict(
-        config_mod.to_dict(cfg) | {"tracking": config_mod.to_dict(cfg)["tracking"] | {"run_name": run_name}}
-    )
+    cfg = _with(cfg, "tracking", run_name=run_name)
     preflight(cfg, run_name)
+    if cfg.tracking.enabled and resume is None and cfg.tracking.run_id is None:
+        # Created here, not in a worker, so a worker group restarted before its first checkpoint
+        # attaches to the same MLflow run instead of opening a second one.
+        cfg = _with(cfg, "tracking", run_id=create_run(cfg.tracking))
     run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}"
     if cfg.cluster.launcher == "local":
         result = train.run(cfg, dist.current_context(), train.LocalHooks(run_dir))

@@ -54,11 +54,16 @@ class MlflowTracker(NullTracker):
 
     def __init__(self, cfg: TrackingConfig, run_id: Optional[str] = None):
         self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.last_steps: dict[str, int] = {}
         try:
             if run_id is not None:
-                self.client.get_run(run_id)
+                keys = self.client.get_run(run_id).data.metrics
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
+                # A restart replays the steps after its checkpoint: per metric, log only past what is stored.
+                self.last_steps = {
+                    k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1) for k in keys
+                }
                 return
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             if experiment is None:
@@ -79,9 +84,11 @@ class MlflowTracker(NullTracker):
             self.client.log_batch(self.run_id, params=new[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log at ``step``; a metric's steps at or before the last one an earlier attempt stored are skipped."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.last_steps.get(k, -1)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -91,6 +98,12 @@ class MlflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def create_run(cfg: TrackingConfig) -> str:
+    """Create the run up front (the launcher does this) so every restarted worker attaches to it."""
+    tracker = MlflowTracker(cfg)
+    return tracker.run_id
 
 
 def make_tracker(cfg: TrackingConfig, is_main: bool, run_id: Optional[str] = None) -> NullTracker:

@@ -105,14 +105,14 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     objective = build_objective(cfg, dist.make_gather(ctx), generator).to(ctx.device)
     optimizer = build_optimizer(cfg.optim, objective)
     state = hooks.restore()
-    start_step, run_id = 0, None
+    start_step, run_id = 0, cfg.tracking.run_id
     if state is not None:
         mismatches = resume_mismatches(state["config"], cfg)
         if mismatches:
             raise HardnegError("cannot resume: the config differs from the checkpoint's: " + "; ".join(mismatches))
         objective.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step, run_id = state["step"], state["mlflow_run_id"]
+        start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
     tracker = make_tracker(cfg.tracking, ctx.is_main, run_id)
     if state is None:
         tracker.log_params(config_mod.flatten(cfg) | {"world_size": ctx.world_size, "steps_per_epoch": spe})

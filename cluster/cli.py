@@ -1,0 +1,42 @@
+"""CLI subcommands that talk to a Ray cluster: `launch`, `status`, `stop`.
+
+Ray itself is imported inside the handlers (cluster/submit.py), so `hardneg --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_cluster_parsers(sub) -> None:
+    """Register launch/status/stop on the CLI's subparsers."""
+    p = sub.add_parser("launch", help="submit training to an existing Ray cluster as a Ray Job",
+                       description="Submit `hardneg train` as a Ray Job (working dir + pip runtime env), "
+                                   "stream its logs and print the job id.")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_launch)
+    for name, text in (("status", "print a submitted job's status"), ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("job_id", metavar="JOB_ID")
+        p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
+        p.set_defaults(func=cmd_status if name == "status" else cmd_stop)
+
+
+def cmd_launch(args: argparse.Namespace) -> None:
+    from cluster.submit import launch_job
+
+    launch_job(args.address, args.config, args.overrides, wait=not args.no_wait)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from cluster.submit import job_status
+
+    print(job_status(args.address, args.job_id))
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    from cluster.submit import stop_job
+
+    print(stop_job(args.address, args.job_id))
