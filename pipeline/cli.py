@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from cluster.cli import add_cluster_parsers
@@ -62,6 +61,26 @@ def cmd_demo(args) -> None:
     run_demo(args.config, args.out, args.overrides)
 
 
+def cmd_runs(args) -> None:
+    from pipeline.tracking import runs_table
+
+    rows = runs_table(args.tracking_uri, args.experiment)
+    if not rows:
+        print(f"experiment '{args.experiment}' has no runs")
+        return
+    columns = ["run", "method", "t", "tau+", "beta", "batch", "epochs", "knn_top1", "linear_top1", "images/s", "status"]
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.1f}" if value > 1.5 else f"{value:.4f}"
+        return "-" if value is None else str(value)
+
+    table = [columns] + [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip())
+
+
 def cmd_bench(args) -> None:
     code = run_bench(args.name, args.args)
     if code:
@@ -93,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="where shards, runs and mlflow.db go")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("runs", help="table of an experiment's runs", description="Method, key hyper-parameters, "
+                       "kNN and linear top-1 and images/s of every run of EXPERIMENT.")
+    p.add_argument("experiment", metavar="EXPERIMENT", nargs="?", default="hardneg")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_runs)
 
     add_cluster_parsers(sub)
 

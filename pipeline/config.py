@@ -111,6 +111,11 @@ class TrackingConfig(_Section):
     experiment: str = "hardneg"
     run_name: Optional[str] = None
     run_id: Optional[str] = None  # attach to this existing MLflow run (set by the launcher)
+    artifact_location: Optional[str] = None  # for a new experiment, e.g. s3://bucket/mlflow; default beside the DB
+    registered_model: Optional[str] = "hardneg-encoder"  # the trained encoder's model-registry name; null: don't register
+    log_model: bool = True
+    system_metrics_every_s: float = Field(10.0, ge=0.0)  # CPU/memory/GPU sampling; 0 disables
+    plots: bool = True
 
 
 class EvalConfig(_Section):

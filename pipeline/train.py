@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
-from functools import partial
 from typing import Optional, Protocol
 
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, config as config_mod, data, dist, evaluate
+from pipeline import augment, checkpoint, config as config_mod, data, dist
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
 from pipeline.objectives import build_objective
+from pipeline.reporting import EpochReporter
 from pipeline.tracking import make_tracker
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
@@ -114,9 +112,9 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
     tracker = make_tracker(cfg.tracking, ctx.is_main, run_id)
-    if state is None:
-        tracker.log_params(config_mod.flatten(cfg) | {"world_size": ctx.world_size, "steps_per_epoch": spe})
-        tracker.log_text(config_mod.to_yaml(cfg), "config.yaml")
+    reporter = EpochReporter(cfg, ctx, tracker, hooks, objective,
+                             lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id))
+    reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
 
     # Per-rank augmentation streams, re-derived from (seed, rank, step) so a resumed run is reproducible.
     torch.manual_seed(cfg.train.seed * 100_003 + ctx.rank * 7_919 + start_step)
@@ -128,13 +126,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
         shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
     )
-    knn = partial(
-        evaluate.knn_eval, objective.backbone, cfg.data.path, cfg.data.train_split, cfg.data.eval_split,
-        augment.eval_transform(cfg.augment), k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-        batch_size=cfg.eval.batch_size, device=ctx.device,
-    )
-
-    knn_top1, loss_sum, loss_count, tick, tick_step = None, 0.0, 0, time.perf_counter(), start_step
+    loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
     for step in range(start_step, total_steps):
         lr = lr_at(step, cfg.optim.lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -142,7 +134,9 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         done = step + 1
         epoch_end = done % spe == 0
         log_now = done % cfg.train.log_every_steps == 0 or epoch_end
+        fetch = time.perf_counter()
         x1, x2, labels = next(batches)
+        wait += time.perf_counter() - fetch
         loss, stats = net(x1.to(ctx.device, non_blocking=True), x2.to(ctx.device, non_blocking=True),
                           labels.to(ctx.device), with_stats=log_now)
         optimizer.zero_grad(set_to_none=True)
@@ -157,39 +151,20 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             values = torch.stack([loss_sum / loss_count] + [stats[k].detach().float() for k in names])
             values = dist.all_reduce_mean(values).tolist()
             mean_loss = values[0]
-            now = time.perf_counter()
-            images_per_s = (done - tick_step) * cfg.train.global_batch_size / max(now - tick, 1e-9)
-            tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": images_per_s}
+            elapsed = max(time.perf_counter() - tick, 1e-9)
+            tracker.log_metrics({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
+                                 "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed}
                                 | dict(zip(names, values[1:])), step=done)
-            loss_sum, loss_count, tick, tick_step = 0.0, 0, now, done
+            loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), done
         if not epoch_end:
             continue
         epoch = done // spe
         last = done == total_steps
-        metrics = {"step": done, "epoch": epoch, "loss": mean_loss}
-        if ctx.is_main and (last or (cfg.train.knn_every_epochs and epoch % cfg.train.knn_every_epochs == 0)):
-            knn_top1 = knn()
-            metrics["knn_top1"] = knn_top1
-            tracker.log_metrics({"knn_top1": knn_top1}, step=done)
-        _report(hooks, tracker, ctx, metrics, last or epoch % cfg.train.checkpoint_every_epochs == 0, last,
-                lambda: _state(objective, optimizer, done, epoch, cfg, tracker.run_id))
+        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss}, batch=(x1, x2))
         if ctx.is_main:
-            print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}"
-                  + (f" knn_top1 {knn_top1:.4f}" if "knn_top1" in metrics else ""), flush=True)
-    tracker.finish()
-    return {"step": total_steps, "epoch": cfg.train.epochs, "knn_top1": knn_top1, "mlflow_run_id": tracker.run_id}
-
-
-def _report(hooks: Hooks, tracker, ctx: dist.DistContext, metrics: dict, save: bool, last: bool, make_state) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (and logs the final one to MLflow)."""
-    if not (save and ctx.is_main):
-        hooks.report(metrics, None)
-        return
-    tmp = tempfile.mkdtemp(prefix="hardneg-ckpt-")
-    try:
-        directory = checkpoint.write(make_state(), os.path.join(tmp, "checkpoint"))
-        if last:
-            tracker.log_artifacts(directory, "checkpoints/final")
-        hooks.report(metrics | {"mlflow_run_id": tracker.run_id}, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
+            print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}",
+                  flush=True)
+    reporter.finish()
+    return {"step": total_steps, "epoch": cfg.train.epochs, "knn_top1": reporter.knn_top1,
+            "mlflow_run_id": tracker.run_id}

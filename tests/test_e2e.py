@@ -49,8 +49,8 @@ def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
     assert run.data.metrics["lr"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints"} <= artifacts
-    final = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
-    assert final == {"checkpoints/final/state.pt", "checkpoints/final/meta.json"}
+    last = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")}
+    assert last == {"checkpoints/last/state.pt", "checkpoints/last/meta.json"}
     config_text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
     assert "global_batch_size: 128" in config_text
 

@@ -1,0 +1,137 @@
+"""Tracking against a real `mlflow server` on 127.0.0.1 and a SQLite file: params, metrics, PNG
+artifacts, the registered encoder, restart-safe steps, and secrets that never reach the store."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import free_port, tiny_config
+from pipeline import launch, tracking
+from pipeline.cli import main as cli_main
+
+SECRET = "hunter2-very-secret"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free 127.0.0.1 port with a SQLite backend and proxied artifacts."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def all_logged_text(client: MlflowClient, run_id: str) -> str:
+    run = client.get_run(run_id)
+    parts = [f"{k}={v}" for k, v in run.data.params.items()] + [f"{k}={v}" for k, v in run.data.tags.items()]
+    parts.append(client.download_artifacts(run_id, "config.yaml") and
+                 open(client.download_artifacts(run_id, "config.yaml")).read())
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards, request):
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
+    common = ["cluster.launcher=local", f"tracking.uri={uri}", "tracking.run_name=t1",
+              f"tracking.registered_model=enc-{store}", "tracking.system_metrics_every_s=1",
+              # fake secrets in places a user might put them; none may reach params, tags or config.yaml
+              f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001", "train.knn_every_epochs=1"]
+    first = launch.train_run(tiny_config(tmp_path, digits_shards, *common))
+    client = MlflowClient(uri)
+    run = client.get_run(first["mlflow_run_id"])
+    params = run.data.params
+    assert params["loss.name"] == "nt_xent" and params["world_size"] == "1"
+    assert "git_commit" in params and params["version.torch"].startswith("2.")
+    assert params["cluster.address"] == "ray://admin:***@10.0.0.1:10001"
+    metrics = run.data.metrics
+    for key in ("loss", "lr", "images_per_s", "data_wait_share", "knn_top1"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["data_wait_share"] <= 1.0
+    assert any(k.startswith("system/") for k in metrics), sorted(metrics)  # CPU / memory sampling
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/curves.png", "plots/embedding.png"} <= plots
+    for name in ("curves.png", "embedding.png"):
+        with Image.open(client.download_artifacts(run.info.run_id, f"plots/{name}")) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/last", "checkpoints/best"}
+    versions = client.search_model_versions(f"name='enc-{store}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert SECRET not in all_logged_text(client, run.info.run_id)
+
+    # Resume for a second epoch into the same run: every metric's steps strictly increase.
+    second = launch.train_run(tiny_config(tmp_path, digits_shards, *common, "train.epochs=2"), resume="t1")
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    for key in ("loss", "lr", "images_per_s", "knn_top1"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == sorted(set(steps)) and steps[-1] == second["step"], (key, steps)
+    assert SECRET not in all_logged_text(client, run.info.run_id)
+
+
+def test_replayed_steps_are_not_logged_twice(tmp_path):
+    cfg = tiny_config(tmp_path, "unused").tracking
+    first = tracking.MlflowTracker(cfg)
+    first.log_metrics({"loss": 1.0}, step=5)
+    first.log_metrics({"loss": 0.9, "knn_top1": 0.5}, step=10)
+    restarted = tracking.MlflowTracker(cfg, run_id=first.run_id)  # a worker restarted from step 5
+    restarted.log_metrics({"loss": 0.95}, step=10)  # replayed: dropped
+    restarted.log_metrics({"loss": 0.8, "knn_top1": 0.6}, step=15)
+    history = restarted.history("loss")
+    assert history == [(5, 1.0), (10, 0.9), (15, 0.8)]
+    assert restarted.history("knn_top1") == [(10, 0.5), (15, 0.6)]
+
+
+def test_redaction():
+    r = tracking.redact({"aws_secret_access_key": "x", "nested": {"api_key": "y", "ok": 1},
+                         "uri": "https://bob:pa55@host/x", "note": "key AKIAABCDEFGHIJKLMNOP here",
+                         "plain": "s3://bucket/path"})
+    assert r == {"aws_secret_access_key": "***", "nested": {"api_key": "***", "ok": 1},
+                 "uri": "https://bob:***@host/x", "note": "key *** here", "plain": "s3://bucket/path"}
+
+
+def test_runs_table_cli(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "unused").tracking
+    tracker = tracking.MlflowTracker(cfg)
+    tracker.log_params({"loss.name": "hcl", "loss.beta": 2.0, "train.global_batch_size": 256})
+    tracker.log_metrics({"knn_top1": 0.91, "images_per_s": 100.0}, step=1)
+    tracker.log_metrics({"images_per_s": 300.0}, step=2)
+    tracker.finish()
+    assert cli_main(["runs", "hardneg", "--tracking-uri", cfg.uri]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["run", "method", "t"]
+    assert "hcl" in out[1] and "0.9100" in out[1] and "200.0" in out[1]
+    assert cli_main(["runs", "nope", "--tracking-uri", cfg.uri]) == 2
