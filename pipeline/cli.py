@@ -52,7 +52,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides, protocol=args.protocol,
+                                         track=args.track), indent=2))
 
 
 def cmd_demo(args) -> None:
@@ -81,6 +82,12 @@ def cmd_runs(args) -> None:
         print("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip())
 
 
+def cmd_reproduce(args) -> None:
+    from pipeline.reproduce import reproduce
+
+    print(reproduce(args.grid, only=args.max_cells), end="")
+
+
 def cmd_bench(args) -> None:
     code = run_bench(args.name, args.args)
     if code:
@@ -99,11 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a stopped run from its last checkpoint: tracking.run_name, else the latest run")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="kNN top-1 of a checkpoint, as JSON",
-                       description="Weighted kNN on backbone features: memory = train split, queries = test split.")
+    p = sub.add_parser("eval", help="kNN / linear-probe top-1 of a checkpoint, as JSON",
+                       description="Weighted kNN on frozen backbone features (memory = train split, queries = "
+                                   "test split) and/or the papers' linear probe.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint dir, its state.pt, or a run dir")
     p.add_argument("--data", required=True, metavar="OUT", help="prepared shards (directory with manifest.json)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20")
+    p.add_argument("--protocol", choices=("knn", "linear", "all"), default="knn",
+                   help="weighted kNN (default), the linear probe, or both")
+    p.add_argument("--track", action="store_true",
+                   help="also log the results into the checkpoint's MLflow run (a new run if it had none)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.probe_epochs=50")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="prep + train + eval on builtin:digits, with baselines",
@@ -118,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", metavar="EXPERIMENT", nargs="?", default="hardneg")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default sqlite:///mlflow.db")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("reproduce", help="run a method x dataset x seed grid and tabulate it",
+                       description="Pretrain + evaluate every unfinished cell of GRID.yaml (finished cells are "
+                                   "skipped, interrupted ones resumed) and write a markdown table beside the "
+                                   "published numbers.")
+    p.add_argument("grid", metavar="GRID.yaml")
+    p.add_argument("--max-cells", type=int, default=None, help="run at most this many unfinished cells")
+    p.set_defaults(func=cmd_reproduce)
 
     add_cluster_parsers(sub)
 

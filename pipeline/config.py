@@ -122,6 +122,14 @@ class EvalConfig(_Section):
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.5, gt=0.0)
     batch_size: int = Field(512, ge=1)
+    # Linear probe on the frozen backbone. Defaults: HCL/DCL's protocol (Adam 1e-3, 100 epochs);
+    # SSCL/PSM recipes set SGD lr 10 with a cosine schedule, batch 256 (METHODS.md).
+    probe_epochs: int = Field(100, ge=1)
+    probe_optimizer: Literal["adam", "sgd"] = "adam"
+    probe_lr: float = Field(1e-3, gt=0.0)
+    probe_weight_decay: float = Field(1e-6, ge=0.0)
+    probe_batch_size: int = Field(256, ge=1)
+    probe_augment: bool = True  # random crop + flip on the training split, as the papers do
 
 
 class Config(_Section):

@@ -127,3 +127,24 @@ def raw_pixels(data_path: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if len(sizes) > 1:
         raise HardnegError(f"raw-pixel baseline needs images of one size; split '{split}' has {len(sizes)} sizes")
     return torch.from_numpy(np.stack(pixels)), torch.tensor(labels)
+
+
+def labelled_batches(
+    data_path: str, split: str, transform: Callable, batch_size: int, *, seed: int, shuffle_buffer: int = 1000
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled pass over ``split``: (images (b,3,S,S), labels (b,)), the last batch may be short."""
+    urls = shard_urls(data_path, read_manifest(data_path), split)
+    rng = random.Random(seed)
+    rng.shuffle(urls)
+    stream = _samples(group_by_keys(tar_file_expander(_open_streams({"url": u} for u in urls))))
+    if shuffle_buffer:
+        stream = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)(stream)
+    images, labels = [], []
+    for image, label in stream:
+        images.append(transform(image))
+        labels.append(label)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)

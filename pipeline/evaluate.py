@@ -88,8 +88,8 @@ def raw_pixel_knn(data_path: str, bank_split: str, query_split: str, *, k: int, 
     return knn_top1(bank, bank_y, query, query_y, k=k, temperature=temperature)
 
 
-def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object"]:
-    """(backbone with trained weights, its resolved config incl. overrides) from a checkpoint."""
+def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object", dict]:
+    """(backbone with trained weights, its resolved config incl. overrides, the checkpoint state)."""
     from pipeline import checkpoint, config as config_mod
     from pipeline.objectives import build_objective
 
@@ -100,20 +100,43 @@ def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object
     cfg = config_mod.from_dict(saved)
     objective = build_objective(cfg)
     objective.load_state_dict(state["model"])
-    return objective.backbone, cfg
+    return objective.backbone, cfg, state
 
 
-def evaluate_checkpoint(path: str, data_path: str, overrides=()) -> dict:
-    """kNN top-1 of a checkpoint's backbone on ``data_path`` (k, T from its config's eval section)."""
+PROTOCOLS = ("knn", "linear", "all")
+
+
+def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str = "knn", track: bool = False) -> dict:
+    """kNN and/or linear-probe top-1 of a checkpoint's backbone on ``data_path`` (settings: its eval section).
+
+    With ``track``, the results go into the checkpoint's MLflow run (or a new run when it had none).
+    """
     from pipeline import augment
+    from pipeline.probe import linear_probe
 
-    backbone, cfg = encoder_from_checkpoint(path, overrides)
-    top1 = knn_eval(
-        backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
-        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
-    )
-    return {"knn_top1": top1, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
-            "bank_split": cfg.data.train_split, "query_split": cfg.data.eval_split, "checkpoint": path}
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+    backbone, cfg, state = encoder_from_checkpoint(path, overrides)
+    result = {"checkpoint": path, "step": state["step"], "bank_split": cfg.data.train_split,
+              "query_split": cfg.data.eval_split}
+    if protocol in ("knn", "all"):
+        result["knn_top1"] = knn_eval(
+            backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
+            k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
+        )
+        result |= {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
+    if protocol in ("linear", "all"):
+        result |= linear_probe(backbone, data_path, cfg.data.train_split, cfg.data.eval_split, cfg.eval,
+                               cfg.augment, seed=cfg.train.seed)
+    if track and cfg.tracking.enabled:
+        from pipeline.tracking import MlflowTracker
+
+        tracker = MlflowTracker(cfg.tracking, state.get("mlflow_run_id"))
+        metrics = {k: result[k] for k in ("knn_top1", "linear_top1") if k in result}
+        tracker.log_metrics({("eval_knn_top1" if k == "knn_top1" else k): v for k, v in metrics.items()},
+                            step=state["step"])
+        result["mlflow_run_id"] = tracker.run_id
+    return result
 
 
 def random_init_knn(cfg, data_path: str) -> float:

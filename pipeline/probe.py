@@ -1,0 +1,107 @@
+"""Linear evaluation: a linear classifier trained on the frozen backbone's features (the papers' protocol).
+
+HCL/DCL: Adam 1e-3, 100 epochs; SSCL/PSM: SGD lr 10, cosine schedule, batch 256 (METHODS.md). With
+``probe_augment`` the training split is re-augmented every epoch (random crop + flip), so features
+are recomputed each epoch; without it they are computed once and the probe trains in seconds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from pipeline import augment, data
+from pipeline.config import AugmentConfig, EvalConfig
+from pipeline.evaluate import extract_features
+
+
+def probe_transform(cfg: AugmentConfig) -> v2.Compose:
+    """Training-split augmentation of the linear probe: random resized crop + flip, then normalise."""
+    steps = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True)]
+    if cfg.hflip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip_p))
+    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+
+
+def _optimizer(cfg: EvalConfig, params) -> torch.optim.Optimizer:
+    if cfg.probe_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.probe_lr, momentum=0.9, weight_decay=cfg.probe_weight_decay)
+    return torch.optim.Adam(params, lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
+
+
+def fit_linear(
+    epoch_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    feat_dim: int,
+    num_classes: int,
+    cfg: EvalConfig,
+) -> nn.Linear:
+    """Train nn.Linear(feat_dim, num_classes) with cross-entropy; epoch_batches(e) yields (feats (b,d), labels (b,))."""
+    classifier = nn.Linear(feat_dim, num_classes)
+    optimizer = _optimizer(cfg, classifier.parameters())
+    for epoch in range(cfg.probe_epochs):
+        if cfg.probe_optimizer == "sgd":  # cosine schedule per epoch, as in SSCL/PSM's linear eval
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.probe_epochs))
+        for feats, labels in epoch_batches(epoch):
+            loss = nn.functional.cross_entropy(classifier(feats), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return classifier
+
+
+@torch.no_grad()
+def accuracy(classifier: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 of ``classifier`` on (feats (n,d), labels (n,))."""
+    return (classifier(feats).argmax(dim=1) == labels).float().mean().item()
+
+
+def _shuffled(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield feats[idx], labels[idx]
+
+
+def linear_probe(
+    backbone: nn.Module,
+    data_path: str,
+    train_split: str,
+    test_split: str,
+    eval_cfg: EvalConfig,
+    augment_cfg: AugmentConfig,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    num_classes: Optional[int] = None,
+) -> dict:
+    """Linear top-1 of a frozen ``backbone``: train on ``train_split``, test on ``test_split``."""
+    backbone = backbone.to(device).eval()
+    test_tf = augment.eval_transform(augment_cfg)
+    test_feats, test_y = extract_features(backbone, data.eval_batches(data_path, test_split, test_tf,
+                                                                      eval_cfg.batch_size), device)
+    if eval_cfg.probe_augment:
+        train_tf = probe_transform(augment_cfg)
+
+        def epoch_batches(epoch: int):
+            for x, y in data.labelled_batches(data_path, train_split, train_tf, eval_cfg.probe_batch_size,
+                                              seed=seed * 1000 + epoch):
+                with torch.no_grad():
+                    feats = backbone(x.to(device)).float().cpu()
+                yield feats, y  # outside no_grad: the classifier's step runs while we are suspended
+    else:
+        train_feats, train_y = extract_features(backbone, data.eval_batches(data_path, train_split, test_tf,
+                                                                            eval_cfg.batch_size), device)
+
+        def epoch_batches(epoch: int):
+            return _shuffled(train_feats, train_y, eval_cfg.probe_batch_size, seed * 1000 + epoch)
+
+    if num_classes is None:
+        num_classes = len(data.read_manifest(data_path)["splits"][train_split]["classes"])
+    torch.manual_seed(seed)
+    classifier = fit_linear(epoch_batches, test_feats.shape[1], num_classes, eval_cfg)
+    return {"linear_top1": accuracy(classifier, test_feats, test_y), "probe_epochs": eval_cfg.probe_epochs,
+            "probe_optimizer": eval_cfg.probe_optimizer, "probe_augment": eval_cfg.probe_augment}

@@ -1,0 +1,166 @@
+"""`hardneg reproduce GRID.yaml`: pretrain + evaluate a (method x dataset x seed) grid, then tabulate.
+
+Cells run one after another (each uses the workers its config asks for) on one Ray session, so a
+grid on a cluster keeps every GPU busy without oversubscribing it. Each finished cell leaves a JSON
+result (written atomically); a rerun skips those, resumes a cell whose training was interrupted,
+and evaluates a cell that trained but was not evaluated. The table puts mean ± std beside the
+published numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_prep.manifest import read_manifest
+from pipeline import checkpoint, config as config_mod, data
+from pipeline.errors import HardnegError
+from pipeline.evaluate import evaluate_checkpoint
+from pipeline.launch import train_run
+
+
+class Grid(BaseModel):
+    """The grid file: which configs, data and seeds, and the published numbers to compare with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str  # MLflow experiment and output folder name
+    out: str = "results"  # the grid's folder: <out>/<name>/{cells,runs,table.md}
+    datasets: dict[str, str]  # dataset name -> prepared shards (hardneg prep OUT)
+    methods: dict[str, str]  # method name -> config file
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    overrides: list[str] = Field(default_factory=list)  # applied to every cell, after its config
+    protocol: Literal["knn", "linear", "all"] = "all"
+    published: dict[str, dict[str, float]] = Field(default_factory=dict)  # method -> dataset -> top-1 (%)
+    published_note: str = ""
+
+
+def load_grid(path: str) -> Grid:
+    """Read and validate a grid file (HardnegError naming the problem)."""
+    if not os.path.isfile(path):
+        raise HardnegError(f"grid file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.load(f, Loader=config_mod._StrictLoader)
+    try:
+        grid = Grid.model_validate(raw or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "grid"
+        raise HardnegError(f"invalid grid {path}: {key}: {first['msg']}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    for name, config_path in grid.methods.items():
+        if not os.path.isfile(config_path) and not os.path.isfile(os.path.join(base, config_path)):
+            raise HardnegError(f"grid {path}: config of method '{name}' not found: {config_path}")
+    return grid
+
+
+def _cell_config(grid: Grid, method: str, dataset: str, seed: int, root: str) -> config_mod.Config:
+    cell = f"{method}-{dataset}-s{seed}"
+    return config_mod.load(grid.methods[method], [
+        f"data.path={grid.datasets[dataset]}", f"train.seed={seed}", f"tracking.experiment={grid.name}",
+        f"tracking.run_name={cell}", f"cluster.storage_path={os.path.join(root, 'runs')}", *grid.overrides,
+    ])
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str) -> dict:
+    """Train (or resume, or skip when trained) then evaluate one cell; returns its result dict."""
+    cfg = _cell_config(grid, method, dataset, seed, root)
+    cell = cfg.tracking.run_name
+    run_dir = os.path.join(root, "runs", cell)
+    total = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.train_split,
+                                 cfg.train.global_batch_size) * cfg.train.epochs
+    found = checkpoint.latest(run_dir)
+    start = time.perf_counter()
+    if found is None:
+        train_run(cfg)
+    elif checkpoint.load(found)["step"] < total:
+        print(f"[reproduce] {cell}: resuming its interrupted training", flush=True)
+        train_run(cfg, resume=cell)
+    final = checkpoint.latest(run_dir)
+    result = evaluate_checkpoint(final, cfg.data.path, protocol=grid.protocol, track=True)
+    return result | {"method": method, "dataset": dataset, "seed": seed, "cell": cell,
+                     "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def table(grid: Grid, results: list[dict]) -> str:
+    """Markdown: one row per method x dataset, mean ± std over seeds (in %), beside the published number."""
+    lines = [f"### {grid.name}: top-1 (%) over seeds {grid.seeds}", "",
+             "| method | dataset | kNN top-1 | linear top-1 | seeds | published |",
+             "|---|---|---|---|---|---|"]
+    for method in grid.methods:
+        for dataset in grid.datasets:
+            cells = [r for r in results if r["method"] == method and r["dataset"] == dataset]
+            knn = [r["knn_top1"] for r in cells if "knn_top1" in r]
+            linear = [r["linear_top1"] for r in cells if "linear_top1" in r]
+            published = grid.published.get(method, {}).get(dataset)
+            lines.append(f"| {method} | {dataset} | {_mean_std(knn)} | {_mean_std(linear)} | {len(cells)} | "
+                         f"{'–' if published is None else f'{published:.2f}'} |")
+    if grid.published_note:
+        lines += ["", grid.published_note]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(grid_path: str, only: Optional[int] = None) -> str:
+    """Run every unfinished cell of the grid (at most ``only`` of them), write and return the table."""
+    grid = load_grid(grid_path)
+    root = os.path.abspath(os.path.join(grid.out, grid.name))
+    cells_dir = os.path.join(root, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
+    todo = [(m, d, s) for m in grid.methods for d in grid.datasets for s in grid.seeds]
+    ran = 0
+    first_cfg = _cell_config(grid, *todo[0], root)
+    with _ray_session(first_cfg):
+        for method, dataset, seed in todo:
+            path = os.path.join(cells_dir, f"{method}-{dataset}-s{seed}.json")
+            if os.path.exists(path):
+                print(f"[reproduce] {method}-{dataset}-s{seed}: done, skipped", flush=True)
+                continue
+            if only is not None and ran >= only:
+                break
+            result = run_cell(grid, method, dataset, seed, root)
+            _write_json(path, result)
+            ran += 1
+            print(f"[reproduce] {result['cell']}: " + ", ".join(
+                f"{k} {result[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in result), flush=True)
+    results = []
+    for name in sorted(os.listdir(cells_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(cells_dir, name)) as f:
+                results.append(json.load(f))
+    text = table(grid, results)
+    with open(os.path.join(root, "table.md.tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(root, "table.md.tmp"), os.path.join(root, "table.md"))
+    return text
+
+
+@contextlib.contextmanager
+def _ray_session(cfg: config_mod.Config):
+    """Keep one Ray instance up for the whole grid when the cells run on Ray."""
+    if cfg.cluster.launcher != "ray":
+        yield
+        return
+    from cluster.session import ray_session  # Ray is imported only under cluster/
+
+    with ray_session(cfg):
+        yield
