@@ -66,3 +66,31 @@ class ContrastiveModel(nn.Module):
 def build_model(cfg: ModelConfig) -> ContrastiveModel:
     """The model a config names."""
     return ContrastiveModel(cfg)
+
+
+def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """PSM / MoCo-v3 MLP: Linear(no bias)-BN-ReLU-Linear(no bias)-BN(affine=False): (B, in) -> (B, out).
+
+    The projector and the predictor of PSM (github.com/dhkdhk/PSM `_build_mlp(2, ..., last_bn=True)`).
+    """
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
+    )
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen deep copy (requires_grad=False) to be updated only by ``ema_update_``."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """In place, parameters only (MoCo/PSM): target = momentum * target + (1 - momentum) * source."""
+    for p_t, p_s in zip(target.parameters(), source.parameters(), strict=True):
+        p_t.mul_(momentum).add_(p_s.detach(), alpha=1.0 - momentum)

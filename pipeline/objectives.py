@@ -3,17 +3,23 @@
 ``forward(x1, x2, labels=None, with_stats=False) -> (loss, stats)`` is all the step loop sees, so
 SimCLR-family, PSM and MoCHi differ only here. ``after_step()`` runs after the optimiser step
 (momentum updates). ``backbone`` is what evaluation uses. Gather and generator are injected.
+With ``with_stats`` the objective also returns its diagnostics (pipeline/losses/diagnostics.py) as
+{name: 0-dim tensor}, the same names on every rank; computing them draws nothing from any generator.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config, LossConfig
-from pipeline.losses import LOSSES
-from pipeline.models import build_model
+from pipeline.losses import LOSSES, diagnostics
+from pipeline.losses.mochi import draw_mixes, mochi_logits
+from pipeline.losses.synth import synthesize_hard_negatives
+from pipeline.losses.psm import fifo_enqueue, nearest_neighbors, psm_hard_loss, psm_soft_parts
+from pipeline.models import bn_mlp, build_backbone, build_model, ema_update_, momentum_copy
 
 
 def bind_loss(cfg: LossConfig) -> Callable:
@@ -37,6 +43,7 @@ class InBatchObjective(nn.Module):
         super().__init__()
         self.model = build_model(cfg.model)
         self.loss_fn = bind_loss(cfg.loss)
+        self.cfg = cfg.loss
         self.gather = gather
         self.generator = generator
 
@@ -48,15 +55,235 @@ class InBatchObjective(nn.Module):
                 with_stats: bool = False) -> tuple[torch.Tensor, dict]:
         # One forward over both views: BN sees both and DDP sees one call per backward.
         z1, z2 = self.model(torch.cat([x1, x2])).chunk(2)  # (n, proj_dim) each
+        draws = _fork(self.generator) if with_stats and self.cfg.name == "sscl" else None
         loss = self.loss_fn(z1, z2, self.gather, self.generator)
-        return loss, {}
+        if not with_stats:
+            return loss, {}
+        c = self.cfg
+        stats = diagnostics.in_batch_stats(
+            z1, z2, temperature=c.temperature, beta=c.beta if c.name in ("hcl", "sscl") else 0.0, n_hard=c.n_hard,
+            labels=labels, gather=self.gather, n_synthetic=c.n_synthetic if c.name == "sscl" else 0, mix=c.mix,
+            generator=draws)
+        return loss, stats
 
     def after_step(self) -> None:
         """Nothing to update outside the optimiser for the in-batch family."""
 
+    @torch.no_grad()
+    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cosines of positives, real negatives and (SSCL) synthetic negatives on this batch, for histograms."""
+        z1, z2 = F.normalize(self.model(torch.cat([x1, x2])).float(), dim=1).chunk(2)  # (n, d) each
+        rows = torch.cat([z1, z2])  # (2n, d): this rank's batch only; a histogram needs no global view
+        n2 = rows.shape[0]
+        ids = torch.arange(n2, device=rows.device)
+        sim = rows @ rows.T  # (2n, 2n)
+        neg_mask = (ids[:, None] != ids[None, :]) & (ids[None, :] != (ids[:, None] + n2 // 2) % n2)
+        samples = {"positive": (z1 * z2).sum(dim=1), "real negative": sim[neg_mask]}
+        if self.cfg.name == "sscl" and self.cfg.n_synthetic > 0:
+            synthetic = synthesize_hard_negatives(
+                sim, neg_mask, rows, ids, n_hard=self.cfg.n_hard, n_synthetic=self.cfg.n_synthetic,
+                mix=self.cfg.mix, generator=torch.Generator(device=rows.device).manual_seed(0))  # (2n, k, d)
+            samples["synthetic negative"] = (rows[:, None, :] * synthetic).sum(dim=-1).ravel()
+        return samples
+
+
+def _fork(generator: Optional[torch.Generator]) -> torch.Generator:
+    """A generator in the state of ``generator`` (the global CPU RNG's when None); drawing from it moves neither."""
+    if generator is None:
+        twin = torch.Generator()
+        twin.set_state(torch.get_rng_state())
+        return twin
+    twin = torch.Generator(device=generator.device)
+    twin.set_state(generator.get_state())
+    return twin
+
+
+def _no_grad_gather(gather: Optional[Callable]) -> Callable:
+    """The injected gather applied to detached tensors (rank order, no graph); identity without one."""
+    if gather is None:
+        return lambda x: x.detach()
+    return lambda x: gather(x.detach())
+
+
+def _random_bank(size: int, dim: int) -> torch.Tensor:
+    """(size, dim) random unit rows, the MoCo / lightly initial queue (global RNG: equal on every rank)."""
+    return F.normalize(torch.randn(size, dim), dim=1)
+
+
+def _labels_or_unknown(labels: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    return labels.reshape(-1).long() if labels is not None else torch.full((n,), -1, dtype=torch.long, device=device)
+
+
+class PSMObjective(nn.Module):
+    """PSM (Dong et al., arXiv:2311.00358): encoder + BN-MLP projector + predictor, EMA key encoder, memory bank.
+
+    Per step: keys of both views from the momentum branch; each key's K nearest bank entries (bank as
+    before the step) are its mined positives; the keys and neighbours of the GLOBAL batch are gathered
+    (no grad) in rank order, so every rank sees the same columns and enqueues the same view-2 keys:
+    the bank stays identical on every rank. loss = 1/2 (L_soft(q1; k2) + L_soft(q2; k1))
+    + aa 1/2 (L_hard(q1, k2) + L_hard(q2, k1)). after_step() moves the momentum branch (EMA).
+    """
+
+    def __init__(self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        m, self.cfg = cfg.model, cfg.loss
+        self.encoder, feat_dim = build_backbone(m.backbone, m.stem, m.width)
+        self.projector = bn_mlp(feat_dim, m.proj_hidden_dim, m.proj_dim)
+        self.predictor = bn_mlp(m.proj_dim, m.proj_hidden_dim, m.proj_dim)
+        self.momentum_encoder = momentum_copy(self.encoder)
+        self.momentum_projector = momentum_copy(self.projector)
+        self.register_buffer("bank", _random_bank(cfg.loss.psm_bank_size, m.proj_dim))  # (M, d) unit keys
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("bank_labels", torch.full((cfg.loss.psm_bank_size,), -1, dtype=torch.long))
+        self.gather, self.generator = gather, generator
+        self._gather_ng = _no_grad_gather(gather)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                with_stats: bool = False) -> tuple[torch.Tensor, dict]:
+        c, k_nn = self.cfg, self.cfg.psm_n_neighbors
+        # The release runs each view through the networks separately (BN statistics per view).
+        z1_pre, z2_pre = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))  # (n, d)
+        q1, q2 = self.predictor(z1_pre), self.predictor(z2_pre)  # (n, d)
+        n, d = q1.shape
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_encoder(x1))  # (n, d)
+            k2 = self.momentum_projector(self.momentum_encoder(x2))  # (n, d)
+            keys = F.normalize(torch.stack([k1, k2], dim=1).float(), dim=-1)  # (n, 2, d)
+            nn_vals, nn_idx = nearest_neighbors(keys.reshape(2 * n, d), self.bank, k_nn)  # (2n, K, d), (2n, K)
+            keep_local = torch.cat([keys[:, :, None], nn_vals.view(n, 2, k_nn, d)], dim=2)  # (n, 2, K+1, d)
+            own = _labels_or_unknown(labels, n, q1.device)  # (n,)
+            payload = torch.cat([keep_local.reshape(n, -1), own.float()[:, None],
+                                 self.bank_labels[nn_idx].float().reshape(n, -1)], dim=1)
+            gathered = self._gather_ng(payload)  # (B, 2 (K+1) d + 1 + 2K): one collective
+            n_global, width = gathered.shape[0], 2 * (k_nn + 1) * d
+            keep = gathered[:, :width].reshape(n_global, 2, k_nn + 1, d)  # (B, 2, K+1, d)
+            all_labels = gathered[:, width].long()  # (B,)
+            nn_labels = gathered[:, width + 1:].long().reshape(n_global, 2, k_nn)  # (B, 2, K)
+        offset = int(getattr(self.gather, "rank", 0) or 0) * n
+        soft = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
+                    weighting=c.psm_weighting, row_offset=offset, generator=self.generator)
+        parts = [psm_soft_parts(q1, z1_pre, keep[:, 1], **soft), psm_soft_parts(q2, z2_pre, keep[:, 0], **soft)]
+        loss = 0.5 * (parts[0].loss + parts[1].loss)
+        if c.psm_aa > 0:
+            hard = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
+                        generator=self.generator, gather=self.gather)
+            loss = loss + c.psm_aa * 0.5 * (psm_hard_loss(q1, k2, **hard) + psm_hard_loss(q2, k1, **hard))
+        with torch.no_grad():  # enqueue AFTER the lookup: the global view-2 keys, in rank order
+            ptr = int(self.bank_ptr)
+            bank, new_ptr = fifo_enqueue(self.bank, ptr, keep[:, 1, 0])
+            bank_labels, _ = fifo_enqueue(self.bank_labels[:, None], ptr, all_labels[:, None])
+            self.bank.copy_(bank)
+            self.bank_labels.copy_(bank_labels[:, 0])
+            self.bank_ptr.fill_(new_ptr)
+        if not with_stats:
+            return loss, {}
+        col_labels = [torch.cat([all_labels[:, None], nn_labels[:, v]], dim=1).reshape(-1) for v in (1, 0)]
+        return loss, _psm_stats(parts, offset, k_nn, own if labels is not None else None, col_labels, c.n_hard)
+
+    def after_step(self) -> None:
+        """EMA of the key branch (m = loss.psm_momentum), after the optimiser step."""
+        ema_update_(self.momentum_encoder, self.encoder, self.cfg.psm_momentum)
+        ema_update_(self.momentum_projector, self.projector, self.cfg.psm_momentum)
+
+
+@torch.no_grad()
+def _psm_stats(parts, offset: int, k_nn: int, labels, col_labels, n_hard: int) -> dict:
+    """Diagnostics of both L_soft terms: positive, mined, negative cosines, acceptance and label shares."""
+    n, n_cols = parts[0].sim.shape
+    rows = offset + torch.arange(n, device=parts[0].sim.device)
+    negative = (torch.arange(n_cols, device=rows.device) // (k_nn + 1))[None, :] != rows[:, None]  # (n, C)
+    sim = torch.cat([p.sim for p in parts])  # (2n, C)
+    pos = torch.cat([p.pos_sim for p in parts])  # (2n, K+1)
+    cand = torch.cat([negative, negative])
+    kept = torch.cat([p.kept for p in parts])
+    stats = diagnostics.similarity_summary("pos", pos[:, 0])
+    stats |= diagnostics.similarity_summary("mined", pos[:, 1:])
+    stats |= diagnostics.similarity_summary("neg", sim, cand)
+    stats["sim_neg_hardest"] = diagnostics.hardest_mean(sim, cand)
+    stats["accept_rate"] = kept.sum() / cand.sum().clamp(min=1)
+    if labels is not None:
+        rates = [diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard)
+                 for p, cl in zip(parts, col_labels)]
+        stats["false_neg_rate"] = torch.stack(rates).mean()
+        if k_nn > 0:
+            mined = torch.stack([cl.view(-1, k_nn + 1)[rows, 1:] for cl in col_labels])  # (2, n, K)
+            stats["mined_same_class"] = ((mined == labels[None, :, None]) & (mined >= 0)).float().mean()
+    return stats
+
+
+class MoCHiObjective(nn.Module):
+    """MoCHi (Kalantidis et al., NeurIPS 2020) on MoCo-v2: query encoder, EMA key encoder, FIFO queue.
+
+    InfoNCE of q (view 1) against its key (view 2), the queue and the synthetic hard negatives mixed
+    from each query's hardest queue keys. The GLOBAL keys (no grad, rank order) are enqueued after the
+    loss, so the queue is identical on every rank. after_step() moves the key encoder (EMA).
+    """
+
+    def __init__(self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.cfg = cfg.loss
+        self.encoder = build_model(cfg.model)
+        self.momentum = momentum_copy(self.encoder)
+        self.register_buffer("queue", _random_bank(cfg.loss.mochi_queue_size, cfg.model.proj_dim))  # (Q, d)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_labels", torch.full((cfg.loss.mochi_queue_size,), -1, dtype=torch.long))
+        self.gather, self.generator = gather, generator
+        self._gather_ng = _no_grad_gather(gather)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                with_stats: bool = False) -> tuple[torch.Tensor, dict]:
+        c = self.cfg
+        q = self.encoder(x1)  # (n, d)
+        n, d = q.shape
+        with torch.no_grad():
+            k = F.normalize(self.momentum(x2).float(), dim=1)  # (n, d)
+            own = _labels_or_unknown(labels, n, q.device)
+            gathered = self._gather_ng(torch.cat([k, own.float()[:, None]], dim=1))  # (B, d + 1)
+        offset = int(getattr(self.gather, "rank", 0) or 0) * n
+        draws = draw_mixes(q, self.queue, n_hard=c.mochi_n_hard, n_mix=c.mochi_s, n_mix_query=c.mochi_s_prime,
+                           generator=self.generator, row_offset=offset, n_rows_global=gathered.shape[0])
+        logits = mochi_logits(q, k, self.queue, draws, temperature=c.temperature)  # (n, 1 + Q + s + s')
+        loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+        stats = self._stats(logits.detach() * c.temperature, own if labels is not None else None) if with_stats else {}
+        with torch.no_grad():  # enqueue AFTER the loss: the global keys, in rank order
+            ptr = int(self.queue_ptr)
+            queue, new_ptr = fifo_enqueue(self.queue, ptr, gathered[:, :d])
+            queue_labels, _ = fifo_enqueue(self.queue_labels[:, None], ptr, gathered[:, d:].long())
+            self.queue.copy_(queue)
+            self.queue_labels.copy_(queue_labels[:, 0])
+            self.queue_ptr.fill_(new_ptr)
+        return loss, stats
+
+    @torch.no_grad()
+    def _stats(self, sims: torch.Tensor, labels: Optional[torch.Tensor]) -> dict:
+        """sims: (n, 1 + Q + m) cosines [positive, queue, synthetic]."""
+        size = self.queue.shape[0]
+        queue_sims = sims[:, 1:1 + size]
+        stats = diagnostics.similarity_summary("pos", sims[:, 0])
+        stats |= diagnostics.similarity_summary("neg", queue_sims)
+        stats |= diagnostics.similarity_summary("syn", sims[:, 1 + size:])
+        stats["sim_neg_hardest"] = diagnostics.hardest_mean(queue_sims)
+        if labels is not None:
+            every = torch.ones_like(queue_sims, dtype=torch.bool)
+            stats["false_neg_rate"] = diagnostics.false_negative_rate(queue_sims, every, labels, self.queue_labels,
+                                                                      self.cfg.mochi_n_hard)
+        return stats
+
+    def after_step(self) -> None:
+        """EMA of the key encoder (m = loss.mochi_momentum), after the optimiser step."""
+        ema_update_(self.momentum, self.encoder, self.cfg.mochi_momentum)
+
 
 OBJECTIVES = {"nt_xent": InBatchObjective, "dcl": InBatchObjective, "hcl": InBatchObjective,
-              "sscl": InBatchObjective}
+              "sscl": InBatchObjective, "psm": PSMObjective, "mochi": MoCHiObjective}
 
 
 def build_objective(cfg: Config, gather: Optional[Callable] = None,

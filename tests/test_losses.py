@@ -482,3 +482,23 @@ _GATHERED = {
     "sscl": lambda a, b, g: sscl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=3, n_synthetic=2,
                                  generator=torch.Generator().manual_seed(4), gather=g),
 }
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "dcl", "hcl", "sscl"])
+def test_losses_stay_float32_under_bf16_autocast(name):
+    from pipeline.losses import LOSSES
+
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    kwargs = {"temperature": 0.1}
+    if name != "nt_xent":
+        kwargs["tau_plus"] = 0.05
+    if name in ("hcl", "sscl"):
+        kwargs["beta"] = 2.0
+    if name == "sscl":
+        kwargs |= {"n_hard": 4, "n_synthetic": 3}
+    draw = (lambda: {"generator": torch.Generator().manual_seed(0)}) if name == "sscl" else dict
+    plain = LOSSES[name](z1, z2, **kwargs, **draw())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = LOSSES[name](z1, z2, **kwargs, **draw())
+    assert under.dtype == torch.float32 and torch.equal(under, plain)

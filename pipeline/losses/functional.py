@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import full_precision
 from .synth import check_synth_args, synthesize_hard_negatives
 
 Gather = Callable[[Tensor], Tensor]
@@ -138,6 +139,7 @@ def _mean_loss(pos: Tensor, log_ng: Tensor) -> Tensor:
     return (torch.logaddexp(pos, log_ng) - pos).mean()
 
 
+@full_precision
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float, gather: Gather | None = None) -> Tensor:
     """SimCLR NT-Xent (Chen et al. 2020, arXiv:2002.05709): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t = _check_t(temperature)
@@ -145,6 +147,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float, gather: Gather | None
     return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=0.0, beta=0.0, clamp=False))
 
 
+@full_precision
 def dcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, gather: Gather | None = None) -> Tensor:
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp = _check_t(temperature), _check_tau_plus(tau_plus)
@@ -152,6 +155,7 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, gather: 
     return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=tp, beta=0.0))
 
 
+@full_precision
 def hcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float,
         gather: Gather | None = None) -> Tensor:
     """Hard-negative loss (Robinson et al., ICLR 2021): z1, z2 (n, d) -> scalar mean over 2n anchors."""
@@ -160,6 +164,7 @@ def hcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: fl
     return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=tp, beta=bt))
 
 
+@full_precision
 def sscl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float, n_hard: int,
          n_synthetic: int, mix: str = "paper", generator: torch.Generator | None = None,
          gather: Gather | None = None) -> Tensor:

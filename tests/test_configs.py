@@ -1,0 +1,85 @@
+"""Every shipped config loads, names what its file name says, cites its source, and keeps the demo's setup."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+
+from pipeline import config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "configs"
+DIGITS = ["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"]
+RECIPES = ["hcl_stl10", "hcl_cifar10", "hcl_cifar100", "dcl_stl10", "sscl_cifar10", "sscl_cifar100",
+           "sscl_tinyimagenet", "psm_cifar10", "psm_cifar100", "psm_tinyimagenet"]
+# Run configs: the demo, the digits methods and the papers' recipes (other folders, e.g. grids/, hold other formats)
+ALL = ["demo.yaml"] + sorted(str(p.relative_to(ROOT)) for sub in ("digits", "recipes")
+                             for p in (ROOT / sub).glob("*.yaml"))
+
+
+def test_the_expected_files_exist():
+    expected = {"demo.yaml"} | {f"digits/{n}.yaml" for n in DIGITS} | {f"recipes/{n}.yaml" for n in RECIPES}
+    assert expected <= set(ALL)
+
+
+@pytest.mark.parametrize("rel", ALL)
+def test_every_config_loads(rel):
+    cfg = config.load(str(ROOT / rel))
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_digits_configs_are_the_demo_plus_the_method(name):
+    demo = yaml.safe_load((ROOT / "demo.yaml").read_text())
+    mine = yaml.safe_load((ROOT / "digits" / f"{name}.yaml").read_text())
+    assert {k: v for k, v in mine.items() if k != "loss"} == {k: v for k, v in demo.items() if k != "loss"}
+    assert config.load(str(ROOT / "digits" / f"{name}.yaml")).loss.name == name
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_name_their_method_and_cite_their_source(name):
+    path = ROOT / "recipes" / f"{name}.yaml"
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    assert "arXiv:" in header and "github.com/" in header, f"{name}: the header must cite paper and repository"
+    cfg = config.load(str(path))
+    method, dataset = name.split("_", 1)
+    assert cfg.loss.name == method and dataset in cfg.data.path
+    assert cfg.train.global_batch_size == 256 and cfg.loss.temperature == 0.5
+    if method in ("hcl", "dcl"):
+        assert (cfg.model.backbone, cfg.optim.name, cfg.optim.lr, cfg.train.epochs) == ("resnet50", "adam", 1e-3, 400)
+    else:
+        assert (cfg.model.backbone, cfg.optim.name, cfg.optim.lr, cfg.train.epochs) == ("resnet18", "sgd", 0.1, 200)
+        assert cfg.optim.weight_decay == (1e-3 if method == "psm" else 1e-4) and cfg.optim.warmup_epochs == 20
+    assert cfg.model.stem == ("imagenet" if dataset == "tinyimagenet" else "cifar")
+
+
+def test_recipe_hyper_parameters():
+    load = lambda n: config.load(str(ROOT / "recipes" / f"{n}.yaml")).loss  # noqa: E731
+    assert (load("hcl_stl10").beta, load("hcl_stl10").tau_plus) == (1.0, 0.1)
+    assert load("sscl_cifar10").tau_plus == 0.1 and load("sscl_cifar100").tau_plus == 0.05
+    sscl = load("sscl_cifar10")
+    assert (sscl.n_hard, sscl.n_synthetic, sscl.beta, sscl.mix) == (32, 8, 1.0, "paper")
+    psm = load("psm_cifar10")
+    assert (psm.psm_momentum, psm.psm_bank_size, psm.psm_n_neighbors, psm.psm_accept_a, psm.psm_accept_b,
+            psm.psm_aa) == (0.99, 16384, 5, 0.5, 0.0, 1.0)
+
+
+def test_demo_trains_sscl_with_n_hard_within_the_negatives():
+    cfg = config.load(str(ROOT / "demo.yaml"))
+    assert cfg.loss.name == "sscl"
+    n_negatives = 2 * cfg.train.global_batch_size - 2
+    assert 1 <= cfg.loss.n_hard <= n_negatives and cfg.world_size == 2
+
+
+def test_new_loss_names_and_values_are_validated():
+    from pipeline.errors import HardnegError
+
+    with pytest.raises(HardnegError, match=r"loss\.name='simsiam'.*'psm'.*'mochi'"):
+        config.load(None, ["loss.name=simsiam"])
+    with pytest.raises(HardnegError, match=r"loss\.psm_momentum=1\.5"):
+        config.load(None, ["loss.psm_momentum=1.5"])
+    with pytest.raises(HardnegError, match=r"loss\.mochi_s=-1"):
+        config.load(None, ["loss.mochi_s=-1"])
+    with pytest.raises(HardnegError, match=r"loss\.psm_accept_a=-0\.1"):
+        config.load(None, ["loss.psm_accept_a=-0.1"])
