@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@# FFCV builds from source against Debian's OpenCV and libjpeg-turbo. Best effort: if the packages
+	@# cannot be installed or the build fails, everything else works and the FFCV paths say why not.
+	-@if ! dpkg -s pkg-config libopencv-dev libturbojpeg0-dev >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing pkg-config libopencv-dev libturbojpeg0-dev (for FFCV)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pkg-config libopencv-dev libturbojpeg0-dev >/dev/null; \
+	  else echo "note: FFCV needs pkg-config libopencv-dev libturbojpeg0-dev (apt-get as root); not installing them"; fi; \
+	fi
+	-$(PY) -m pip install -q -e '.[ffcv]' || echo "note: FFCV did not build; --format ffcv and data.format=ffcv will say why"
 	touch $(STAMP)
 
 clean:

@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 
 import fsspec
 
-from data_prep.schema import IMAGE_KEY, LABEL_KEY, MANIFEST_NAME, MANIFEST_VERSION, META_KEY
+from data_prep.schema import IMAGE_KEY, IMAGE_KEYS, LABEL_KEY, MANIFEST_NAME, MANIFEST_VERSION, META_KEY
 from pipeline.errors import HardnegError
 
-SAMPLE_PARTS = (IMAGE_KEY, LABEL_KEY, META_KEY)
+SAMPLE_PARTS = (IMAGE_KEY, LABEL_KEY, META_KEY)  # IMAGE_KEY or JPEG_KEY: one of schema.IMAGE_KEYS
 _SHARD_FIELDS = {"path": str, "num_samples": int, "bytes": int, "sha256": str}
 
 
@@ -83,11 +83,14 @@ def _check_manifest(m, where: str) -> None:
             raise HardnegError(f"invalid manifest {where}: split '{name}' needs a 'shards' list")
         if not isinstance(split.get("num_samples"), int) or not isinstance(split.get("classes"), list):
             raise HardnegError(f"invalid manifest {where}: split '{name}' needs 'num_samples' and 'classes'")
-        for i, shard in enumerate(split["shards"]):
+        files = [(f"shard {i}", shard) for i, shard in enumerate(split["shards"])]
+        if "ffcv" in split:
+            files.append(("ffcv", split["ffcv"]))
+        for what, shard in files:
             for key, typ in _SHARD_FIELDS.items():
                 if not isinstance(shard, dict) or not isinstance(shard.get(key), typ):
                     raise HardnegError(
-                        f"invalid manifest {where}: split '{name}' shard {i} needs '{key}' ({typ.__name__})"
+                        f"invalid manifest {where}: split '{name}' {what} needs '{key}' ({typ.__name__})"
                     )
             path = shard["path"]
             if path.startswith("/") or ".." in path.split("/") or "://" in path:
@@ -132,12 +135,44 @@ def count_samples(data: bytes) -> tuple[int, list[str]]:
             base = posixpath.basename(member.name)
             key, _, ext = base.partition(".")
             parts.setdefault(posixpath.join(posixpath.dirname(member.name), key), set()).add(ext)
-    problems = [
-        f"sample '{key}' lacks {', '.join(sorted(set(SAMPLE_PARTS) - exts))}"
-        for key, exts in parts.items()
-        if not set(SAMPLE_PARTS) <= exts
-    ]
+    problems = []
+    for key, exts in parts.items():
+        lacks = sorted({LABEL_KEY, META_KEY} - exts) + ([] if exts & set(IMAGE_KEYS) else [IMAGE_KEY])
+        if lacks:
+            problems.append(f"sample '{key}' lacks {', '.join(lacks)}")
     return len(parts), problems
+
+
+def _verify_ffcv(fs, root: str, entry: dict) -> list[str]:
+    """Problems of one FFCV file: missing, size, sha256 (streamed), header sample count."""
+    name = entry["path"]
+    digest, size, head = hashlib.sha256(), 0, b""
+    try:
+        with fs.open(posixpath.join(root, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                if not head:
+                    head = chunk[:4096]
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return [f"{name}: missing"]
+    except Exception as e:
+        return [f"{name}: unreadable ({type(e).__name__}: {e})"]
+    problems = []
+    if size != entry["bytes"]:
+        problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
+    if digest.hexdigest() != entry["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    from data_prep import ffcv
+
+    if ffcv.unavailable() is None:
+        try:
+            n = ffcv.header_samples(head)
+        except ValueError as e:
+            return problems + [f"{name}: not an FFCV file ({e})"]
+        if n != entry["num_samples"]:
+            problems.append(f"{name}: {n} samples, manifest says {entry['num_samples']}")
+    return problems
 
 
 def verify(out: str) -> list[str]:
@@ -147,8 +182,13 @@ def verify(out: str) -> list[str]:
     problems = []
     for split, info in manifest["splits"].items():
         total = sum(shard["num_samples"] for shard in info["shards"])
-        if total != info["num_samples"]:
+        if (info["shards"] or "ffcv" not in info) and total != info["num_samples"]:
             problems.append(f"split '{split}': shards hold {total} samples, manifest says {info['num_samples']}")
+        if "ffcv" in info:
+            if info["ffcv"]["num_samples"] != info["num_samples"]:
+                problems.append(f"split '{split}': FFCV file holds {info['ffcv']['num_samples']} samples, "
+                                f"manifest says {info['num_samples']}")
+            problems.extend(_verify_ffcv(fs, root, info["ffcv"]))
         for shard in info["shards"]:
             name = shard["path"]
             try:

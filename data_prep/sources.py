@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import posixpath
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import fsspec
 import numpy as np
@@ -27,6 +27,8 @@ class Record:
     image: np.ndarray
     file: Optional[str] = None
     source: str = ""
+    data: Optional[bytes] = None  # the original encoded bytes when they are already an RGB JPEG
+    extra: Optional[dict] = None  # more per-sample metadata for the json part (e.g. CIFAR-100's coarse label)
 
 
 @dataclass
@@ -42,36 +44,127 @@ class Dataset:
 Reader = Callable[[Optional[str], str, int], Dataset]  # (path or None, spec, test_size) -> Dataset
 
 
-def read_digits(path: Optional[str], spec: str, test_size: int) -> Dataset:
-    """scikit-learn's 1,797 8x8 handwritten digits; stratified held-out test split (random_state=0)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    labels = digits.target.astype(np.int64)
-    n = len(labels)
-    n_classes = len(np.unique(labels))
-    if not isinstance(test_size, int) or isinstance(test_size, bool) or not n_classes <= test_size <= n - n_classes:
-        raise HardnegError(f"test_size={test_size!r} for {spec}; expected an integer in {n_classes}..{n - n_classes}")
-    train_idx, test_idx = train_test_split(
-        np.arange(n), test_size=test_size, random_state=0, stratify=labels
-    )
-    grey = np.rint(digits.images * 255.0 / 16.0).astype(np.uint8)  # (n, 8, 8)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)  # (n, 8, 8, 3)
-    splits = {
-        name: [Record(name, int(i), int(labels[i]), rgb[i], None, spec) for i in sorted(idx)]
-        for name, idx in (("train", train_idx), ("test", test_idx))
-    }
-    return Dataset(spec, splits, [str(c) for c in range(n_classes)])
-
-
 def _decode_rgb(data: bytes) -> np.ndarray:
     """Decode image bytes to an (H, W, 3) uint8 array; grey, palette and RGBA become RGB."""
+    return decode_image(data)[0]
+
+
+def decode_image(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
+    """(RGB pixels (H, W, 3) uint8, the bytes themselves if they are already an RGB JPEG else None)."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        passthrough = data if img.format == "JPEG" and img.mode == "RGB" else None
         if img.mode in ("P", "PA") and "transparency" in img.info:
             img = img.convert("RGBA")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()  # RGBA: alpha dropped
+    if pixels.ndim != 3 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
+        raise ValueError(f"decoded to shape {pixels.shape}")
+    return pixels, passthrough
+
+
+class SkipImage(Exception):
+    """An input image that cannot be used: counted and listed in the manifest (or fatal with --strict)."""
+
+    def __init__(self, file: str, error: str):
+        super().__init__(f"{file}: {error}")
+        self.file, self.error = file, error
+
+
+def skip_entry(split: str, index: int, file: Optional[str], error: str) -> dict:
+    """How a skipped input is listed in the manifest."""
+    return {"split": split, "index": int(index), "file": file, "error": error.splitlines()[0] if error else ""}
+
+
+def decode_record(data: bytes, split: str, index: int, label: int, file: str, spec: str) -> Record:
+    """A Record from encoded image bytes; SkipImage if they do not decode."""
+    try:
+        pixels, passthrough = decode_image(data)
+    except Exception as e:  # PIL raises many types for broken files
+        raise SkipImage(file, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    return Record(split, index, label, pixels, file, spec, passthrough)
+
+
+class Source:
+    """A dataset known up front by its split sizes and classes; records are decoded on demand.
+
+    Sources are sent to worker processes and Ray tasks, so they stay small when pickled: heavy state
+    (arrays, open archives) is loaded lazily in each process. ``record(split, i)`` raises SkipImage for
+    an input that cannot be used; positions are 0..sizes[split]-1 in the source's own order.
+    """
+
+    spec: str = ""
+    classes: list = []
+    sizes: dict = {}
+    info: dict = {}  # extra metadata for the manifest (e.g. CIFAR-100's coarse labels)
+    skipped: list = []  # inputs refused while listing (e.g. links out of PATH)
+    decodes_files: bool = False  # whether records can fail to decode (else SkipImage never happens)
+
+    def signature(self) -> dict:
+        """What identifies this source's content (for resuming): cheap, no full read."""
+        raise NotImplementedError
+
+    def record(self, split: str, index: int) -> Record:
+        raise NotImplementedError
+
+    def load(self, split: str, positions) -> Iterator:
+        """Records (or skip entries, dicts) of ``positions`` of ``split``, in that order."""
+        for i in positions:
+            try:
+                yield self.record(split, i)
+            except SkipImage as e:
+                yield skip_entry(split, i, e.file, e.error)
+
+    def materialize(self) -> Dataset:
+        """Every record in memory: for small datasets and tests."""
+        splits, skipped = {}, list(self.skipped)
+        for split, n in self.sizes.items():
+            splits[split] = []
+            for item in self.load(split, range(n)):
+                (skipped if isinstance(item, dict) else splits[split]).append(item)
+        return Dataset(self.spec, splits, list(self.classes), skipped)
+
+
+class DigitsSource(Source):
+    """scikit-learn's 1,797 8x8 handwritten digits; stratified held-out test split (random_state=0)."""
+
+    def __init__(self, path: Optional[str], spec: str, test_size: int):
+        self.spec, self.test_size = spec, test_size
+        self._data = None
+        labels, _, split_idx = self._load()
+        self.classes = [str(c) for c in range(len(np.unique(labels)))]
+        self.sizes = {name: len(idx) for name, idx in split_idx.items()}
+
+    def __getstate__(self):
+        return {"spec": self.spec, "test_size": self.test_size, "classes": self.classes, "sizes": self.sizes, "_data": None}
+
+    def _load(self):
+        if self._data is None:
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+
+            digits = load_digits()
+            labels = digits.target.astype(np.int64)
+            n, n_classes, test_size = len(labels), len(np.unique(labels)), self.test_size
+            if not isinstance(test_size, int) or isinstance(test_size, bool) or not n_classes <= test_size <= n - n_classes:
+                raise HardnegError(f"test_size={test_size!r} for {self.spec}; expected an integer in {n_classes}..{n - n_classes}")
+            train_idx, test_idx = train_test_split(np.arange(n), test_size=test_size, random_state=0, stratify=labels)
+            grey = np.rint(digits.images * 255.0 / 16.0).astype(np.uint8)  # (n, 8, 8)
+            rgb = np.repeat(grey[..., None], 3, axis=-1)  # (n, 8, 8, 3)
+            self._data = (labels, rgb, {"train": sorted(train_idx.tolist()), "test": sorted(test_idx.tolist())})
+        return self._data
+
+    def signature(self) -> dict:
+        return {"builtin": "digits", "test_size": self.test_size}
+
+    def record(self, split: str, index: int) -> Record:
+        labels, rgb, split_idx = self._load()
+        i = split_idx[split][index]
+        return Record(split, int(i), int(labels[i]), rgb[i], None, self.spec)
+
+
+def read_digits(path: Optional[str], spec: str, test_size: int) -> Dataset:
+    """scikit-learn's 1,797 8x8 handwritten digits; stratified held-out test split (random_state=0)."""
+    return DigitsSource(path, spec, test_size).materialize()
 
 
 def _subdirs(fs, path: str) -> list[str]:
@@ -80,81 +173,133 @@ def _subdirs(fs, path: str) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
-def _image_files(fs, path: str) -> list[str]:
-    """Sorted paths of the image files anywhere under ``path`` (hidden ones left out)."""
-    found = fs.find(path)
-    keep = []
-    for p in found:
-        rel = posixpath.relpath(p, path)
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if p.lower().endswith(IMAGE_EXTENSIONS):
-            keep.append(p)
-    return sorted(keep)
+def is_image_name(name: str) -> bool:
+    """A visible file with an image extension (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in name.split("/"))
+
+
+class ImageFolderSource(Source):
+    """One sub-folder per class, optionally inside ``train/`` and ``val/``; files decoded on demand."""
+
+    decodes_files = True
+
+    def __init__(self, path: Optional[str], spec: str, test_size: int = 0):
+        from data_prep.archive import FolderTree
+
+        self.spec, self.url = spec, path
+        try:
+            fs, root = fsspec.core.url_to_fs(path)
+            is_dir = fs.isdir(root)
+        except Exception as e:  # unknown protocol, missing driver, permission...
+            raise HardnegError(f"cannot read imagefolder path '{path}': {type(e).__name__}: {e}") from None
+        if not is_dir:
+            raise HardnegError(f"imagefolder path '{path}' does not exist or is not a directory")
+        top = _subdirs(fs, root)
+        split_names = [s for s in SPLIT_DIRS if s in top] if "train" in top else []
+        prefixes = {s: s + "/" for s in split_names} or {"train": ""}
+        self.tree = FolderTree(path)
+        files: dict[str, list[tuple[str, str]]] = {s: [] for s in prefixes}
+        for rel in self.tree.names:
+            for split, prefix in prefixes.items():
+                parts = rel[len(prefix):].split("/") if rel.startswith(prefix) else []
+                if len(parts) >= 2 and not parts[0].startswith(".") and is_image_name(rel[len(prefix):]):
+                    files[split].append((parts[0], rel))
+        self.classes = sorted({c for fl in files.values() for c, _ in fl})
+        if not self.classes:
+            raise HardnegError(f"imagefolder path '{path}' has no class sub-folders")
+        label_of = {c: i for i, c in enumerate(self.classes)}
+        # sorted by (class, file): the skeleton's order, stable across runs and filesystems
+        self.files = {s: [(label_of[c], rel) for c, rel in sorted(fl)] for s, fl in files.items()}
+        self.sizes = {s: len(fl) for s, fl in self.files.items()}
+        self.skipped = [skip_entry("", -1, rel, "link points outside PATH") for rel in self.tree.outside]
+        if not any(self.sizes.values()):
+            raise HardnegError(f"imagefolder path '{path}' has no readable images (no image files)")
+
+    def signature(self) -> dict:
+        import hashlib
+
+        listing = repr(sorted(self.tree.names.items())).encode()
+        return {"url": self.url, "files": len(self.tree.names), "listing": hashlib.sha256(listing).hexdigest()}
+
+    def record(self, split: str, index: int) -> Record:
+        label, rel = self.files[split][index]
+        try:
+            data = self.tree.read(rel)
+        except Exception as e:
+            raise SkipImage(rel, f"unreadable: {type(e).__name__}: {e}") from None
+        return decode_record(data, split, index, label, rel, self.spec)
 
 
 def read_imagefolder(path: Optional[str], spec: str, test_size: int) -> Dataset:
     """One sub-folder per class, optionally inside ``train/`` and ``val/``; undecodable files skipped."""
-    try:
-        fs, root = fsspec.core.url_to_fs(path)
-        is_dir = fs.isdir(root)
-    except Exception as e:  # unknown protocol, missing driver, permission...
-        raise HardnegError(f"cannot read imagefolder path '{path}': {e}") from None
-    if not is_dir:
-        raise HardnegError(f"imagefolder path '{path}' does not exist or is not a directory")
-    top = _subdirs(fs, root)
-    split_names = [s for s in SPLIT_DIRS if s in top] if "train" in top else []
-    split_roots = {s: posixpath.join(root, s) for s in split_names} or {"train": root}
-    class_dirs = {s: _subdirs(fs, r) for s, r in split_roots.items()}
-    classes = sorted(set().union(*class_dirs.values()))
-    if not classes:
-        raise HardnegError(f"imagefolder path '{path}' has no class sub-folders")
-    label_of = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[Record]] = {}
-    skipped: list[dict] = []
-    for split, split_root in split_roots.items():
-        files = [(c, f) for c in class_dirs[split] for f in _image_files(fs, posixpath.join(split_root, c))]
-        records = []
-        for index, (cls, file) in enumerate(files):
-            rel = posixpath.relpath(file, root)
-            try:
-                image = _decode_rgb(fs.cat_file(file))
-            except Exception as e:  # PIL raises many types for broken files
-                skipped.append({"file": rel, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-                continue
-            records.append(Record(split, index, label_of[cls], image, rel, spec))
-        splits[split] = records
-    if not any(splits.values()):
-        raise HardnegError(f"imagefolder path '{path}' has no readable images ({len(skipped)} skipped)")
-    return Dataset(spec, splits, classes, skipped)
+    dataset = ImageFolderSource(path, spec, test_size).materialize()
+    if not any(dataset.splits.values()):
+        raise HardnegError(f"imagefolder path '{path}' has no readable images ({len(dataset.skipped)} skipped)")
+    return dataset
 
 
-# name -> reader; a name ending in ":PATH" takes a path after the colon.
-READERS: dict[str, Reader] = {
-    "builtin:digits": read_digits,
-    "imagefolder:PATH": read_imagefolder,
+def _opener(module: str, cls: str) -> Callable[[Optional[str], str, int], Source]:
+    """Import a source class on first use (keeps `import data_prep.sources` light)."""
+    def open_(path, spec, test_size):
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(path, spec, test_size)
+    return open_
+
+
+# name -> opener of a Source; a name ending in ":PATH" takes a path after the colon.
+SOURCES: dict[str, Callable[[Optional[str], str, int], Source]] = {
+    "builtin:digits": DigitsSource,
+    "imagefolder:PATH": ImageFolderSource,
+    "cifar10:PATH": _opener("data_prep.cifar", "Cifar10Source"),
+    "cifar100:PATH": _opener("data_prep.cifar", "Cifar100Source"),
+    "stl10:PATH": _opener("data_prep.stl10", "Stl10Source"),
+    "tinyimagenet:PATH": _opener("data_prep.tinyimagenet", "TinyImageNetSource"),
 }
 
 
-def resolve(spec: str) -> tuple[Reader, Optional[str]]:
-    """Find the reader for a source spec and split off its path; HardnegError if unknown."""
-    expected = ", ".join(READERS)
+def _reader(name: str) -> Reader:
+    if name == "builtin:digits":
+        return read_digits
+    if name == "imagefolder:PATH":
+        return read_imagefolder
+    return lambda path, spec, test_size: SOURCES[name](path, spec, test_size).materialize()
+
+
+# name -> reader returning every record in memory (the skeleton's interface; small data only).
+READERS: dict[str, Reader] = {name: _reader(name) for name in SOURCES}
+
+
+def _match(spec: str, table: dict):
+    """(entry, path or None) for a source spec; HardnegError if unknown or missing its path."""
+    expected = ", ".join(table)
     if not isinstance(spec, str) or not spec:
         raise HardnegError(f"empty dataset name; expected one of: {expected}")
-    for name, reader in READERS.items():
+    for name, entry in table.items():
         if name.endswith(":PATH"):
             prefix = name[: -len("PATH")]
             if spec == prefix[:-1] or spec.startswith(prefix):
                 arg = spec[len(prefix):]
                 if not arg:
                     raise HardnegError(f"dataset '{spec}' needs a path: {name}")
-                return reader, arg
+                return entry, arg
         elif spec == name:
-            return reader, None
+            return entry, None
     raise HardnegError(f"unknown dataset '{spec}'; expected one of: {expected}")
 
 
+def resolve(spec: str) -> tuple[Reader, Optional[str]]:
+    """Find the reader for a source spec and split off its path; HardnegError if unknown."""
+    return _match(spec, READERS)
+
+
+def open_source(spec: str, *, test_size: int = 300) -> Source:
+    """The Source of a spec (``builtin:digits``, ``cifar10:/data/cifar-10-python.tar.gz``, ...)."""
+    opener, arg = _match(spec, SOURCES)
+    return opener(arg, spec, test_size)
+
+
 def read_source(spec: str, *, test_size: int = 300) -> Dataset:
-    """Read a dataset given by its spec (e.g. ``builtin:digits``, ``imagefolder:/data/pets``)."""
+    """Read a whole dataset into memory (small data): ``builtin:digits``, ``imagefolder:/data/pets``..."""
     reader, arg = resolve(spec)
     return reader(arg, spec, test_size)

@@ -12,10 +12,14 @@ import fsspec
 from PIL import Image
 from webdataset import TarWriter
 
-from data_prep.schema import IMAGE_KEY, LABEL_KEY, META_KEY, sample_key
+from data_prep.schema import IMAGE_KEY, JPEG_KEY, LABEL_KEY, META_KEY, sample_key
 from data_prep.sources import Record
+from pipeline.errors import HardnegError
 
 _CHUNK = 1 << 20
+IMAGE_FORMATS = ("auto", "png", "jpg")
+AUTO_PNG_MAX_PIXELS = 128 * 128  # auto: PNG (lossless) up to this many pixels, JPEG above
+JPEG_QUALITY = 95
 
 
 def encode_png(image) -> bytes:
@@ -27,23 +31,41 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(record: Record) -> dict:
+def encode_jpeg(record: Record) -> bytes:
+    """JPEG bytes: the source's own when it is already an RGB JPEG, else encoded at JPEG_QUALITY."""
+    if record.data is not None:
+        return record.data
+    buf = io.BytesIO()
+    Image.fromarray(record.image, mode="RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def use_png(image, image_format: str) -> bool:
+    """Whether ``image`` is stored as PNG under ``image_format`` (auto: small images lossless)."""
+    if image_format not in IMAGE_FORMATS:
+        raise HardnegError(f"image_format={image_format!r}; expected one of: {', '.join(IMAGE_FORMATS)}")
+    return image_format == "png" or (image_format == "auto" and image.shape[0] * image.shape[1] <= AUTO_PNG_MAX_PIXELS)
+
+
+def encode_sample(record: Record, image_format: str = "png") -> dict:
     """The sample of one record, as schema.py lays it out."""
     meta = {"index": record.source_index, "label": record.label, "source": record.source, "file": record.file}
+    meta.update(record.extra or {})
+    png = use_png(record.image, image_format)
     return {
         "__key__": sample_key(record.split, record.source_index),
-        IMAGE_KEY: encode_png(record.image),
+        IMAGE_KEY if png else JPEG_KEY: encode_png(record.image) if png else encode_jpeg(record),
         LABEL_KEY: str(int(record.label)).encode("ascii"),
         META_KEY: json.dumps(meta).encode("utf-8"),
     }
 
 
-def encode_shard(records: Sequence[Record]) -> bytes:
+def encode_shard(records: Sequence[Record], image_format: str = "png") -> bytes:
     """The tar bytes of a shard: identical records give identical bytes (fixed mtime, owner, mode)."""
     buf = io.BytesIO()
-    writer = TarWriter(buf, encoder=False, mtime=0.0, user="hardneg", group="hardneg", mode=0o444)
+    writer = TarWriter(buf, encoder=False, mtime=0, user="hardneg", group="hardneg", mode=0o444)  # int: no PAX headers
     for record in records:
-        writer.write(encode_sample(record))
+        writer.write(encode_sample(record, image_format))
     writer.close()  # closes the tar stream, not ``buf``
     return buf.getvalue()
 
@@ -66,20 +88,30 @@ def _remove_quietly(fs, path: str) -> None:
         pass
 
 
-def write_shard(records: Sequence[Record], url: str) -> dict:
-    """Write ``records`` as the shard at ``url`` unless an identical file is already there."""
-    data = encode_shard(records)
-    sha = hashlib.sha256(data).hexdigest()
-    fs, path = fsspec.core.url_to_fs(url)
+def put_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp name in the same folder, then rename: it appears whole.
+
+    Any failure (a full disk, a lost connection) is one HardnegError; the partial temp file is removed."""
     directory, name = posixpath.split(path)
-    entry = {"path": name, "num_samples": len(records), "bytes": len(data), "sha256": sha}
-    if fs.isfile(path) and fs.size(path) == len(data) and file_sha256(fs, path) == sha:
-        return entry
     tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
+    except Exception as e:
+        raise HardnegError(f"cannot write '{path}': {type(e).__name__}: {e}; the partial file was removed") from None
     finally:
         _remove_quietly(fs, tmp)
+
+
+def write_shard(records: Sequence[Record], url: str, image_format: str = "png") -> dict:
+    """Write ``records`` as the shard at ``url`` unless an identical file is already there."""
+    data = encode_shard(records, image_format)
+    sha = hashlib.sha256(data).hexdigest()
+    fs, path = fsspec.core.url_to_fs(url)
+    name = posixpath.basename(path)
+    entry = {"path": name, "num_samples": len(records), "bytes": len(data), "sha256": sha}
+    if fs.isfile(path) and fs.size(path) == len(data) and file_sha256(fs, path) == sha:
+        return entry
+    put_atomic(fs, path, data)
     return entry
