@@ -15,6 +15,9 @@ def add_cluster_parsers(sub) -> None:
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    p.add_argument("--no-pip", action="store_true",
+                   help="no pip runtime env: the cluster's Python already has the project's dependencies")
+    p.add_argument("--resume", action="store_true", help="continue tracking.run_name (else the latest run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_launch)
     for name, text in (("status", "print a submitted job's status"), ("stop", "stop a submitted job")):
@@ -27,7 +30,11 @@ def add_cluster_parsers(sub) -> None:
 def cmd_launch(args: argparse.Namespace) -> None:
     from cluster.submit import launch_job
 
-    launch_job(args.address, args.config, args.overrides, wait=not args.no_wait)
+    try:
+        launch_job(args.address, args.config, args.overrides, wait=not args.no_wait, pip=not args.no_pip,
+                   resume=args.resume)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -1,14 +1,19 @@
 """From a loaded config to a finished run: resolve paths, name the run, pick the launcher.
 
-Everything that can be checked before a worker starts is checked here, so bad input fails in one
-line before any training: unreadable data, a run name that already exists without --resume, a
-resume whose checkpoint came from a different config.
+Everything that can be checked before a worker starts is checked here (or, for the cluster itself,
+in cluster.train.ray_session), so bad input fails in one line before any training: unreadable data,
+too few shards for the readers, a storage path (local or s3:// / gs://) that cannot be written, a
+run name that already exists without --resume, a resume whose checkpoint came from a different
+config, no Ray at cluster.address, more workers than the cluster's CPUs/GPUs.
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+import uuid
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Iterator, Optional
 
 import fsspec
 
@@ -16,7 +21,7 @@ from data_prep.manifest import read_manifest
 from pipeline import checkpoint, config as config_mod, data, dist, train
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import absolute_uri, create_run
+from pipeline.tracking import MlflowTracker, absolute_uri, create_run
 
 
 def _absolute(url: str) -> str:
@@ -37,16 +42,37 @@ def resolve_paths(cfg: Config) -> Config:
     return _with(cfg, "tracking", uri=absolute_uri(cfg.tracking.uri, os.getcwd()))
 
 
+def _storage_fs(url: str):
+    """(filesystem, root) of cluster.storage_path; HardnegError when fsspec cannot open it (e.g. s3fs missing)."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except Exception as e:  # unknown protocol, missing driver, bad URL
+        raise HardnegError(f"cannot use cluster.storage_path={url}: {type(e).__name__}: {e}") from None
+
+
+def _modified(fs, path: str) -> float:
+    """Modification time of a file as epoch seconds, whatever the filesystem calls it (local, S3, GCS)."""
+    info = fs.info(path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified") or 0
+    if isinstance(stamp, str):
+        stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return stamp.timestamp() if isinstance(stamp, datetime) else float(stamp)
+
+
 def latest_run_name(storage_path: str) -> Optional[str]:
-    """The most recently modified run directory under ``storage_path`` that holds a checkpoint."""
-    fs, root = fsspec.core.url_to_fs(storage_path)
+    """The run under ``storage_path`` whose newest checkpoint was written last (object stores have no dir mtimes)."""
+    fs, root = _storage_fs(storage_path)
     if not fs.isdir(root):
         return None
-    runs = [e for e in fs.ls(root, detail=True) if e["type"] == "directory"]
-    runs = [e for e in runs if checkpoint.latest(e["name"]) is not None]
-    if not runs:
-        return None
-    return os.path.basename(max(runs, key=lambda e: e.get("mtime") or e.get("LastModified") or 0)["name"].rstrip("/"))
+    newest: dict[str, float] = {}
+    for entry in fs.ls(root, detail=True):
+        if entry["type"] != "directory":
+            continue
+        name = entry["name"].rstrip("/")
+        found = checkpoint.latest(fs.unstrip_protocol(name) if "://" in storage_path else name)
+        if found is not None:
+            newest[os.path.basename(name)] = _modified(fs, f"{found.rstrip('/')}/{checkpoint.META_FILE}")
+    return max(newest, key=newest.get) if newest else None
 
 
 def choose_run_name(cfg: Config, resume: Optional[str]) -> str:
@@ -66,15 +92,35 @@ def choose_run_name(cfg: Config, resume: Optional[str]) -> str:
 
 
 def _check_writable(url: str) -> None:
-    fs, root = fsspec.core.url_to_fs(url)
+    """Create, write and delete a probe file under ``url`` (any fsspec URL); HardnegError naming why not."""
+    fs, root = _storage_fs(url)
+    fs.invalidate_cache()  # object-store listings are cached per process; Ray wrote through its own client
+    probe = f"{root.rstrip('/')}/.hardneg-write-probe-{uuid.uuid4().hex[:8]}"
     try:
         fs.makedirs(root, exist_ok=True)
-        probe = f"{root.rstrip('/')}/.hardneg-write-probe"
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except OSError as e:
-        raise HardnegError(f"cannot write to cluster.storage_path={url}: {e.strerror or e}") from None
+    except Exception as e:  # OSError locally; botocore/google errors (credentials, no bucket) on object stores
+        text = str(e).strip()
+        reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+        raise HardnegError(f"cannot write to cluster.storage_path={url}: {reason}") from None
+
+
+def check_shards_per_reader(cfg: Config, manifest: dict) -> None:
+    """Every (rank, loader worker) reads its own resampled shard stream: refuse fewer shards than readers."""
+    if cfg.data.format != "wds":
+        return
+    shards = len(manifest["splits"][cfg.data.train_split]["shards"])
+    per_rank = max(1, cfg.data.loader_workers)
+    readers = cfg.world_size * per_rank
+    if shards < readers:
+        raise HardnegError(
+            f"split '{cfg.data.train_split}' of {cfg.data.path} has {shards} shards, fewer than the {readers} readers of "
+            f"cluster.num_workers={cfg.world_size} x data.loader_workers={cfg.data.loader_workers} "
+            f"(each reader needs its own shard stream): re-shard smaller (hardneg prep --shard-size) "
+            f"or lower data.loader_workers"
+        )
 
 
 def preflight(cfg: Config, run_name: str) -> None:
@@ -84,7 +130,7 @@ def preflight(cfg: Config, run_name: str) -> None:
         if split not in manifest["splits"]:
             raise HardnegError(f"data split '{split}' not in {cfg.data.path}; it has: {', '.join(manifest['splits'])}")
     data.steps_per_epoch(manifest, cfg.data.train_split, cfg.train.global_batch_size)
-    _check_writable(cfg.cluster.storage_path)
+    check_shards_per_reader(cfg, manifest)
     found = checkpoint.latest(f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}")
     if found is not None:
         mismatches = train.resume_mismatches(checkpoint.load(found)["config"], cfg)
@@ -92,24 +138,49 @@ def preflight(cfg: Config, run_name: str) -> None:
             raise HardnegError("cannot resume: the config differs from the checkpoint's: " + "; ".join(mismatches))
 
 
+def _attach_mlflow_run(cfg: Config, resume: Optional[str]) -> Config:
+    """Create the MLflow run here, not in a worker, so a worker group restarted before its first
+    checkpoint attaches to the same run instead of opening a second one."""
+    if cfg.tracking.enabled and resume is None and cfg.tracking.run_id is None:
+        return _with(cfg, "tracking", run_id=create_run(cfg.tracking))
+    return cfg
+
+
+@contextmanager
+def _failed_run_marked(cfg: Config) -> Iterator[None]:
+    """Mark the launcher's MLflow run FAILED (KILLED on Ctrl-C) when training does not finish."""
+    try:
+        yield
+    except BaseException as e:
+        run_id = cfg.tracking.run_id
+        if cfg.tracking.enabled and run_id is not None:
+            try:
+                MlflowTracker(cfg.tracking, run_id).finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            except Exception:  # the store itself may be what failed; keep the original error
+                pass
+        raise
+
+
 def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     """Train as configured (Ray Train or one local process); returns final metrics incl. run name."""
     cfg = resolve_paths(cfg)
+    _check_writable(cfg.cluster.storage_path)  # first touch of the storage: a bad URL or credentials fail here
     run_name = choose_run_name(cfg, resume)
     cfg = _with(cfg, "tracking", run_name=run_name)
     preflight(cfg, run_name)
-    if cfg.tracking.enabled and resume is None and cfg.tracking.run_id is None:
-        # Created here, not in a worker, so a worker group restarted before its first checkpoint
-        # attaches to the same MLflow run instead of opening a second one.
-        cfg = _with(cfg, "tracking", run_id=create_run(cfg.tracking))
     run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}"
     if cfg.cluster.launcher == "local":
-        result = train.run(cfg, dist.current_context(), train.LocalHooks(run_dir))
+        cfg = _attach_mlflow_run(cfg, resume)
+        with _failed_run_marked(cfg):
+            result = train.run(cfg, dist.current_context(), train.LocalHooks(run_dir))
         result["checkpoint"] = checkpoint.latest(run_dir)
     else:
-        from cluster.train import launch  # Ray is imported only under cluster/
+        from cluster.train import fit, ray_session  # Ray is imported only under cluster/
 
-        result = launch(cfg, run_name)
+        with ray_session(cfg):  # reachable, enough CPUs/GPUs: checked before an MLflow run exists
+            cfg = _attach_mlflow_run(cfg, resume)
+            with _failed_run_marked(cfg):
+                result = fit(cfg, run_name)
     result["run_name"] = run_name
     result["run_dir"] = run_dir
     result["tracking_uri"] = cfg.tracking.uri

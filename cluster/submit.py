@@ -1,0 +1,182 @@
+"""`hardneg launch / status / stop`: training as a Ray Job on an existing cluster.
+
+The job is `python -m pipeline.cli train --config FILE [overrides] cluster.address=auto`, run in
+this repository's directory uploaded as the job's working dir (minus virtual envs, runs, data and
+MLflow stores), with the project's dependencies as a pip runtime env unless told otherwise. The
+config is loaded and checked here first, so a bad key or a path that only exists on this machine
+fails in one line before anything is submitted.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipeline import config as config_mod
+from pipeline.errors import HardnegError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Never uploaded with the working dir (Ray also honours .gitignore): environments, outputs, stores.
+EXCLUDES = [".git", ".venv", "venv", ".ci", "runs", "data", "demo_out", "mlruns", "mlartifacts", "mlflow.db",
+            "*.egg-info", "__pycache__", ".pytest_cache", "build", "dist", "*.tar", "*.beton"]
+
+
+def pip_requirements(root: Path = PROJECT_ROOT) -> list[str]:
+    """The project's dependencies from pyproject.toml, less Ray (a job must use the cluster's own Ray)."""
+    with open(root / "pyproject.toml", "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    return [d for d in deps if not d.replace("_", "-").lower().startswith("ray")]
+
+
+def _local_only(value: str) -> bool:
+    """True for a relative path: on the cluster it would resolve inside the job's temporary working dir."""
+    if value.startswith("sqlite:///"):
+        return not value.startswith("sqlite:////")
+    return "://" not in value and not value.startswith("/")
+
+
+def job_spec(config_path: Optional[str], overrides: Sequence[str], *, working_dir: Path = PROJECT_ROOT,
+             pip: bool = True, resume: bool = False) -> dict:
+    """{"entrypoint", "runtime_env"} of the training job; HardnegError on a config that cannot run there."""
+    overrides = [*overrides, "cluster.address=auto"]
+    cfg = config_mod.load(config_path, overrides)  # the same validation the job will do, but now
+    if cfg.cluster.launcher != "ray":
+        raise HardnegError("cluster.launcher=local cannot run on a cluster; drop the override")
+    for key, value in (("data.path", cfg.data.path), ("cluster.storage_path", cfg.cluster.storage_path),
+                       ("tracking.uri", cfg.tracking.uri)):
+        if _local_only(value):
+            raise HardnegError(f"{key}={value} is relative, so on the cluster it would land in the job's temporary "
+                               f"working dir; give an absolute path on shared storage or a URL (s3://, gs://, "
+                               f"http://MLFLOW:5000 for tracking.uri)")
+    args = ["python", "-m", "pipeline.cli", "train"]
+    if config_path:
+        path = Path(config_path).resolve()
+        if not path.is_relative_to(working_dir.resolve()):
+            raise HardnegError(f"--config {config_path} lies outside {working_dir}, the directory uploaded to the "
+                               f"cluster; put it under configs/")
+        args += ["--config", path.relative_to(working_dir.resolve()).as_posix()]
+    if resume:
+        args.append("--resume")
+    runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES}
+    if pip:
+        runtime_env["pip"] = pip_requirements(working_dir)
+    return {"entrypoint": shlex.join(args + overrides), "runtime_env": runtime_env}
+
+
+def _dashboard_url(address: str) -> str:
+    return address if "://" in address else f"http://{address}"
+
+
+def local_token() -> Optional[str]:
+    """Ray's auth token as Ray itself looks it up: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def client(address: str) -> JobSubmissionClient:
+    """A job client for the dashboard at ``address``; HardnegError when nothing answers there.
+
+    A cluster with token authentication gets the token found here, and only after it asked for one."""
+    url = _dashboard_url(address)
+    try:
+        try:
+            return JobSubmissionClient(url)
+        except AuthenticationError:
+            token = local_token()
+            if token is None:
+                raise HardnegError(f"the Ray cluster at {address} requires a token: set RAY_AUTH_TOKEN "
+                                   "(`ray get-auth-token` on its head node)") from None
+            return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+    except HardnegError:
+        raise
+    except AuthenticationError:
+        raise HardnegError(f"the Ray cluster at {address} refused this machine's token: set RAY_AUTH_TOKEN to "
+                           "its own (`ray get-auth-token` on its head node)") from None
+    except Exception as e:  # ConnectionError, RuntimeError (version), ValueError (bad address)
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        raise HardnegError(f"no Ray cluster reachable at --address {address}: {reason}") from None
+
+
+def _info(jobs: JobSubmissionClient, job_id: str):
+    try:
+        return jobs.get_job_info(job_id)
+    except RuntimeError as e:
+        text = str(e).strip()
+        raise HardnegError(f"job {job_id}: {text.splitlines()[-1] if text else 'not found'}") from None
+
+
+def _wait_terminal(jobs: JobSubmissionClient, job_id: str, timeout_s: float) -> JobStatus:
+    deadline = time.monotonic() + timeout_s
+    status = _info(jobs, job_id).status
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = _info(jobs, job_id).status
+    return status
+
+
+async def _tail(jobs: JobSubmissionClient, job_id: str) -> None:
+    async for chunk in jobs.tail_job_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def launch_job(address: str, config_path: Optional[str], overrides: Sequence[str], *, wait: bool = True,
+               pip: bool = True, resume: bool = False, working_dir: Path = PROJECT_ROOT) -> str:
+    """Submit training as a Ray Job, print its id, stream its logs until it ends (unless not ``wait``)."""
+    spec = job_spec(config_path, overrides, working_dir=working_dir, pip=pip, resume=resume)
+    jobs = client(address)
+    try:
+        job_id = jobs.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"],
+                                 metadata={"submitted_by": "hardneg launch"})
+    except Exception as e:  # runtime env upload refused, server error
+        text = str(e).strip()
+        raise HardnegError(f"submitting to {address} failed: {text.splitlines()[-1] if text else type(e).__name__}") \
+            from None
+    print(f"submitted job {job_id}", flush=True)
+    print(f"  status: hardneg status {job_id} --address {address}", flush=True)
+    print(f"  stop:   hardneg stop {job_id} --address {address}", flush=True)
+    if not wait:
+        return job_id
+    try:
+        asyncio.run(_tail(jobs, job_id))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (hardneg stop {job_id} --address {address})")
+        raise
+    status = _wait_terminal(jobs, job_id, timeout_s=60)
+    print(f"job {job_id}: {status}", flush=True)
+    if status != JobStatus.SUCCEEDED:
+        message = (_info(jobs, job_id).message or "").strip().splitlines()
+        raise HardnegError(f"job {job_id} ended {status}" + (f": {message[0]}" if message else ""))
+    return job_id
+
+
+def job_status(address: str, job_id: str) -> str:
+    """'JOB_ID: STATUS' (with Ray's message when there is one)."""
+    info = _info(client(address), job_id)
+    message = (info.message or "").strip().splitlines()
+    return f"{job_id}: {info.status}" + (f" ({message[0]})" if message else "")
+
+
+def stop_job(address: str, job_id: str, timeout_s: float = 60) -> str:
+    """Ask the job to stop and wait (up to ``timeout_s``) until it has; 'JOB_ID: STATUS'."""
+    jobs = client(address)
+    status = _info(jobs, job_id).status
+    if status.is_terminal():
+        return f"{job_id}: already {status}"
+    jobs.stop_job(job_id)
+    return f"{job_id}: {_wait_terminal(jobs, job_id, timeout_s)}"

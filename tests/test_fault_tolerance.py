@@ -1,0 +1,124 @@
+"""A lost worker: SIGKILL one of 2 Ray Train CPU workers mid-run; training restarts from the last
+checkpoint, finishes with the same number of steps, and MLflow keeps one run with no step twice.
+
+Run with -s to see the restart step and the final step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import shutil
+import sys
+import tempfile
+import threading
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_config
+from pipeline import checkpoint, launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (our private Ray's raylet and its workers are children of this one)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        kids = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def train_workers() -> list[int]:
+    """Our own RayTrainWorker processes (never another session's)."""
+    return sorted(pid for pid in descendants(os.getpid()) if "RayTrainWorker" in cmdline(pid))
+
+
+def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_shards, monkeypatch, request):
+    ray_tmp = tempfile.mkdtemp(prefix="hnft-", dir="/tmp")  # short: Ray's socket paths live under it
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    monkeypatch.setenv("HARDNEG_RAY_TMP", ray_tmp)
+    spe, epochs = 1497 // 128, 4
+    total = spe * epochs
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.num_workers=2", f"train.epochs={epochs}",
+                      "train.knn_every_epochs=0", "train.checkpoint_every_epochs=1", "cluster.max_failures=2",
+                      "tracking.run_name=ft")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = str(tmp_path / "runs" / "ft")
+    killed: dict = {}
+    done = threading.Event()
+
+    def logged_steps(client: MlflowClient) -> list[int]:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
+
+    def kill_one_worker_after_the_first_checkpoint() -> None:
+        client = None
+        while not done.wait(0.2):
+            found = checkpoint.latest(run_dir)
+            if found is None:
+                continue
+            client = client or MlflowClient(uri)
+            # a few steps past the checkpoint, so Ray has registered it before the worker dies
+            if max(logged_steps(client), default=0) < spe + 4:
+                continue
+            workers = train_workers()
+            if len(workers) != 2:
+                continue
+            victim = workers[-1]
+            killed.update(pid=victim, checkpoint_step=checkpoint.load(found)["step"],
+                          logged_step=max(logged_steps(client)), workers=workers)
+            os.kill(victim, signal.SIGKILL)
+            print(f"\n[kill] SIGKILL RayTrainWorker pid {victim} of {workers}: latest checkpoint at step "
+                  f"{killed['checkpoint_step']}, MLflow loss logged up to step {killed['logged_step']}", flush=True)
+            return
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result = launch.train_run(cfg)
+    finally:
+        done.set()
+        killer.join(timeout=10)
+
+    assert killed, "the run finished before a worker could be killed"
+    restart, final = result["restored_from_step"], result["step"]
+    print(f"[restart] training restarted from the checkpoint at step {restart}; final step {final} of {total}",
+          flush=True)
+    assert killed["pid"] not in train_workers()
+    assert restart is not None and restart % spe == 0 and killed["checkpoint_step"] <= restart < total
+    assert final == total and checkpoint.load(result["checkpoint"])["step"] == total
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # the restarted workers attached to the same run
+    run = runs[0]
+    assert run.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
+    for key in run.data.metrics:
+        if key.startswith("system/"):
+            continue  # sampled by time, not by training step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == sorted(set(steps)), f"{key}: steps repeat or go back: {steps}"
+    expected = [s for s in range(1, total + 1) if s % 4 == 0 or s % spe == 0]
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert loss_steps == expected  # every log step once: before the kill from attempt 1, after from attempt 2
+    print(f"[mlflow] one run {run.info.run_id}, loss logged at {len(loss_steps)} strictly increasing steps "
+          f"{loss_steps[0]}..{loss_steps[-1]}", flush=True)

@@ -1,0 +1,147 @@
+"""`hardneg launch / status / stop` against a real local head (`ray start --head` on 127.0.0.1) that the
+test starts and stops itself; plus the launcher's resource check against that cluster.
+
+The head runs in its own process group in a private temp dir and is killed by group (never `ray stop`,
+which would stop every Ray instance on a shared machine); a watchdog kills it too if pytest dies.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from conftest import free_port
+from pipeline import checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")]
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen, log: str, timeout_s: float = 180) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited {head.returncode}:\n{open(log).read()[-3000:]}")
+        try:
+            JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()
+            return
+        except Exception:
+            time.sleep(1)
+    pytest.fail(f"the head's dashboard did not answer at {address}:\n{open(log).read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(dashboard URL, GCS address, token) of a 2-CPU head bound to 127.0.0.1 with token authentication
+    (Ray's default from 2.61 on); torn down however the tests end."""
+    tmp = tempfile.mkdtemp(prefix="hnhead-", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, dashboard = free_port(), free_port()
+    log = os.path.join(tmp, "head.log")
+    token = uuid.uuid4().hex
+    env = os.environ | {"PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={tmp}", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # if pytest itself is killed, the watchdog still takes the head's process group down
+    watchdog = subprocess.Popen(
+        ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; kill -KILL -{head.pid}; "
+                     f"rm -rf {tmp}"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(address, token, head, log)
+        yield address, f"127.0.0.1:{gcs}", token
+    finally:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and head.poll() is None:
+                time.sleep(0.2)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # the group outlives its leader: take the rest too
+        except ProcessLookupError:
+            pass
+        watchdog.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hardneg(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([os.path.join(BIN, "hardneg"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | env)
+    print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n")
+    return proc
+
+
+def job_id_of(stdout: str) -> str:
+    match = re.search(r"submitted job (\S+)", stdout)
+    assert match, stdout
+    return match.group(1)
+
+
+def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
+    address, _, token = ray_head
+    # only the token, not RAY_AUTH_MODE: the client sends it once the cluster asks for one
+    client_env = {"RAY_AUTH_TOKEN": token}
+    remote = [f"data.path={digits_shards}", f"cluster.storage_path={tmp_path / 'runs'}",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "data.shuffle_buffer=200",
+              "augment.image_size=8", "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
+              "train.global_batch_size=128", "train.epochs=1", "train.knn_every_epochs=0", "eval.knn_k=20"]
+
+    # a tiny training job, followed to the end: id printed, logs streamed, SUCCEEDED
+    done = hardneg("launch", "--address", address, "--no-pip", *remote, "tracking.run_name=job1", env=client_env)
+    assert done.returncode == 0, done.stderr
+    job = job_id_of(done.stdout)
+    assert "epoch 1/1 step 11/11" in done.stdout and f"job {job}: SUCCEEDED" in done.stdout
+    assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: SUCCEEDED")
+    assert checkpoint.load(str(tmp_path / "runs" / "job1"))["step"] == 11  # written by the job on the cluster
+    assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: already SUCCEEDED"
+
+    # a long job, not followed: PENDING/RUNNING, then stopped
+    started = hardneg("launch", "--address", address, "--no-pip", "--no-wait", *remote,
+                      "train.epochs=500", "tracking.run_name=job2", env=client_env)
+    assert started.returncode == 0, started.stderr
+    job = job_id_of(started.stdout)
+    seen = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = hardneg("status", job, "--address", address, env=client_env).stdout.split(": ")[1].split()[0]
+        seen.append(status)
+        if status == "RUNNING" or status in ("FAILED", "SUCCEEDED", "STOPPED"):
+            break
+        time.sleep(1)
+    assert seen[-1] == "RUNNING" and set(seen) <= {"PENDING", "RUNNING"}, seen
+    assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: STOPPED"
+    assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: STOPPED")
+    missing = hardneg("status", "raysubmit_nosuchjob", "--address", address, env=client_env)
+    assert missing.returncode == 2 and "raysubmit_nosuchjob" in missing.stderr
+
+
+def test_more_workers_or_gpus_than_the_cluster_has(ray_head, tmp_path, digits_shards):
+    from test_cli import assert_one_line_error
+
+    _, gcs, token = ray_head
+    common = [f"data.path={digits_shards}", f"cluster.storage_path={tmp_path / 'runs'}",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cluster.address={gcs}"]
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # an explicit address never guesses the token
+    for override, needs in (("cluster.num_workers=4", "needs 4 CPUs; the Ray cluster has 2"),
+                            ("cluster.use_gpu=true", "needs 2 GPUs; the Ray cluster has 0")):
+        assert_one_line_error(hardneg("train", *common, override, env=env, timeout=300), needs)
+    assert not (tmp_path / "mlflow.db").exists()  # refused before an MLflow run was created
