@@ -45,3 +45,40 @@ class TwoViews:
 
     def __call__(self, image):
         return self.transform(image), self.transform(image)
+
+
+class DeviceTwoViews(torch.nn.Module):
+    """Both SimCLR views made in one batch on the training device (kornia, per-sample random parameters).
+
+    forward(images uint8 (B, 3, H, W) on any device) -> (view1, view2), each float (B, 3, S, S), normalised.
+    The same policy as view_transform, so switching augment.where changes speed, not the recipe.
+    """
+
+    def __init__(self, cfg: AugmentConfig):
+        super().__init__()
+        import kornia.augmentation as K
+
+        steps = [K.RandomResizedCrop((cfg.image_size, cfg.image_size), scale=(cfg.crop_scale_min, cfg.crop_scale_max))]
+        if cfg.rotation_degrees > 0:
+            steps.append(K.RandomRotation(cfg.rotation_degrees, p=1.0))
+        if cfg.hflip_p > 0:
+            steps.append(K.RandomHorizontalFlip(p=cfg.hflip_p))
+        if cfg.jitter_p > 0:
+            steps.append(K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_p))
+        if cfg.grayscale_p > 0:
+            steps.append(K.RandomGrayscale(p=cfg.grayscale_p))
+        if cfg.blur_p > 0:
+            kernel = max(3, (cfg.image_size // 10) | 1)
+            steps.append(K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=cfg.blur_p))
+        steps.append(K.Normalize(mean=torch.tensor(cfg.mean), std=torch.tensor(cfg.std)))
+        self.view = K.AugmentationSequential(*steps)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        return self.view(x), self.view(x)
+
+
+def to_uint8_tensor(size: int):
+    """Loader-side transform for augment.where=device: PIL RGB -> uint8 (3, size, size), resized only if needed."""
+    return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True)])

@@ -22,7 +22,8 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     path: str = "demo_out/shards"  # directory (any fsspec URL) holding manifest.json + shards
-    format: Literal["wds"] = "wds"
+    format: Literal["wds", "ffcv"] = "wds"  # ffcv: read the split's .beton (hardneg prep --format ffcv|both)
+    cache_dir: Optional[str] = None  # local copies of remote .beton files; None: $HARDNEG_CACHE_DIR or ~/.cache/hardneg
     train_split: str = "train"
     eval_split: str = "test"
     shuffle_buffer: int = Field(1000, ge=0)
@@ -46,6 +47,10 @@ class AugmentConfig(_Section):
     blur_p: float = Field(0.0, ge=0.0, le=1.0)
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+    # "loader": per-sample torchvision transforms in the data loader (CPU);
+    # "device": decoded images travel as uint8 and both views are made in batches on the training
+    # device (kornia, per-sample random parameters), so the CPU is not the bottleneck on a GPU.
+    where: Literal["loader", "device"] = "loader"
 
     @model_validator(mode="after")
     def _crop_range(self) -> "AugmentConfig":
@@ -67,18 +72,46 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["nt_xent", "dcl", "hcl", "sscl"] = "nt_xent"
+    """The method and its hyper-parameters (official defaults; METHODS.md). psm_*/mochi_* apply to that method only."""
+
+    name: Literal["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"] = "nt_xent"
     temperature: float = Field(0.5, gt=0.0)
     tau_plus: float = Field(0.1, ge=0.0, lt=1.0)
     beta: float = Field(1.0, ge=0.0)
-    n_hard: int = Field(32, ge=1)
+    n_hard: int = Field(32, ge=1)  # SSCL's s; also the false-negative-rate diagnostic's "hardest" count
     n_synthetic: int = Field(8, ge=0)
     mix: Literal["paper", "release"] = "paper"
+    # PSM (Dong et al., arXiv:2311.00358; github.com/dhkdhk/PSM config.conf, src/model/psm.py)
+    psm_momentum: float = Field(0.99, ge=0.0, le=1.0)  # EMA of the key encoder + projector
+    psm_bank_size: int = Field(16384, ge=1)  # FIFO memory bank of momentum keys (view 2)
+    psm_n_neighbors: int = Field(5, ge=0)  # K mined positives per key
+    psm_accept_a: float = Field(0.5, ge=0.0)  # acceptance p = clip(exp(-a (s_in - s_i+ - b)^2), 0, 0.999)
+    psm_accept_b: float = Field(0.0, ge=-2.0, le=2.0)
+    psm_weighting: Literal["soft", "hard"] = "soft"  # soft = paper; hard = the release (all weights 1)
+    psm_aa: float = Field(1.0, ge=0.0)  # weight of L_hard
+    # MoCHi (Kalantidis et al., NeurIPS 2020, arXiv:2010.01028) on MoCo-v2; no official code was released
+    mochi_momentum: float = Field(0.999, ge=0.0, le=1.0)
+    mochi_queue_size: int = Field(16384, ge=1)
+    mochi_n_hard: int = Field(1024, ge=1)  # N hardest queue keys per query
+    mochi_s: int = Field(1024, ge=0)  # mixes of two hard negatives, alpha ~ U(0, 1)
+    mochi_s_prime: int = Field(512, ge=0)  # mixes of the query with a hard negative, beta ~ U(0, 0.5)
+
+    @model_validator(mode="after")
+    def _bank_holds_what_is_mined(self) -> "LossConfig":
+        if self.name == "psm" and self.psm_n_neighbors > self.psm_bank_size:
+            raise ValueError(f"loss.psm_n_neighbors={self.psm_n_neighbors} must be <= "
+                             f"loss.psm_bank_size={self.psm_bank_size}")
+        if self.name == "mochi" and self.mochi_n_hard > self.mochi_queue_size:
+            raise ValueError(f"loss.mochi_n_hard={self.mochi_n_hard} must be <= "
+                             f"loss.mochi_queue_size={self.mochi_queue_size}")
+        return self
 
 
 class OptimConfig(_Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)  # for the global batch; no hidden rescaling
+    lr: float = Field(0.1, gt=0.0)  # at lr_reference_batch; the run uses Config.scaled_lr
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # lr x (global batch / reference)^{0, 1, 1/2}
+    lr_reference_batch: int = Field(256, ge=1)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_epochs: float = Field(0.0, ge=0.0)
@@ -93,6 +126,9 @@ class TrainConfig(_Section):
     checkpoint_every_epochs: int = Field(1, ge=1)
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the network; losses stay float32
+    channels_last: bool = False  # NHWC memory format for the convolutions (faster on tensor cores)
+    compile: bool = False  # torch.compile the network
 
 
 class ClusterConfig(_Section):
@@ -100,9 +136,11 @@ class ClusterConfig(_Section):
     address: Optional[str] = None  # None: start a private local Ray instance
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
-    use_gpu: bool = False
-    storage_path: str = "runs"  # where checkpoints go; any fsspec URL Ray accepts
-    max_failures: int = Field(0, ge=-1)
+    use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
+    gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu; a fraction shares a GPU
+    storage_path: str = "runs"  # checkpoints; any fsspec URL (s3://, gs://: shared storage for multi-node)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
+    checkpoints_to_keep: Optional[int] = Field(None, ge=1)  # None: keep all
 
 
 class TrackingConfig(_Section):
@@ -160,6 +198,12 @@ class Config(_Section):
     @property
     def per_worker_batch_size(self) -> int:
         return self.train.global_batch_size // self.world_size
+
+    @property
+    def scaled_lr(self) -> float:
+        """optim.lr scaled to the global batch per optim.lr_scaling (Goyal et al. 2017: linear; sqrt for Adam-like)."""
+        ratio = self.train.global_batch_size / self.optim.lr_reference_batch
+        return self.optim.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.optim.lr_scaling]
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -42,7 +42,8 @@ def _decode_rgb(data: bytes) -> Image.Image:
 def _samples(stream: Iterator[dict]) -> Iterator[tuple[Image.Image, int]]:
     """Pipeline stage: raw tar members -> (PIL RGB image, label)."""
     for sample in stream:
-        yield _decode_rgb(sample[schema.IMAGE_KEY]), int(sample[schema.LABEL_KEY])
+        image = sample[schema.IMAGE_KEY] if schema.IMAGE_KEY in sample else sample[schema.JPEG_KEY]
+        yield _decode_rgb(image), int(sample[schema.LABEL_KEY])
 
 
 def steps_per_epoch(manifest: dict, split: str, global_batch_size: int) -> int:
@@ -72,7 +73,11 @@ def train_batches(
     shuffle_buffer: int = 1000,
     loader_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, b = batch_size."""
+    """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, b = batch_size.
+
+    ``two_views`` maps an image to a tuple of tensors; a 1-tuple (augment.where=device: the uint8
+    image) gives (images, labels) batches instead.
+    """
     urls = shard_urls(data_path, read_manifest(data_path), split)
     rng = random.Random(seed * 7919 + rank)
     pipeline = wds.DataPipeline(
@@ -84,12 +89,13 @@ def train_batches(
         _samples,
         wds.map(lambda pair: (*two_views(pair[0]), pair[1])),
         wds.batched(batch_size, partial=False),
-        wds.map(lambda batch: (batch[0], batch[1], torch.as_tensor(batch[2]))),
+        wds.map(lambda batch: (*batch[:-1], torch.as_tensor(batch[-1]))),
     )
     if loader_workers == 0:
         yield from pipeline
         return
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=loader_workers, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=loader_workers, persistent_workers=True,
+                                         pin_memory=torch.cuda.is_available())  # pinned: non-blocking H2D copies
     yield from loader
 
 
@@ -148,3 +154,199 @@ def labelled_batches(
             images, labels = [], []
     if images:
         yield torch.stack(images), torch.tensor(labels)
+
+
+# ---- FFCV: the same (view1, view2, labels) batches from a split's .beton -------------------------------
+
+
+def _ffcv_file(data_path: str, manifest: dict, split: str, cache_dir) -> str:
+    """Local path of ``split``'s .beton: itself when local, else a sha256-named copy in the cache."""
+    import hashlib
+    import os
+    import uuid
+
+    splits = manifest["splits"]
+    if split not in splits:
+        raise HardnegError(f"unknown split '{split}'; available: {', '.join(splits) or 'none'}")
+    entry = splits[split].get("ffcv")
+    if not entry:
+        raise HardnegError(f"split '{split}' of {data_path} has no FFCV file; "
+                           f"run `hardneg prep SOURCE OUT --format ffcv` (or both), or set data.format=wds")
+    url = f"{data_path.rstrip('/')}/{entry['path']}"
+    fs, path = fsspec.core.url_to_fs(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        if not os.path.isfile(path):
+            raise HardnegError(f"FFCV file listed in the manifest is missing: {url}")
+        return path
+    cache = os.path.join(cache_dir or os.environ.get("HARDNEG_CACHE_DIR")
+                         or os.path.join(os.path.expanduser("~"), ".cache", "hardneg"), "ffcv")
+    target = os.path.join(os.path.expanduser(cache), f"{entry['sha256']}.beton")
+    if os.path.isfile(target) and os.path.getsize(target) == entry["bytes"]:
+        return target  # named by its sha256 and renamed into place whole: what is there is right
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # every rank of a node may copy at once; each renames whole
+    digest = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise HardnegError(f"{url} differs from its manifest (sha256); run `hardneg prep verify {data_path}`")
+        os.replace(tmp, target)
+    except FileNotFoundError:
+        raise HardnegError(f"FFCV file listed in the manifest is missing: {url}") from None
+    except OSError as e:
+        raise HardnegError(f"cannot copy {url} to the cache {cache}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) -> (B,1,H,W) luma, torchvision's weights."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of (B,3,H,W) images in [0,1] by ``shift`` (B,) turns (torchvision's adjust_hue, batched)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    eqc, cr = maxc == minc, maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0 + shift.view(-1, 1, 1), 1.0)
+    i = torch.floor(h * 6.0)
+    f, i = h * 6.0 - i, i.long() % 6
+    v = maxc
+    p, q, t = (v * (1 - s)).clamp(0, 1), (v * (1 - s * f)).clamp(0, 1), (v * (1 - s * (1 - f))).clamp(0, 1)
+    table = torch.stack([v, q, p, t], 1)  # (B,4,H,W); per sector: r, g, b pick from it
+    pick = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=x.device)
+    idx = pick[i].permute(0, 3, 1, 2)  # (B,3,H,W)
+    return table.gather(1, idx)
+
+
+def _color_views(x: torch.Tensor, cfg) -> torch.Tensor:
+    """SimCLR's colour steps per sample on a uint8 batch (B,3,H,W): jitter, grey, blur; then normalise."""
+    x = x.float().div_(255.0)
+    n, dev = x.shape[0], x.device  # works on any device: the draws are made where the batch is
+
+    def factors(amount: float) -> torch.Tensor:
+        return torch.empty(n, device=dev).uniform_(max(0.0, 1 - amount), 1 + amount).view(-1, 1, 1, 1)
+
+    if cfg.jitter_p > 0:
+        apply = (torch.rand(n, device=dev) < cfg.jitter_p).view(-1, 1, 1, 1)
+        y = x
+        for op in torch.randperm(4).tolist():  # ColorJitter applies its four steps in a random order
+            if op == 0 and cfg.brightness > 0:
+                y = (y * factors(cfg.brightness)).clamp_(0, 1)
+            elif op == 1 and cfg.contrast > 0:
+                mean = _grey(y).mean((1, 2, 3), keepdim=True)
+                y = ((y - mean) * factors(cfg.contrast) + mean).clamp_(0, 1)
+            elif op == 2 and cfg.saturation > 0:
+                grey = _grey(y)
+                y = ((y - grey) * factors(cfg.saturation) + grey).clamp_(0, 1)
+            elif op == 3 and cfg.hue > 0:
+                y = _shift_hue(y, torch.empty(n, device=dev).uniform_(-cfg.hue, cfg.hue))
+        x = torch.where(apply, y, x)
+    if cfg.grayscale_p > 0:
+        x = torch.where((torch.rand(n, device=dev) < cfg.grayscale_p).view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
+    if cfg.blur_p > 0 or cfg.rotation_degrees > 0:
+        from torchvision.transforms.v2 import functional as F
+
+        kernel = max(3, (cfg.image_size // 10) | 1)
+        for j in range(n):  # rare steps (0 in the CIFAR recipe): per sample
+            if cfg.rotation_degrees > 0:
+                x[j] = F.rotate(x[j], float(torch.empty(1).uniform_(-cfg.rotation_degrees, cfg.rotation_degrees)))
+            if cfg.blur_p > 0 and torch.rand(1).item() < cfg.blur_p:
+                x[j] = F.gaussian_blur(x[j], [kernel, kernel], [float(torch.empty(1).uniform_(0.1, 2.0))])
+    mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def ffcv_train_batches(
+    data_path: str,
+    split: str,
+    augment_cfg,
+    batch_size: int,
+    *,
+    rank: int,
+    seed: int,
+    world_size: int = 1,
+    loader_workers: int = 0,
+    cache_dir=None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, like train_batches.
+
+    FFCV decodes with a random resized crop + flip per view (compiled, ``loader_workers`` threads); the
+    colour steps of ``augment_cfg`` (pipeline.config.AugmentConfig) run batched in torch. Order: RANDOM
+    with ``distributed=True`` semantics for this (rank, world_size) -- every epoch a fresh permutation,
+    padded to a multiple of the world and dealt round-robin, full batches only -- so every rank yields the
+    same number of batches. A remote .beton is copied once into the local cache."""
+    try:
+        from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.traversal_order.base import TraversalOrder
+    except Exception as e:
+        raise HardnegError(f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           f"install it with `make setup` or set data.format=wds") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise HardnegError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
+    manifest = read_manifest(data_path)
+    path = _ffcv_file(data_path, manifest, split, cache_dir)
+    per_rank = -(-manifest["splits"][split]["num_samples"] // world_size)
+    if per_rank // batch_size < 1:
+        raise HardnegError(f"batch size {batch_size} x {world_size} ranks exceeds the "
+                           f"{manifest['splits'][split]['num_samples']} samples of split '{split}'")
+
+    class RankRandom(TraversalOrder):
+        """FFCV's Random order with distributed=True, for an explicit rank and world (no process group)."""
+
+        def __init__(self):  # FFCV calls the instance with the loader
+            pass
+
+        def __call__(self, loader):
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int):
+            return rank_order(self.indices, self.seed, epoch, rank, world_size)
+
+    size = augment_cfg.image_size
+
+    def view() -> PipelineSpec:
+        crop = RandomResizedCropRGBImageDecoder((size, size), scale=(augment_cfg.crop_scale_min, augment_cfg.crop_scale_max))
+        flips = [RandomHorizontalFlip(augment_cfg.hflip_p)] if augment_cfg.hflip_p > 0 else []
+        return PipelineSpec(schema.FFCV_IMAGE_FIELD, decoder=crop, transforms=flips + [ToTensor(), ToTorchImage()])
+
+    threads = torch.get_num_threads()  # FFCV sets torch's thread count to its own: put it back each time
+    loader = Loader(
+        path, batch_size=batch_size, num_workers=max(1, loader_workers), order=RankRandom(),
+        distributed=world_size > 1, seed=seed % (2**31), drop_last=True, os_cache=True,
+        pipelines={schema.FFCV_IMAGE_FIELD: None, schema.FFCV_LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze(1)],
+                   "view1": view(), "view2": view()},
+    )
+    torch.set_num_threads(threads)
+    while True:
+        epoch = iter(loader)
+        torch.set_num_threads(threads)
+        for labels, v1, v2 in epoch:  # FFCV reuses its buffers: copy out before the next batch
+            yield _color_views(v1, augment_cfg), _color_views(v2, augment_cfg), labels.clone().long()
+
+
+def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """The sample order of one rank in one epoch: exactly torch's DistributedSampler(shuffle=True,
+    drop_last=False) -- what FFCV's RANDOM order does with distributed=True -- for an explicit rank."""
+    sampler = torch.utils.data.DistributedSampler(
+        indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return indices[np.array(list(sampler), dtype=np.int64)]

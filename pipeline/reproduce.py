@@ -160,7 +160,7 @@ def _ray_session(cfg: config_mod.Config):
     if cfg.cluster.launcher != "ray":
         yield
         return
-    from cluster.session import ray_session  # Ray is imported only under cluster/
+    from cluster.train import ray_session  # Ray is imported only under cluster/
 
     with ray_session(cfg):
         yield

@@ -23,8 +23,10 @@ from pipeline.tracking import make_tracker
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.knn_every_epochs",
-                     "train.checkpoint_every_epochs", "train.threads_per_worker", "data.path",
-                     "data.loader_workers", "cluster.", "tracking.", "eval.")
+                     "train.checkpoint_every_epochs", "train.threads_per_worker", "train.compile",
+                     "train.channels_last", "augment.where", "data.path", "data.loader_workers",
+                     "data.format", "data.cache_dir",
+                     "cluster.", "tracking.", "eval.")
 
 
 class Hooks(Protocol):
@@ -65,6 +67,11 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _single(transform):
+    """Loader mapping for augment.where=device: one uint8 tensor per image (views are made on device)."""
+    return lambda image: (transform(image),)
 
 
 def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
@@ -120,25 +127,45 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     torch.manual_seed(cfg.train.seed * 100_003 + ctx.rank * 7_919 + start_step)
     generator.manual_seed(cfg.train.seed + start_step)
     net = dist.wrap_ddp(objective, ctx)
-    two_views = augment.TwoViews(augment.view_transform(cfg.augment))
-    batches = data.train_batches(
-        cfg.data.path, cfg.data.train_split, two_views, cfg.per_worker_batch_size,
-        rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
-        shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
-    )
+    if cfg.augment.where == "device":
+        device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
+        two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
+    else:
+        device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
+    if cfg.train.channels_last:
+        objective.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        objective.backbone.compile()  # in place: state_dict keys stay those of the plain module
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
+        device_views = None
+        batches = data.ffcv_train_batches(
+            cfg.data.path, cfg.data.train_split, cfg.augment, cfg.per_worker_batch_size,
+            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
+            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir)
+    else:
+        batches = data.train_batches(
+            cfg.data.path, cfg.data.train_split, two_views, cfg.per_worker_batch_size,
+            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
+            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+        )
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
     for step in range(start_step, total_steps):
-        lr = lr_at(step, cfg.optim.lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+        lr = lr_at(step, cfg.scaled_lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         done = step + 1
         epoch_end = done % spe == 0
         log_now = done % cfg.train.log_every_steps == 0 or epoch_end
         fetch = time.perf_counter()
-        x1, x2, labels = next(batches)
+        *images, labels = next(batches)
         wait += time.perf_counter() - fetch
-        loss, stats = net(x1.to(ctx.device, non_blocking=True), x2.to(ctx.device, non_blocking=True),
-                          labels.to(ctx.device), with_stats=log_now)
+        images = [x.to(ctx.device, non_blocking=True) for x in images]
+        x1, x2 = device_views(images[0]) if device_views is not None else images
+        if cfg.train.channels_last:
+            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        with autocast:  # the objectives compute their losses in float32 whatever the network ran in
+            loss, stats = net(x1, x2, labels.to(ctx.device), with_stats=log_now)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

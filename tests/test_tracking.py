@@ -84,6 +84,8 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
     assert {"config.yaml", "checkpoints", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/curves.png", "plots/embedding.png"} <= plots
+    histograms = [a.path for a in client.list_artifacts(run.info.run_id, "plots/similarities")]
+    assert histograms and all(p.endswith(".png") for p in histograms)  # positives vs negatives, per kNN epoch
     for name in ("curves.png", "embedding.png"):
         with Image.open(client.download_artifacts(run.info.run_id, f"plots/{name}")) as image:
             assert image.format == "PNG" and image.size[0] > 100

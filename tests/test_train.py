@@ -73,3 +73,43 @@ def test_build_loss_binds_hyper_parameters():
     cfg = config.load(None, ["loss.name=hcl", "loss.beta=2", "loss.tau_plus=0.05"])
     got = bind_loss(cfg.loss)(z1, z2, dist.make_gather(dist.current_context()), None)
     assert torch.allclose(got, hcl(z1, z2, temperature=0.5, tau_plus=0.05, beta=2.0))
+
+
+def test_gpu_path_options_run_on_cpu(tmp_path, digits_shards):
+    """bf16 autocast + channels_last + batched device augmentation: same loop, loadable checkpoint."""
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
+                      "train.knn_every_epochs=0", "augment.where=device", "train.precision=bf16",
+                      "train.channels_last=true")
+    result = launch.train_run(cfg)
+    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+    state = checkpoint.load(result["checkpoint"])
+    plain = tiny_config(tmp_path, digits_shards)  # fp32, loader augmentation: the same weights load
+    from pipeline.objectives import build_objective
+
+    build_objective(plain).load_state_dict(state["model"])
+
+
+def test_device_two_views_are_per_sample_random():
+    from pipeline import augment, config
+
+    cfg = config.load(None, ["augment.image_size=16", "augment.mean=[0.5,0.5,0.5]", "augment.std=[0.5,0.5,0.5]"])
+    views = augment.DeviceTwoViews(cfg.augment)
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(6, 1, 1, 1)  # 6 copies of one image
+    torch.manual_seed(0)
+    v1, v2 = views(images)
+    assert v1.shape == v2.shape == (6, 3, 16, 16) and v1.dtype == torch.float32
+    assert v1.min() >= -1.0 - 1e-5 and v1.max() <= 1.0 + 1e-5  # normalised from [0, 1] with mean=std=0.5
+    assert not torch.allclose(v1, v2)  # the two views differ
+    assert not torch.allclose(v1[0], v1[1])  # and so do copies of the same image: parameters per sample
+
+
+def test_training_reads_ffcv_files(tmp_path):
+    """data.format=ffcv trains from the .beton written by `prep --format both` (kNN reads the shards)."""
+    from data_prep.prep import prepare
+
+    shards = str(tmp_path / "both")
+    prepare("builtin:digits", shards, shard_size=512, format="both")
+    cfg = tiny_config(tmp_path, shards, "cluster.launcher=local", "tracking.enabled=false",
+                      "train.knn_every_epochs=0", "data.format=ffcv")
+    result = launch.train_run(cfg)
+    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])

@@ -10,6 +10,8 @@ BENCHES = {
     "losses": "pipeline.bench.losses",
     "prep": "data_prep.bench",
     "train": "pipeline.bench.train",
+    "step": "pipeline.bench.step",
+    "all": "pipeline.bench.all",
 }
 
 
