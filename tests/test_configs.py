@@ -10,7 +10,8 @@ from pipeline import config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DIGITS = ["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"]
-RECIPES = ["hcl_stl10", "hcl_cifar10", "hcl_cifar100", "dcl_stl10", "sscl_cifar10", "sscl_cifar100",
+RECIPES = ["hcl_stl10", "hcl_cifar10", "hcl_cifar100", "dcl_stl10", "dcl_cifar10", "dcl_cifar100",
+           "sscl_cifar10", "sscl_cifar100",
            "sscl_tinyimagenet", "psm_cifar10", "psm_cifar100", "psm_tinyimagenet"]
 # Run configs: the demo, the digits methods and the papers' recipes (other folders, e.g. grids/, hold other formats)
 ALL = ["demo.yaml"] + sorted(str(p.relative_to(ROOT)) for sub in ("digits", "recipes")
