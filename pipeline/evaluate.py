@@ -135,6 +135,7 @@ def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str =
         metrics = {k: result[k] for k in ("knn_top1", "linear_top1") if k in result}
         tracker.log_metrics({("eval_knn_top1" if k == "knn_top1" else k): v for k, v in metrics.items()},
                             step=state["step"])
+        tracker.finish(status=tracker.previous_status or "FINISHED")  # evaluating does not reopen a run
         result["mlflow_run_id"] = tracker.run_id
     return result
 

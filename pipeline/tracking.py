@@ -126,10 +126,12 @@ class MlflowTracker(NullTracker):
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.last_steps: dict[str, int] = {}
+        self.previous_status: Optional[str] = None  # of an attached run, before we marked it RUNNING
         self._monitor = None
         try:
             if run_id is not None:
-                keys = self.client.get_run(run_id).data.metrics
+                attached = self.client.get_run(run_id)
+                keys, self.previous_status = attached.data.metrics, attached.info.status
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
                 # A restart replays the steps after its checkpoint: per metric, log only past what is stored.

@@ -104,6 +104,8 @@ def test_eval_all_protocols_with_augmented_probe_logs_into_the_run(tmp_path, dig
                                  protocol="all", track=True)
     assert result["probe_augment"] is True and result["probe_epochs"] == 2
     assert 0.1 < result["linear_top1"] <= 1.0 and 0.1 < result["knn_top1"] <= 1.0
-    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["mlflow_run_id"]).data.metrics
+    after = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["mlflow_run_id"])
+    assert after.info.status == "FINISHED"  # evaluation logs into the run without leaving it RUNNING
+    logged = after.data.metrics
     assert logged["linear_top1"] == pytest.approx(result["linear_top1"])
     assert logged["eval_knn_top1"] == pytest.approx(result["knn_top1"])
