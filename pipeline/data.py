@@ -106,12 +106,10 @@ def labelled_images(data_path: str, split: str) -> Iterator[tuple[Image.Image, i
     yield from _samples(group_by_keys(tar_file_expander(stream)))
 
 
-def eval_batches(
-    data_path: str, split: str, transform: Callable, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images (b,3,S,S), labels (b,)) over ``split`` once, in manifest order; the last batch may be short."""
+def _batched(pairs: Iterator[tuple[Image.Image, int]], transform: Callable, batch_size: int):
+    """(image, label) pairs -> (images (b,3,S,S), labels (b,)) batches; the last one may be short."""
     images, labels = [], []
-    for image, label in labelled_images(data_path, split):
+    for image, label in pairs:
         images.append(transform(image))
         labels.append(label)
         if len(images) == batch_size:
@@ -119,6 +117,13 @@ def eval_batches(
             images, labels = [], []
     if images:
         yield torch.stack(images), torch.tensor(labels)
+
+
+def eval_batches(
+    data_path: str, split: str, transform: Callable, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images (b,3,S,S), labels (b,)) over ``split`` once, in manifest order; the last batch may be short."""
+    yield from _batched(labelled_images(data_path, split), transform, batch_size)
 
 
 def raw_pixels(data_path: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,15 +150,7 @@ def labelled_batches(
     stream = _samples(group_by_keys(tar_file_expander(_open_streams({"url": u} for u in urls))))
     if shuffle_buffer:
         stream = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)(stream)
-    images, labels = [], []
-    for image, label in stream:
-        images.append(transform(image))
-        labels.append(label)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels)
-            images, labels = [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels)
+    yield from _batched(stream, transform, batch_size)
 
 
 # ---- FFCV: the same (view1, view2, labels) batches from a split's .beton -------------------------------
