@@ -36,3 +36,26 @@ def tiny_config(tmp_path, shards: str, *overrides: str) -> config.Config:
         f"cluster.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         *overrides,
     ])
+
+
+def spawn_ranks(worker, world: int, out_dir: str) -> list:
+    """Run ``worker(rank, port, out_dir)`` on ``world`` spawned processes (gloo on a free port) and load
+    what each saved as ``out_dir/rank{r}.pt``."""
+    import os
+
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(free_port(), out_dir), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,12 +10,7 @@ from pipeline import cli
 from pipeline.bench import losses as bench
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_run_prints_every_ratio(capsys):

@@ -12,12 +12,7 @@ from pipeline.losses import diagnostics, functional
 from pipeline.objectives import build_objective
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(b=6, d=5, seed=0):
@@ -249,16 +244,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_rank_averaged_stats_equal_single_process(tmp_path):
-    import os
-    import socket
+    from conftest import spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = spawn_ranks(_worker, WORLD, str(tmp_path))
     z1, z2, labels = _global_batch()
     whole = _stats(z1, z2, labels, None)
     for key in MEAN_KEYS:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+from conftest import spawn_ranks
 import torch
-import torch.multiprocessing as mp
 
 from pipeline import dist
 from pipeline.losses import dcl, hcl, nt_xent, sscl
@@ -43,12 +42,6 @@ def _model_and_inputs():
     x1 = torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64)
     x2 = torch.randn(WORLD * N_LOCAL, DIM, generator=g, dtype=torch.float64)
     return model, x1, x2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -103,8 +96,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, out_dir)
 
 
 def test_contexts(ranks):

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+from conftest import spawn_ranks
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline import config, dist
@@ -14,12 +13,7 @@ from pipeline.losses import draw_mixes, mochi_logits, mochi_loss, mochi_synthesi
 from pipeline.objectives import MoCHiObjective, build_objective
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=5, d=4, size=12, seed=0):
@@ -235,12 +229,6 @@ def test_config_defaults_and_validation():
 WORLD, N_LOCAL = 2, 3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     ctx = dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank, WORLD, timeout_s=120)
@@ -272,8 +260,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("mochi_dist"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, out_dir)
 
 
 def test_gathered_loss_and_grads_equal_single_process(ranks):

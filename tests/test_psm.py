@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
+from conftest import spawn_ranks
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline import config, dist
@@ -18,13 +17,7 @@ from pipeline.losses.psm import (acceptance_probability, counter_uniform, draw_s
 from pipeline.models import bn_mlp, ema_update_, momentum_copy
 from pipeline.objectives import PSMObjective, build_objective
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,12 +388,6 @@ def test_config_validation():
 WORLD, N_LOCAL = 2, 3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global():
     q, q_pre, keep, _ = _data(b=WORLD * N_LOCAL, d=4, k=2, seed=11)
     return q, q_pre, keep
@@ -446,8 +433,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("psm_dist"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, out_dir)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["soft", "hard"])
