@@ -19,7 +19,7 @@ from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
 from pipeline.objectives import build_objective
 from pipeline.reporting import EpochReporter
-from pipeline.tracking import make_tracker
+from pipeline.tracking import make_tracker, redact
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.knn_every_epochs",
@@ -75,8 +75,11 @@ def _single(transform):
 
 
 def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and ``cfg``, other than RESUMABLE_CHANGES."""
-    now = config_mod.flatten(cfg)
+    """Keys whose values differ between a checkpoint's config and ``cfg``, other than RESUMABLE_CHANGES.
+
+    Checkpoints hold the redacted config, so ``cfg`` is compared redacted too.
+    """
+    now = config_mod.flatten(config_mod.from_dict(redact(config_mod.to_dict(cfg))))
     then = config_mod.flatten(config_mod.from_dict(saved))
     return [
         f"{k}: {then[k]!r} -> {now[k]!r}"
@@ -92,7 +95,8 @@ def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Opt
         "step": step,
         "epoch": epoch,
         "mlflow_run_id": run_id,
-        "config": config_mod.to_dict(cfg),
+        # redacted: checkpoints travel as MLflow artifacts; credentials belong in the environment, not here
+        "config": redact(config_mod.to_dict(cfg)),
         "rng": {"torch": torch.get_rng_state()},
     }
 

@@ -9,11 +9,12 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import free_port, tiny_config
-from pipeline import launch, tracking
+from pipeline import checkpoint, launch, tracking, train
 from pipeline.cli import main as cli_main
 
 SECRET = "hunter2-very-secret"
@@ -53,10 +54,13 @@ def mlflow_server(tmp_path_factory):
 
 
 def all_logged_text(client: MlflowClient, run_id: str) -> str:
+    """Params, tags, config.yaml and the config inside the logged checkpoints."""
     run = client.get_run(run_id)
     parts = [f"{k}={v}" for k, v in run.data.params.items()] + [f"{k}={v}" for k, v in run.data.tags.items()]
     parts.append(client.download_artifacts(run_id, "config.yaml") and
                  open(client.download_artifacts(run_id, "config.yaml")).read())
+    for which in ("last", "best"):
+        parts.append(repr(checkpoint.load(client.download_artifacts(run_id, f"checkpoints/{which}"))["config"]))
     return "\n".join(parts)
 
 
@@ -137,3 +141,13 @@ def test_runs_table_cli(tmp_path, capsys):
     assert out[0].split()[:3] == ["run", "method", "t"]
     assert "hcl" in out[1] and "0.9100" in out[1] and "200.0" in out[1]
     assert cli_main(["runs", "nope", "--tracking-uri", cfg.uri]) == 2
+
+
+def test_checkpoints_hold_the_redacted_config_and_resume_still_matches(tmp_path):
+    cfg = tiny_config(tmp_path, "unused", f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001")
+    saved = train._state(torch.nn.Linear(2, 2), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                         step=3, epoch=1, cfg=cfg, run_id=None)["config"]
+    assert SECRET not in repr(saved) and saved["cluster"]["address"] == "ray://admin:***@10.0.0.1:10001"
+    assert train.resume_mismatches(saved, cfg) == []  # the same run, though its checkpoint lost the password
+    other = tiny_config(tmp_path, "unused", f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001", "loss.temperature=0.2")
+    assert train.resume_mismatches(saved, other) == [f"loss.temperature: {cfg.loss.temperature!r} -> 0.2"]
