@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
@@ -177,7 +179,12 @@ def _reachable_from_workers(cfg: Config) -> Config:
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
     """Connected to the configured Ray (or a private local one) with room for the workers; else HardnegError."""
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     started = _start_ray(cfg)  # ray.shutdown() then disconnects from a cluster, or stops the private instance
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        # ray.init installs a native SIGTERM handler that exits on the spot; keep the CLI's, which unwinds
+        # like Ctrl-C so `hardneg stop` leaves the MLflow run KILLED, not RUNNING
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         problem = missing_resources(cfg, ray.cluster_resources())
         if problem:

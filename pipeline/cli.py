@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from cluster.cli import add_cluster_parsers
 from data_prep.cli import add_prep_parser
@@ -149,8 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm():
+    """Returns the previous handler. SIGTERM (`hardneg stop`, `ray job stop`, a scheduler's preemption) unwinds like Ctrl-C, so the MLflow
+    run is marked KILLED and temp files are cleaned up instead of the process vanishing mid-write."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, handler)
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _interrupt_on_sigterm()
     if args.command == "train" and args.resume is not None:
         # `--resume` continues tracking.run_name when one is given
         args.resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.run_name=")), "")
@@ -162,6 +177,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("hardneg: interrupted; `hardneg train ... --resume` continues from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

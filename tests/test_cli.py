@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -75,3 +77,39 @@ def test_prep_then_verify(tmp_path):
     shard.write_bytes(bytes(data))
     bad = run("prep", "verify", str(out))
     assert bad.returncode == 2 and "test-000000.tar" in bad.stdout
+
+
+def test_sigterm_marks_the_mlflow_run_killed(tmp_path, digits_shards):
+    """`hardneg stop` / `ray job stop` send SIGTERM: the run must not be left RUNNING in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", "cluster.launcher=local", f"data.path={digits_shards}", f"tracking.uri={uri}",
+            f"cluster.storage_path={tmp_path / 'runs'}", "tracking.run_name=term", "augment.image_size=8",
+            "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16", "train.global_batch_size=128",
+            "train.epochs=500", "train.log_every_steps=1", "train.knn_every_epochs=0", "eval.knn_k=20"]
+    log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: nothing blocks on a full buffer
+    out = open(tmp_path / "stdout.txt", "w+")
+    proc = subprocess.Popen([HARDNEG, *args], stdout=out, stderr=log, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        client, deadline, run = None, time.monotonic() + 240, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            if "epoch 1/" not in (tmp_path / "stdout.txt").read_text():
+                continue  # an MLflow client opened before the run's own would race it creating the tables
+            client = client or MlflowClient(uri)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run = runs[0]
+                break
+        assert run is not None and run.info.status == "RUNNING", proc.poll()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        out.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert client.get_run(run.info.run_id).info.status == "KILLED"

@@ -17,6 +17,7 @@ import time
 import uuid
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import free_port
 from pipeline import checkpoint
@@ -128,7 +129,17 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
             break
         time.sleep(1)
     assert seen[-1] == "RUNNING" and set(seen) <= {"PENDING", "RUNNING"}, seen
+    while time.monotonic() < deadline and checkpoint.latest(str(tmp_path / "runs" / "job2")) is None:
+        time.sleep(1)  # training for real: its MLflow run exists (opened before the first checkpoint)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = next(r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                  if r.info.run_name == "job2")
+    assert client.get_run(run_id).info.status == "RUNNING"
     assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: STOPPED"
+    # the job's driver got SIGTERM and unwound like Ctrl-C: its MLflow run is not left RUNNING
+    while time.monotonic() < deadline and client.get_run(run_id).info.status == "RUNNING":
+        time.sleep(1)
+    assert client.get_run(run_id).info.status == "KILLED"
     assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: STOPPED")
     missing = hardneg("status", "raysubmit_nosuchjob", "--address", address, env=client_env)
     assert missing.returncode == 2 and "raysubmit_nosuchjob" in missing.stderr
