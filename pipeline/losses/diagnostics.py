@@ -90,19 +90,20 @@ def in_batch_stats(z1: Tensor, z2: Tensor, *, temperature: float, beta: float, n
     in the state the loss drew from (a clone: this consumes it), to see the very synthetic negatives used.
     """
     b = _batch(z1.detach(), z2.detach(), temperature, gather)
-    n_rows, n_cols = b.sim.shape
+    sim = b.sim  # (R, C)
+    n_rows, n_cols = sim.shape
     pos_ids = (b.row_ids + n_cols // 2) % n_cols  # (R,)
-    stats = similarity_summary("pos", b.sim.gather(1, pos_ids[:, None]).squeeze(1))
-    stats |= similarity_summary("neg", b.sim, b.neg_mask)
-    stats["sim_neg_hardest"] = hardest_mean(b.sim, b.neg_mask)
-    stats["eff_negatives"] = effective_negatives(b.neg, beta)
-    if n_synthetic > 0:
-        h = synthesize_hard_negatives(b.sim, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard, n_synthetic=n_synthetic,
-                                      mix=mix, generator=generator)  # (R, k, d)
+    stats = similarity_summary("pos", sim.gather(1, pos_ids[:, None]).squeeze(1))
+    stats |= similarity_summary("neg", sim, b.neg_mask)
+    stats["sim_neg_hardest"] = hardest_mean(sim, b.neg_mask)
+    stats["eff_negatives"] = effective_negatives(b.logits, beta, b.neg_mask)
+    if n_synthetic > 0:  # picked from the loss's own masked logits, so the draws are the loss's
+        h = synthesize_hard_negatives(b.logits, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard, n_synthetic=n_synthetic,
+                                      mix=mix, generator=generator, n_neg=b.n_neg, hardness=b.neg)  # (R, k, d)
         stats |= similarity_summary("syn", torch.einsum("rd,rkd->rk", b.rows, h))
     if labels is not None:
         local = labels.detach().reshape(-1, 1)  # (n, 1)
         gathered = (gather(local) if gather is not None else local).reshape(-1)  # (B,)
-        stats["false_neg_rate"] = false_negative_rate(b.sim, b.neg_mask, torch.cat([local.reshape(-1)] * 2),
+        stats["false_neg_rate"] = false_negative_rate(sim, b.neg_mask, torch.cat([local.reshape(-1)] * 2),
                                                       torch.cat([gathered, gathered]), n_hard)
     return stats

@@ -26,10 +26,17 @@ class _Batch(NamedTuple):
     rows: Tensor  # (R, d) unit local anchors [z1; z2], R = 2n
     cols: Tensor  # (C, d) unit global columns [Z1; Z2], C = 2B
     row_ids: Tensor  # (R,) each anchor's own column index
-    sim: Tensor  # (R, C) cosine similarities
+    logits: Tensor  # (R, C) cosine similarities / t
+    temperature: float
     neg_mask: Tensor  # (R, C) True on the C - 2 real negatives of each row
     pos: Tensor  # (R,) s_{i,i+} / t
-    neg: Tensor  # (R, C - 2) s_ij / t over the real negatives, in column order
+    neg: Tensor  # (R, C) s_ij / t on the real negatives, -inf on self and positive
+    n_neg: int  # C - 2, the N of every row
+
+    @property
+    def sim(self) -> Tensor:
+        """(R, C) cosine similarities (a fresh pass: the losses themselves need only the logits)."""
+        return self.logits * self.temperature
 
 
 def _check_float(name: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
@@ -90,11 +97,11 @@ def _batch(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) ->
     pos_ids = torch.cat([local + n_global, local])  # (R,)
     col_ids = torch.arange(2 * n_global, device=z1.device)  # (C,)
     neg_mask = (col_ids != row_ids[:, None]) & (col_ids != pos_ids[:, None])  # (R, C)
-    sim = rows @ cols.T  # (R, C)
-    logits = sim / temperature  # (R, C)
+    logits = (rows / temperature) @ cols.T  # (R, C): 1/t folded into the (R, d) side, not a pass over (R, C)
     pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
-    neg = logits.masked_select(neg_mask).view(2 * n, 2 * n_global - 2)  # (R, N)
-    return _Batch(rows, cols, row_ids, sim, neg_mask, pos, neg)
+    # -inf rather than masked_select: no (R, N) copy, and no host sync for its size on a GPU
+    neg = logits.masked_fill(~neg_mask, float("-inf"))  # (R, C)
+    return _Batch(rows, cols, row_ids, logits, temperature, neg_mask, pos, neg, 2 * n_global - 2)
 
 
 def _log1mexp(d: Tensor) -> Tensor:
@@ -104,23 +111,47 @@ def _log1mexp(d: Tensor) -> Tensor:
     return torch.where(d > -_LN2, near, far)
 
 
-def _log_ng_hcl(pos: Tensor, neg: Tensor, *, temperature: float, tau_plus: float, beta: float,
+class _LogHardnessWeightedSum(torch.autograd.Function):
+    """log sum_j w_ij exp(neg_ij), w_i. = softmax(beta * neg_i.), for beta > 0: (R, M) -> (R,).
+
+    Equals logsumexp((beta+1) neg) - logsumexp(beta neg) (HCL's importance-weighted negative sum), in one
+    fused pass instead of two autograd logsumexps: the row max shifts both sums (so each holds a term equal
+    to 1: no overflow, no underflow), -inf entries weigh 0, and backward is one multiply by the saved
+    d/dneg = (beta+1) softmax((beta+1) neg) - beta softmax(beta neg) -- the gradient HCL's official code
+    gets from autograd (the weights are not detached)."""
+
+    @staticmethod
+    def forward(ctx, neg: Tensor, beta: float) -> Tensor:
+        top = neg.amax(dim=1, keepdim=True)  # (R, 1)
+        shifted = neg - top  # (R, M) <= 0
+        by_beta = torch.mul(shifted, beta).exp_()  # (R, M) e^{beta s}, 0 off the negatives
+        by_beta_plus_one = shifted.exp_().mul_(by_beta)  # (R, M) e^{(beta+1) s}; in place: two (R, M) buffers in all
+        sum_a = by_beta_plus_one.sum(dim=1, keepdim=True)  # (R, 1) >= 1
+        sum_b = by_beta.sum(dim=1, keepdim=True)  # (R, 1) >= 1
+        grad = by_beta_plus_one.mul_((beta + 1.0) / sum_a).sub_(by_beta.mul_(beta / sum_b))  # (R, M)
+        ctx.save_for_backward(grad)
+        return (top + torch.log(sum_a) - torch.log(sum_b)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None], None
+
+
+def _log_ng_hcl(pos: Tensor, neg: Tensor, *, n_neg: int, temperature: float, tau_plus: float, beta: float,
                 clamp: bool = True) -> Tensor:
     """log Ng: (R,) of the HCL estimator (N/tau-)(sum_j w_ij neg_ij - tau+ pos_i), clamped at N e^{-1/t}.
 
-    pos: (R,) positive logits, neg: (R, N) negative logits (s/t), w = softmax(beta * neg) (not detached).
+    pos: (R,) positive logits, neg: (R, M) negative logits (s/t) with -inf where a column is no negative
+    (exactly n_neg = N finite per row), w = softmax(beta * neg) (not detached).
     beta = 0 gives DCL, beta = 0 and tau+ = 0 gives NT-Xent (clamp=False: plain cross-entropy).
     """
     if tau_plus > 0.0 and not clamp:
         raise ValueError("tau_plus > 0 needs the clamp: the debiased estimate can be negative")
-    n_neg = neg.shape[1]
     if beta == 0.0:
         log_sum = torch.logsumexp(neg, dim=1)  # (R,) log sum_j neg_ij
     else:
-        top = neg.detach().amax(dim=1, keepdim=True)  # (R, 1) shift only; cancels exactly
-        shifted = neg - top  # (R, N) <= 0
-        log_sum = (math.log(n_neg) + top.squeeze(1) + torch.logsumexp((beta + 1.0) * shifted, dim=1)
-                   - torch.logsumexp(beta * shifted, dim=1))  # (R,) log N sum_j w_ij neg_ij
+        log_sum = math.log(n_neg) + _LogHardnessWeightedSum.apply(neg, beta)  # (R,) log N sum_j w_ij neg_ij
     floor = math.log(n_neg) - 1.0 / temperature  # log(N e^{-1/t})
     if tau_plus == 0.0:
         if not clamp:
@@ -144,7 +175,8 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float, gather: Gather | None
     """SimCLR NT-Xent (Chen et al. 2020, arXiv:2002.05709): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t = _check_t(temperature)
     b = _batch(z1, z2, t, gather)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=0.0, beta=0.0, clamp=False))
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=0.0, beta=0.0,
+                                         clamp=False))
 
 
 @full_precision
@@ -152,7 +184,7 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, gather: 
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp = _check_t(temperature), _check_tau_plus(tau_plus)
     b = _batch(z1, z2, t, gather)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=tp, beta=0.0))
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=tp, beta=0.0))
 
 
 @full_precision
@@ -161,7 +193,7 @@ def hcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: fl
     """Hard-negative loss (Robinson et al., ICLR 2021): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
     b = _batch(z1, z2, t, gather)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, temperature=t, tau_plus=tp, beta=bt))
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=tp, beta=bt))
 
 
 @full_precision
@@ -172,10 +204,11 @@ def sscl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: f
     t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
     check_synth_args(n_hard, n_synthetic, mix, generator)
     b = _batch(z1, z2, t, gather)
-    neg = b.neg  # (R, N)
+    neg = b.neg  # (R, C), N finite
     if n_synthetic > 0:
-        h = synthesize_hard_negatives(b.sim, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard,
-                                      n_synthetic=n_synthetic, mix=mix, generator=generator)  # (R, k, d)
+        h = synthesize_hard_negatives(b.logits, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard, n_synthetic=n_synthetic,
+                                      mix=mix, generator=generator, n_neg=b.n_neg, hardness=b.neg)  # (R, k, d)
         synthetic = torch.einsum("rd,rkd->rk", b.rows, h) / t  # (R, k): gradient via the anchor only
-        neg = torch.cat([neg, synthetic], dim=1)  # (R, N + k)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, neg, temperature=t, tau_plus=tp, beta=bt))
+        neg = torch.cat([neg, synthetic], dim=1)  # (R, C + k), N + k finite
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp,
+                                         beta=bt))

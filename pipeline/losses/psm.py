@@ -199,16 +199,17 @@ def psm_hard_loss(q: Tensor, k: Tensor, *, temperature: float, accept_a: float =
     """
     t = _check_psm(temperature, accept_a, accept_b)
     b = _batch(q, k.detach(), t, gather)
-    n_rows, n_cols = b.sim.shape
+    n_rows, n_cols = b.logits.shape
     pos_ids = (b.row_ids + n_cols // 2) % n_cols  # (R,)
     with torch.no_grad():
-        s_pos = b.sim.gather(1, pos_ids[:, None]).squeeze(1)  # (R,) cosine of the positive pair
+        sim = b.sim  # (R, C) cosines, for the acceptance rule
+        s_pos = sim.gather(1, pos_ids[:, None]).squeeze(1)  # (R,) cosine of the positive pair
         if accept is None:
-            p = acceptance_probability(b.sim, s_pos, accept_a, accept_b)  # (R, C)
+            p = acceptance_probability(sim, s_pos, accept_a, accept_b)  # (R, C)
             accept = counter_uniform(draw_seed(generator), b.row_ids, n_cols).to(p.device) < p
-        elif accept.shape != b.sim.shape:
-            raise ValueError(f"accept {tuple(accept.shape)}; expected {tuple(b.sim.shape)}")
+        elif accept.shape != sim.shape:
+            raise ValueError(f"accept {tuple(accept.shape)}; expected {tuple(sim.shape)}")
         kept = accept.bool() & b.neg_mask  # (R, C)
-    neg = (b.sim / t).masked_fill(~kept, float("-inf"))  # (R, C)
+    neg = b.logits.masked_fill(~kept, float("-inf"))  # (R, C)
     log_den = torch.logsumexp(torch.cat([b.pos[:, None], neg], dim=1), dim=1)  # (R,)
     return (log_den - b.pos).mean()

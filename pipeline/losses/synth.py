@@ -55,6 +55,8 @@ def synthesize_hard_negatives(
     n_synthetic: int,
     mix: str = "paper",
     generator: torch.Generator | None = None,
+    n_neg: int | None = None,
+    hardness: Tensor | None = None,
 ) -> Tensor:
     """Detached unit vectors (R, k, d): k mixes of each row's n_hard hardest real negatives (SSCL).
 
@@ -62,6 +64,9 @@ def synthesize_hard_negatives(
     True where the column is a real negative of the row (never self or positive); cols: (C, d) unit
     column embeddings; row_ids: (R,) each anchor's own index in the global layout (0 <= id < C).
     n_hard is clamped to the number of real negatives, so self and positive are never picked.
+    n_neg: that number when the caller knows it (every row has exactly n_neg), sparing a host sync.
+    hardness: (R, C) any increasing function of sim that is -inf off the negatives (the loss's masked
+    logits s/t), sparing a masked copy of sim; the picks are the same.
     """
     check_synth_args(n_hard, n_synthetic, mix, generator)
     n_rows, n_cols = sim.shape  # (R, C)
@@ -70,20 +75,22 @@ def synthesize_hard_negatives(
             f"shapes sim={tuple(sim.shape)}, neg_mask={tuple(neg_mask.shape)}, cols={tuple(cols.shape)}, "
             f"row_ids={tuple(row_ids.shape)}; expected (R, C), (R, C), (C, d), (R,)"
         )
-    n_neg = int(neg_mask.sum(dim=1).min()) if n_rows else 0
+    if n_neg is None:
+        n_neg = int(neg_mask.sum(dim=1).min()) if n_rows else 0
     if n_neg < 1:
         raise ValueError("synthesize_hard_negatives: some anchor has no real negative (global batch < 2)")
     n_choices = min(n_hard, n_neg)
     bank = cols.detach()  # (C, d)
     if n_synthetic == 0:
         return bank.new_zeros((n_rows, 0, bank.shape[1]))
-    hardness = sim.detach().masked_fill(~neg_mask, float("-inf"))  # (R, C)
-    hard_cols = hardness.topk(n_choices, dim=1).indices  # (R, s) column ids, hardest first
+    if hardness is None:
+        hardness = sim.masked_fill(~neg_mask, float("-inf"))  # (R, C)
+    hard_cols = hardness.detach().topk(n_choices, dim=1).indices  # (R, s) column ids, hardest first
     picks, alpha = draw_mixing(n_cols, n_synthetic, n_choices, generator)
     picks = picks.to(sim.device)[:, row_ids]  # (2, R, k) this rank's rows
-    alpha = alpha.to(device=sim.device, dtype=bank.dtype)[row_ids]  # (R, k, 1)
-    z_a = bank[hard_cols.gather(1, picks[0])]  # (R, k, d)
     if mix == "release":
-        return F.normalize(z_a, dim=-1)
-    z_b = bank[hard_cols.gather(1, picks[1])]  # (R, k, d)
-    return F.normalize(alpha * z_a + (1 - alpha) * z_b, dim=-1)  # (R, k, d)
+        return F.normalize(bank[hard_cols.gather(1, picks[0])], dim=-1)  # (R, k, d)
+    alpha = alpha.to(device=sim.device, dtype=bank.dtype)[row_ids]  # (R, k, 1)
+    both = bank[hard_cols.gather(1, torch.cat([picks[0], picks[1]], dim=1))]  # (R, 2k, d): one gather for z_a, z_b
+    z_a, z_b = both[:, :n_synthetic], both[:, n_synthetic:]  # (R, k, d) each
+    return F.normalize(torch.lerp(z_b, z_a, alpha), dim=-1)  # alpha z_a + (1 - alpha) z_b: (R, k, d)
