@@ -279,6 +279,7 @@ def ffcv_train_batches(
     world_size: int = 1,
     loader_workers: int = 0,
     cache_dir=None,
+    device: torch.device | str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, like train_batches.
 
@@ -286,12 +287,13 @@ def ffcv_train_batches(
     colour steps of ``augment_cfg`` (pipeline.config.AugmentConfig) run batched in torch. Order: RANDOM
     with ``distributed=True`` semantics for this (rank, world_size) -- every epoch a fresh permutation,
     padded to a multiple of the world and dealt round-robin, full batches only -- so every rank yields the
-    same number of batches. A remote .beton is copied once into the local cache."""
+    same number of batches. A remote .beton is copied once into the local cache. On a CUDA ``device`` the
+    decoded uint8 crops go straight to it (FFCV's ToDevice, non-blocking) and the colour steps run there."""
     try:
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
         from ffcv.traversal_order.base import TraversalOrder
     except Exception as e:
         raise HardnegError(f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -319,17 +321,22 @@ def ffcv_train_batches(
             return rank_order(self.indices, self.seed, epoch, rank, world_size)
 
     size = augment_cfg.image_size
+    device = torch.device(device)
+    # uint8 crops cross to the GPU (4x fewer bytes than float), before the permute to (B, 3, S, S)
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
 
     def view() -> PipelineSpec:
         crop = RandomResizedCropRGBImageDecoder((size, size), scale=(augment_cfg.crop_scale_min, augment_cfg.crop_scale_max))
         flips = [RandomHorizontalFlip(augment_cfg.hflip_p)] if augment_cfg.hflip_p > 0 else []
-        return PipelineSpec(schema.FFCV_IMAGE_FIELD, decoder=crop, transforms=flips + [ToTensor(), ToTorchImage()])
+        return PipelineSpec(schema.FFCV_IMAGE_FIELD, decoder=crop,
+                            transforms=flips + [ToTensor(), *to_device, ToTorchImage()])
 
     threads = torch.get_num_threads()  # FFCV sets torch's thread count to its own: put it back each time
     loader = Loader(
         path, batch_size=batch_size, num_workers=max(1, loader_workers), order=RankRandom(),
         distributed=world_size > 1, seed=seed % (2**31), drop_last=True, os_cache=True,
-        pipelines={schema.FFCV_IMAGE_FIELD: None, schema.FFCV_LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze(1)],
+        pipelines={schema.FFCV_IMAGE_FIELD: None,
+                   schema.FFCV_LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
                    "view1": view(), "view2": view()},
     )
     torch.set_num_threads(threads)

@@ -146,7 +146,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         batches = data.ffcv_train_batches(
             cfg.data.path, cfg.data.train_split, cfg.augment, cfg.per_worker_batch_size,
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
-            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir)
+            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device)
     else:
         batches = data.train_batches(
             cfg.data.path, cfg.data.train_split, two_views, cfg.per_worker_batch_size,
