@@ -24,10 +24,24 @@ class DataConfig(_Section):
     path: str = "demo_out/shards"  # directory (any fsspec URL) holding manifest.json + shards
     format: Literal["wds", "ffcv"] = "wds"  # ffcv: read the split's .beton (hardneg prep --format ffcv|both)
     cache_dir: Optional[str] = None  # local copies of remote .beton files; None: $HARDNEG_CACHE_DIR or ~/.cache/hardneg
-    train_split: str = "train"
+    train_split: str = "train"  # labelled: the kNN bank and the linear probe's training set
     eval_split: str = "test"
+    # what pretraining reads, e.g. [train, unlabeled] for STL-10 as the HCL/DCL releases; empty: train_split
+    pretrain_splits: tuple[str, ...] = ()
     shuffle_buffer: int = Field(1000, ge=0)
     loader_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_beton(self) -> "DataConfig":
+        if self.format == "ffcv" and len(self.pretrain) > 1:
+            raise ValueError(f"data.pretrain_splits={list(self.pretrain_splits)} with data.format=ffcv: FFCV reads "
+                             "one .beton per split; use data.format=wds to pretrain on several splits")
+        return self
+
+    @property
+    def pretrain(self) -> tuple[str, ...]:
+        """The splits pretraining reads: data.pretrain_splits, else (train_split,)."""
+        return self.pretrain_splits or (self.train_split,)
 
 
 class AugmentConfig(_Section):

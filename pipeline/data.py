@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import random
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -46,13 +46,18 @@ def _samples(stream: Iterator[dict]) -> Iterator[tuple[Image.Image, int]]:
         yield _decode_rgb(image), int(sample[schema.LABEL_KEY])
 
 
-def steps_per_epoch(manifest: dict, split: str, global_batch_size: int) -> int:
-    """Full global batches in one pass over ``split``: the same on every rank by construction."""
-    n = manifest["splits"][split]["num_samples"]
+def _splits(split: str | Sequence[str]) -> tuple[str, ...]:
+    return (split,) if isinstance(split, str) else tuple(split)
+
+
+def steps_per_epoch(manifest: dict, split: str | Sequence[str], global_batch_size: int) -> int:
+    """Full global batches in one pass over ``split`` (or several splits together): the same on every rank."""
+    names = _splits(split)
+    n = sum(manifest["splits"][name]["num_samples"] for name in names)
     steps = n // global_batch_size
     if steps < 1:
         raise HardnegError(
-            f"train.global_batch_size={global_batch_size} exceeds the {n} samples of split '{split}'"
+            f"train.global_batch_size={global_batch_size} exceeds the {n} samples of split(s) {'+'.join(names)}"
         )
     return steps
 
@@ -64,7 +69,7 @@ def _rank_worker_seed(rank: int) -> int:
 
 def train_batches(
     data_path: str,
-    split: str,
+    split: str | Sequence[str],
     two_views: Callable,
     batch_size: int,
     *,
@@ -76,9 +81,11 @@ def train_batches(
     """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, b = batch_size.
 
     ``two_views`` maps an image to a tuple of tensors; a 1-tuple (augment.where=device: the uint8
-    image) gives (images, labels) batches instead.
+    image) gives (images, labels) batches instead. Several splits are read as one pool of shards
+    (resampled uniformly, so each split in proportion to its shard count).
     """
-    urls = shard_urls(data_path, read_manifest(data_path), split)
+    manifest = read_manifest(data_path)
+    urls = [url for name in _splits(split) for url in shard_urls(data_path, manifest, name)]
     rng = random.Random(seed * 7919 + rank)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=partial(_rank_worker_seed, rank), deterministic=True),

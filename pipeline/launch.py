@@ -111,12 +111,12 @@ def check_shards_per_reader(cfg: Config, manifest: dict) -> None:
     """Every (rank, loader worker) reads its own resampled shard stream: refuse fewer shards than readers."""
     if cfg.data.format != "wds":
         return
-    shards = len(manifest["splits"][cfg.data.train_split]["shards"])
+    shards = sum(len(manifest["splits"][name]["shards"]) for name in cfg.data.pretrain)
     per_rank = max(1, cfg.data.loader_workers)
     readers = cfg.world_size * per_rank
     if shards < readers:
         raise HardnegError(
-            f"split '{cfg.data.train_split}' of {cfg.data.path} has {shards} shards, fewer than the {readers} readers of "
+            f"split(s) {'+'.join(cfg.data.pretrain)} of {cfg.data.path} hold {shards} shards, fewer than the {readers} readers of "
             f"cluster.num_workers={cfg.world_size} x data.loader_workers={cfg.data.loader_workers} "
             f"(each reader needs its own shard stream): re-shard smaller (hardneg prep --shard-size) "
             f"or lower data.loader_workers"
@@ -126,10 +126,10 @@ def check_shards_per_reader(cfg: Config, manifest: dict) -> None:
 def preflight(cfg: Config, run_name: str) -> None:
     """Fail early and in one line on anything a worker would trip over later."""
     manifest = read_manifest(cfg.data.path)
-    for split in (cfg.data.train_split, cfg.data.eval_split):
+    for split in dict.fromkeys((*cfg.data.pretrain, cfg.data.train_split, cfg.data.eval_split)):
         if split not in manifest["splits"]:
             raise HardnegError(f"data split '{split}' not in {cfg.data.path}; it has: {', '.join(manifest['splits'])}")
-    data.steps_per_epoch(manifest, cfg.data.train_split, cfg.train.global_batch_size)
+    data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
     check_shards_per_reader(cfg, manifest)
     found = checkpoint.latest(f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}")
     if found is not None:

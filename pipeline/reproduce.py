@@ -79,7 +79,7 @@ def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str) -> dic
     cfg = _cell_config(grid, method, dataset, seed, root)
     cell = cfg.tracking.run_name
     run_dir = os.path.join(root, "runs", cell)
-    total = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.train_split,
+    total = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain,
                                  cfg.train.global_batch_size) * cfg.train.epochs
     found = checkpoint.latest(run_dir)
     start = time.perf_counter()

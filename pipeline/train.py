@@ -105,7 +105,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     """Train per ``cfg`` on this rank; returns {"step", "epoch", "knn_top1", "mlflow_run_id"}."""
     torch.set_num_threads(cfg.train.threads_per_worker)
     manifest = read_manifest(cfg.data.path)
-    spe = data.steps_per_epoch(manifest, cfg.data.train_split, cfg.train.global_batch_size)
+    spe = data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
     total_steps = spe * cfg.train.epochs
     warmup_steps = int(cfg.optim.warmup_epochs * spe)
 
@@ -144,12 +144,12 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
         device_views = None
         batches = data.ffcv_train_batches(
-            cfg.data.path, cfg.data.train_split, cfg.augment, cfg.per_worker_batch_size,
+            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.per_worker_batch_size,  # one split: validated
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
             loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device)
     else:
         batches = data.train_batches(
-            cfg.data.path, cfg.data.train_split, two_views, cfg.per_worker_batch_size,
+            cfg.data.path, cfg.data.pretrain, two_views, cfg.per_worker_batch_size,
             rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
             shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
         )

@@ -76,11 +76,14 @@ def test_multi_node_warnings_name_local_storage_and_file_stores():
 def test_too_few_shards_for_the_readers(tmp_path, digits_shards):
     # digits has 6 train shards: 2 workers x 4 loader workers = 8 readers
     cfg = tiny_config(tmp_path, digits_shards, "data.loader_workers=4")
-    with pytest.raises(HardnegError, match=r"has 6 shards, fewer than the 8 readers of cluster.num_workers=2 x "
-                                           r"data.loader_workers=4"):
+    with pytest.raises(HardnegError, match=r"split\(s\) train of .* hold 6 shards, fewer than the 8 readers of "
+                                           r"cluster.num_workers=2 x data.loader_workers=4"):
         launch.train_run(cfg)
-    manifest = {"splits": {"train": {"shards": [{}] * 6}}}
+    manifest = {"splits": {"train": {"shards": [{}] * 6}, "unlabeled": {"shards": [{}] * 2}}}
     launch.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=3"), manifest)
+    # pretraining on several splits pools their shards: 6 + 2 = 8 streams for 8 readers
+    launch.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=4",
+                                               "data.pretrain_splits=[train,unlabeled]"), manifest)
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -69,6 +69,15 @@ def test_false_negative_rate_matches_brute_force():
     assert got.item() == pytest.approx(same / (6 * k))
     assert diagnostics.false_negative_rate(sim, mask, row_labels, torch.full((10,), -1), n_hard).item() == 0.0
     assert diagnostics.false_negative_rate(sim, mask, row_labels, col_labels, 1000).item() >= 0.0  # clamped
+    # anchors of unknown label (unlabeled data) are left out of the mean rather than counted as 0
+    partly = torch.cat([row_labels[:3], torch.full((3,), -1)])
+    same_known = sum(
+        sum(int(col_labels[j] == row_labels[i] and col_labels[j] >= 0)
+            for j in sorted([j for j in range(10) if mask[i, j]], key=lambda j: -float(sim[i, j]))[:k])
+        for i in range(3))
+    got = diagnostics.false_negative_rate(sim, mask, partly, col_labels, n_hard)
+    assert got.item() == pytest.approx(same_known / (3 * k))
+    assert diagnostics.false_negative_rate(sim, mask, torch.full((6,), -1), col_labels, n_hard).item() == 0.0
 
 
 def test_in_batch_stats_against_brute_force():

@@ -114,3 +114,30 @@ def test_training_reads_ffcv_files(tmp_path):
                       "train.knn_every_epochs=0", "data.format=ffcv")
     result = launch.train_run(cfg)
     assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+
+
+def test_pretraining_reads_several_splits(tmp_path):
+    """STL-10 as the HCL/DCL releases: pretrain on train + unlabeled, kNN bank from the labelled train split."""
+    from data_prep import synthetic
+    from data_prep.manifest import read_manifest
+    from data_prep.prep import prepare
+    from pipeline import data
+
+    out = str(tmp_path / "stl")
+    prepare(f"stl10:{synthetic.write_stl10(str(tmp_path / 'raw'), n_train=24, n_unlabeled=40, folder=True)}", out,
+            shard_size=8)
+    both = ("train", "unlabeled")
+    assert data.steps_per_epoch(read_manifest(out), both, 16) == (24 + 40) // 16
+    batches = data.train_batches(out, both, lambda image: (torch.zeros(1), torch.zeros(1)), 16, rank=0, seed=0,
+                                 shuffle_buffer=0)
+    labels = torch.cat([next(batches)[2] for _ in range(20)])
+    assert (labels == -1).any() and (labels >= 0).any()  # both splits feed pretraining
+
+    cfg = tiny_config(tmp_path, out, "cluster.launcher=local", "tracking.enabled=false", "train.knn_every_epochs=0",
+                      "data.pretrain_splits=[train,unlabeled]", "train.global_batch_size=16", "eval.knn_k=5",
+                      "data.shuffle_buffer=16")
+    result = launch.train_run(cfg)
+    assert result["step"] == (24 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
+    with pytest.raises(HardnegError, match=r"data split 'nosuch' not in"):
+        launch.train_run(tiny_config(tmp_path, out, "cluster.launcher=local", "data.pretrain_splits=[train,nosuch]",
+                                     "train.global_batch_size=16"))

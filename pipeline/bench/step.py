@@ -47,7 +47,7 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
     device_views = augment.DeviceTwoViews(cfg.augment).to(device) if cfg.augment.where == "device" else None
     views = (lambda image: (augment.to_uint8_tensor(cfg.augment.image_size)(image),)) if device_views else \
         augment.TwoViews(augment.view_transform(cfg.augment))
-    batches = data.train_batches(cfg.data.path, cfg.data.train_split, views, cfg.train.global_batch_size,
+    batches = data.train_batches(cfg.data.path, cfg.data.pretrain, views, cfg.train.global_batch_size,
                                  rank=0, seed=0, shuffle_buffer=cfg.data.shuffle_buffer,
                                  loader_workers=cfg.data.loader_workers)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")

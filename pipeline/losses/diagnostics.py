@@ -66,7 +66,8 @@ def false_negative_rate(sim: Tensor, neg_mask: Tensor, row_labels: Tensor, col_l
                         n_hard: int) -> Tensor:
     """Share of same-label columns among each row's n_hard most similar negatives: (R, C) -> 0-dim.
 
-    n_hard is clamped to the smallest number of negatives of a row; labels < 0 (unknown) never match.
+    n_hard is clamped to the smallest number of negatives of a row; labels < 0 (unknown) never match,
+    and rows of unknown label (e.g. STL-10's unlabeled split) are left out of the mean (0 if none is left).
     """
     n_neg = int(neg_mask.sum(dim=1).min()) if sim.shape[0] else 0
     k = min(int(n_hard), n_neg)
@@ -74,8 +75,10 @@ def false_negative_rate(sim: Tensor, neg_mask: Tensor, row_labels: Tensor, col_l
         return sim.new_zeros((), dtype=torch.float32)
     idx = sim.detach().masked_fill(~neg_mask, float("-inf")).topk(k, dim=1).indices  # (R, k)
     picked = col_labels.to(sim.device)[idx]  # (R, k)
-    same = (picked == row_labels.to(sim.device)[:, None]) & (picked >= 0)
-    return same.float().mean()
+    rows = row_labels.to(sim.device)  # (R,)
+    same = (picked == rows[:, None]) & (picked >= 0)  # (R, k)
+    known = rows >= 0  # (R,)
+    return (same.float().mean(dim=1) * known).sum() / known.sum().clamp(min=1)
 
 
 @full_precision
