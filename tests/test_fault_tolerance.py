@@ -53,17 +53,19 @@ def train_workers() -> list[int]:
     return sorted(pid for pid in descendants(os.getpid()) if "RayTrainWorker" in cmdline(pid))
 
 
-def ray_registered_a_checkpoint(run_dir: str) -> bool:
-    """True once Ray Train's controller has registered a reported checkpoint (its manager snapshot names one).
+def ray_registered_step(run_dir: str):
+    """The step of the latest checkpoint Ray Train's controller has registered (its manager snapshot), or None.
 
     A report reaches the controller only at its next health-check poll (every 2 s, later on a loaded
-    machine); a worker killed before that poll loses the report, and the restart begins at step 0.
+    machine): a restart resumes from the latest *registered* checkpoint, which may trail the newest
+    one on disk, and begins at step 0 when none is registered yet.
     """
     try:
         with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
-            return bool(json.load(f).get("latest_checkpoint_result"))
-    except (OSError, ValueError):
-        return False
+            latest = json.load(f).get("latest_checkpoint_result")
+        return int(latest["metrics"]["step"]) if latest else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_shards, monkeypatch, request):
@@ -87,8 +89,8 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     def kill_one_worker_after_the_first_checkpoint() -> None:
         client = None
         while not done.wait(0.2):
-            found = checkpoint.latest(run_dir)
-            if found is None or not ray_registered_a_checkpoint(run_dir):
+            registered = ray_registered_step(run_dir)
+            if registered is None:
                 continue
             client = client or MlflowClient(uri)
             # a few steps past the checkpoint, so the restart has logged steps to skip
@@ -98,10 +100,10 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
             if len(workers) != 2:
                 continue
             victim = workers[-1]
-            killed.update(pid=victim, checkpoint_step=checkpoint.load(found)["step"],
-                          logged_step=max(logged_steps(client)), workers=workers)
+            killed.update(pid=victim, checkpoint_step=registered, logged_step=max(logged_steps(client)),
+                          workers=workers)
             os.kill(victim, signal.SIGKILL)
-            print(f"\n[kill] SIGKILL RayTrainWorker pid {victim} of {workers}: latest checkpoint at step "
+            print(f"\n[kill] SIGKILL RayTrainWorker pid {victim} of {workers}: latest registered checkpoint at step "
                   f"{killed['checkpoint_step']}, MLflow loss logged up to step {killed['logged_step']}", flush=True)
             return
 
