@@ -14,7 +14,7 @@ from data_prep import synthetic
 from data_prep.manifest import read_manifest, verify
 from data_prep.prep import prepare
 from pipeline.errors import HardnegError
-from tests.conftest import free_port
+from conftest import free_port
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
