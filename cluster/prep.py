@@ -16,10 +16,12 @@ _CONTEXTS: dict = {}  # object ref hex -> context, per Ray worker process
 def _connect(address: str) -> None:
     import ray
 
+    from cluster.connect import init_ray
+
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        init_ray(address=address, log_to_driver=False, include_dashboard=False)
     except Exception as e:  # ConnectionError, a bad address, a version mismatch
         msg = str(e).splitlines()[0] if str(e) else ""
         raise HardnegError(f"cannot reach Ray at '{address}': {type(e).__name__}: {msg}") from None

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 import tempfile
-import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
@@ -25,6 +23,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.connect import init_ray
 from pipeline import checkpoint, dist, train
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.errors import HardnegError
@@ -85,7 +84,7 @@ def _start_ray(cfg: Config) -> bool:
     if cfg.cluster.address:
         _probe(cfg.cluster.address)
         try:
-            ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
+            init_ray(address=cfg.cluster.address, logging_level=logging.WARNING)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HardnegError(f"no Ray cluster reachable at cluster.address={cfg.cluster.address}: {reason}") from None
@@ -96,7 +95,7 @@ def _start_ray(cfg: Config) -> bool:
 
 def _init_local(num_cpus: int) -> None:
     """A private Ray instance on this machine (logical CPUs: at least ``num_cpus``), bound to 127.0.0.1."""
-    ray.init(
+    init_ray(
         num_cpus=max(num_cpus, os.cpu_count() or 1),
         # the dashboard serves the State API that Ray Train's placement-group cleaner polls
         include_dashboard=True,
@@ -179,12 +178,7 @@ def _reachable_from_workers(cfg: Config) -> Config:
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
     """Connected to the configured Ray (or a private local one) with room for the workers; else HardnegError."""
-    on_sigterm = signal.getsignal(signal.SIGTERM)
     started = _start_ray(cfg)  # ray.shutdown() then disconnects from a cluster, or stops the private instance
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        # ray.init installs a native SIGTERM handler that exits on the spot; keep the CLI's, which unwinds
-        # like Ctrl-C so `hardneg stop` leaves the MLflow run KILLED, not RUNNING
-        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         problem = missing_resources(cfg, ray.cluster_resources())
         if problem:

@@ -41,6 +41,15 @@ def test_heavy_dependencies_have_one_home():
     assert offenders == [], offenders
 
 
+def test_ray_is_started_in_one_place():
+    """ray.init only in cluster/connect.py, which keeps the CLI's SIGTERM handling (hardneg stop -> KILLED)."""
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel != "cluster/connect.py":
+                assert "ray.init(" not in path.read_text(), rel
+
+
 def test_writers_stay_offline():
     """The WebDataset writer classes appear only in data_prep/wds.py."""
     for package in PACKAGES:
