@@ -175,7 +175,9 @@ def main(argv=None) -> int:
         print(f"hardneg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hardneg: interrupted; `hardneg train ... --resume` continues from the last checkpoint", file=sys.stderr)
+        hint = {"train": "; `hardneg train ... --resume` continues from the last checkpoint",
+                "prep": "; rerunning the same command keeps the finished shards"}.get(args.command, "")
+        print(f"hardneg: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:
