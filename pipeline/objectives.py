@@ -110,6 +110,25 @@ def _random_bank(size: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(size, dim), dim=1)
 
 
+def _register_key_bank(module: nn.Module, name: str, size: int, dim: int) -> None:
+    """Buffers of a FIFO bank of keys: ``name`` (size, dim) random unit keys, ``name_ptr``, ``name_labels`` (-1)."""
+    module.register_buffer(name, _random_bank(size, dim))
+    module.register_buffer(f"{name}_ptr", torch.zeros((), dtype=torch.long))
+    module.register_buffer(f"{name}_labels", torch.full((size,), -1, dtype=torch.long))
+
+
+@torch.no_grad()
+def _push_keys_(module: nn.Module, name: str, keys: torch.Tensor, labels: torch.Tensor) -> None:
+    """Enqueue keys (n, d) and their labels (n,) into the bank ``name`` in place (a ring: see fifo_enqueue)."""
+    bank, bank_labels, bank_ptr = getattr(module, name), getattr(module, f"{name}_labels"), getattr(module, f"{name}_ptr")
+    ptr = int(bank_ptr)
+    new_bank, new_ptr = fifo_enqueue(bank, ptr, keys)
+    new_labels, _ = fifo_enqueue(bank_labels[:, None], ptr, labels[:, None])
+    bank.copy_(new_bank)
+    bank_labels.copy_(new_labels[:, 0])
+    bank_ptr.fill_(new_ptr)
+
+
 def _labels_or_unknown(labels: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return labels.reshape(-1).long() if labels is not None else torch.full((n,), -1, dtype=torch.long, device=device)
 
@@ -132,9 +151,7 @@ class PSMObjective(nn.Module):
         self.predictor = bn_mlp(m.proj_dim, m.proj_hidden_dim, m.proj_dim)
         self.momentum_encoder = momentum_copy(self.encoder)
         self.momentum_projector = momentum_copy(self.projector)
-        self.register_buffer("bank", _random_bank(cfg.loss.psm_bank_size, m.proj_dim))  # (M, d) unit keys
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("bank_labels", torch.full((cfg.loss.psm_bank_size,), -1, dtype=torch.long))
+        _register_key_bank(self, "bank", cfg.loss.psm_bank_size, m.proj_dim)  # (M, d) unit keys
         self.gather, self.generator = gather, generator
         self._gather_ng = _no_grad_gather(gather)
 
@@ -172,13 +189,7 @@ class PSMObjective(nn.Module):
             hard = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
                         generator=self.generator, gather=self.gather)
             loss = loss + c.psm_aa * 0.5 * (psm_hard_loss(q1, k2, **hard) + psm_hard_loss(q2, k1, **hard))
-        with torch.no_grad():  # enqueue AFTER the lookup: the global view-2 keys, in rank order
-            ptr = int(self.bank_ptr)
-            bank, new_ptr = fifo_enqueue(self.bank, ptr, keep[:, 1, 0])
-            bank_labels, _ = fifo_enqueue(self.bank_labels[:, None], ptr, all_labels[:, None])
-            self.bank.copy_(bank)
-            self.bank_labels.copy_(bank_labels[:, 0])
-            self.bank_ptr.fill_(new_ptr)
+        _push_keys_(self, "bank", keep[:, 1, 0], all_labels)  # AFTER the lookup: the global view-2 keys, rank order
         if not with_stats:
             return loss, {}
         col_labels = [torch.cat([all_labels[:, None], nn_labels[:, v]], dim=1).reshape(-1) for v in (1, 0)]
@@ -228,9 +239,7 @@ class MoCHiObjective(nn.Module):
         self.cfg = cfg.loss
         self.encoder = build_model(cfg.model)
         self.momentum = momentum_copy(self.encoder)
-        self.register_buffer("queue", _random_bank(cfg.loss.mochi_queue_size, cfg.model.proj_dim))  # (Q, d)
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_labels", torch.full((cfg.loss.mochi_queue_size,), -1, dtype=torch.long))
+        _register_key_bank(self, "queue", cfg.loss.mochi_queue_size, cfg.model.proj_dim)  # (Q, d)
         self.gather, self.generator = gather, generator
         self._gather_ng = _no_grad_gather(gather)
 
@@ -253,13 +262,7 @@ class MoCHiObjective(nn.Module):
         logits = mochi_logits(q, k, self.queue, draws, temperature=c.temperature)  # (n, 1 + Q + s + s')
         loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
         stats = self._stats(logits.detach() * c.temperature, own if labels is not None else None) if with_stats else {}
-        with torch.no_grad():  # enqueue AFTER the loss: the global keys, in rank order
-            ptr = int(self.queue_ptr)
-            queue, new_ptr = fifo_enqueue(self.queue, ptr, gathered[:, :d])
-            queue_labels, _ = fifo_enqueue(self.queue_labels[:, None], ptr, gathered[:, d:].long())
-            self.queue.copy_(queue)
-            self.queue_labels.copy_(queue_labels[:, 0])
-            self.queue_ptr.fill_(new_ptr)
+        _push_keys_(self, "queue", gathered[:, :d], gathered[:, d].long())  # AFTER the loss: global keys, rank order
         return loss, stats
 
     @torch.no_grad()
