@@ -38,16 +38,27 @@ def tiny_config(tmp_path, shards: str, *overrides: str) -> config.Config:
     ])
 
 
-def spawn_ranks(worker, world: int, out_dir: str) -> list:
-    """Run ``worker(rank, port, out_dir)`` on ``world`` spawned processes (gloo on a free port) and load
-    what each saved as ``out_dir/rank{r}.pt``."""
+def _rank_file(out_dir: str, rank: int) -> str:
     import os
 
+    return os.path.join(out_dir, f"rank{rank}.pt")
+
+
+def save_rank(result, rank: int, out_dir: str) -> None:
+    """In a spawn_ranks worker: save this rank's result where spawn_ranks loads it."""
+    import torch
+
+    torch.save(result, _rank_file(out_dir, rank))
+
+
+def spawn_ranks(worker, world: int, out_dir: str) -> list:
+    """Run ``worker(rank, port, out_dir)`` on ``world`` spawned processes (gloo on a free port) and load
+    what each saved with save_rank."""
     import torch
     import torch.multiprocessing as mp
 
     mp.spawn(worker, args=(free_port(), out_dir), nprocs=world, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return [torch.load(_rank_file(out_dir, r), weights_only=False) for r in range(world)]
 
 
 @pytest.fixture

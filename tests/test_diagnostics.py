@@ -236,6 +236,7 @@ def _stats(z1, z2, labels, gather):
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import os
 
+    from conftest import save_rank
     from pipeline import dist
 
     torch.set_num_threads(1)
@@ -246,7 +247,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         stats = _stats(z1[rows], z2[rows], labels[rows], dist.make_gather(ctx))
         names = sorted(stats)
         averaged = dist.all_reduce_mean(torch.stack([stats[k].double() for k in names]))  # as the loop does
-        torch.save(dict(zip(names, averaged)), os.path.join(out_dir, f"rank{rank}.pt"))
+        save_rank(dict(zip(names, averaged)), rank, out_dir)
     finally:
         dist.destroy_process_group()
     os._exit(0)

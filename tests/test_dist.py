@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import spawn_ranks
+from conftest import save_rank, spawn_ranks
 import torch
 
 from pipeline import dist
@@ -85,7 +85,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         loss.backward()
         result["ddp"] = (type(ddp).__name__, loss.detach(), [p.grad.clone() for p in model.parameters()])
         dist.barrier()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        save_rank(result, rank, out_dir)
     finally:
         dist.destroy_process_group()
     # Results are on disk and the group is gone: skip the interpreter teardown, which takes seconds

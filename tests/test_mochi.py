@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import spawn_ranks
+from conftest import save_rank, spawn_ranks
 import torch
 import torch.nn.functional as F
 
@@ -251,7 +251,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             obj.after_step()
         result["queue"] = (obj.queue.clone(), int(obj.queue_ptr), obj.queue_labels.clone())
         dist.barrier()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        save_rank(result, rank, out_dir)
     finally:
         dist.destroy_process_group()
     os._exit(0)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import spawn_ranks
+from conftest import save_rank, spawn_ranks
 import torch
 import torch.nn.functional as F
 
@@ -424,7 +424,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             obj.after_step()
         result["bank"] = (obj.bank.clone(), int(obj.bank_ptr), obj.bank_labels.clone())
         dist.barrier()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        save_rank(result, rank, out_dir)
     finally:
         dist.destroy_process_group()
     os._exit(0)
