@@ -85,9 +85,20 @@ def choose_run_name(cfg: Config, resume: Optional[str]) -> str:
         if checkpoint.latest(f"{storage.rstrip('/')}/{name}") is None:
             raise HardnegError(f"--resume: run '{name}' has no checkpoint under {storage}")
         return name
-    name = cfg.tracking.run_name or f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if checkpoint.latest(f"{storage.rstrip('/')}/{name}") is not None:
-        raise HardnegError(f"run '{name}' already exists under {storage}; pass --resume {name} to continue it")
+    def taken(candidate: str) -> bool:
+        return checkpoint.latest(f"{storage.rstrip('/')}/{candidate}") is not None
+
+    name = cfg.tracking.run_name
+    if name:
+        if taken(name):
+            raise HardnegError(f"run '{name}' already exists under {storage}; pass --resume {name} to continue it")
+        return name
+    # a fresh timestamped name; two runs started within one second get -2, -3, ...
+    stamp = f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = stamp, 1
+    while taken(name):
+        n += 1
+        name = f"{stamp}-{n}"
     return name
 
 

@@ -141,3 +141,12 @@ def test_pretraining_reads_several_splits(tmp_path):
     with pytest.raises(HardnegError, match=r"data split 'nosuch' not in"):
         launch.train_run(tiny_config(tmp_path, out, "cluster.launcher=local", "data.pretrain_splits=[train,nosuch]",
                                      "train.global_batch_size=16"))
+
+
+def test_automatic_run_names_never_collide(tmp_path, digits_shards, monkeypatch):
+    """Two runs started within the same second: the second gets a -2 suffix, not an 'already exists' error."""
+    monkeypatch.setattr(launch.time, "strftime", lambda fmt: "20261122-120000")
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false")
+    assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000"
+    checkpoint.write({"step": 1}, str(tmp_path / "runs" / "nt_xent-20261122-120000" / "checkpoint_000001"))
+    assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000-2"
