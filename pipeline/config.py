@@ -30,6 +30,8 @@ class DataConfig(_Section):
     pretrain_splits: tuple[str, ...] = ()
     shuffle_buffer: int = Field(1000, ge=0)
     loader_workers: int = Field(0, ge=0)
+    # bad samples skipped before the run stops: a fraction of the samples read so far (after SKIP_WARMUP_SAMPLES)
+    max_skip_fraction: float = Field(0.001, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_beton(self) -> "DataConfig":
@@ -138,6 +140,10 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: int = Field(1, ge=0)  # 0: never during training
     checkpoint_every_epochs: int = Field(1, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: only by epochs (and minutes)
+    checkpoint_every_minutes: float = Field(0.0, ge=0.0)  # 0: off; decided by rank 0's clock at log steps
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm: end the run, or drop the step
+    max_nonfinite_steps: int = Field(10, ge=1)  # with on_nonfinite=skip: this many in a row end the run
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the network; losses stay float32
