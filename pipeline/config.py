@@ -173,6 +173,7 @@ class TrackingConfig(_Section):
     registered_model: Optional[str] = "hardneg-encoder"  # the trained encoder's model-registry name; null: don't register
     log_model: bool = True
     system_metrics_every_s: float = Field(10.0, ge=0.0)  # CPU/memory/GPU sampling; 0 disables
+    flush_timeout_s: float = Field(60.0, ge=0.0)  # at the end, wait this long for an unreachable server, then spool
     plots: bool = True
 
 

@@ -41,13 +41,6 @@ def _decode_rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def _samples(stream: Iterator[dict]) -> Iterator[tuple[Image.Image, int]]:
-    """Pipeline stage: raw tar members -> (PIL RGB image, label)."""
-    for sample in stream:
-        image = sample[schema.IMAGE_KEY] if schema.IMAGE_KEY in sample else sample[schema.JPEG_KEY]
-        yield _decode_rgb(image), int(sample[schema.LABEL_KEY])
-
-
 def _splits(split: str | Sequence[str]) -> tuple[str, ...]:
     return (split,) if isinstance(split, str) else tuple(split)
 
@@ -64,6 +57,9 @@ def steps_per_epoch(manifest: dict, split: str | Sequence[str], global_batch_siz
     return steps
 
 
+_NAMED_SHARDS: set = set()  # shards this process has named on stderr (training and evaluation alike)
+
+
 class SkipLedger:
     """Bad samples skipped on one rank: counts overall and per shard; each shard is named once on stderr."""
 
@@ -75,9 +71,9 @@ class SkipLedger:
         self.read += report["read"]
         for url, reason in report["bad"]:
             self.skipped += 1
-            first = url not in self.per_shard
             self.per_shard[url] = self.per_shard.get(url, 0) + 1
-            if first and self.announce:
+            if url not in _NAMED_SHARDS and self.announce:
+                _NAMED_SHARDS.add(url)
                 print(f"hardneg: warning: skipping a bad sample in {url} ({reason}); further ones in this shard "
                       "are counted in the metric data_skipped", file=sys.stderr, flush=True)
 
@@ -230,11 +226,30 @@ def train_batches(
         yield tuple(batch)
 
 
+def _readable(urls: Iterator[str], ledger: SkipLedger) -> Iterator[tuple[Image.Image, int]]:
+    """(image, label) of every readable sample of the shards at ``urls``; bad ones are skipped into ``ledger``."""
+    current = {"url": None}
+
+    def named(urls):
+        for url in urls:
+            current["url"] = url
+            yield {"url": url}
+
+    def on_error(exn: BaseException) -> bool:
+        ledger.add({"read": 0, "bad": [(current["url"], _reason(exn))]})
+        return True
+
+    for sample in group_by_keys(tar_file_expander(_open_streams(named(urls)), handler=on_error), handler=on_error):
+        try:
+            yield _decode_sample(sample)
+        except Exception as exn:
+            ledger.add({"read": 0, "bad": [(sample.get("__url__"), _reason(exn))]})
+
+
 def labelled_images(data_path: str, split: str) -> Iterator[tuple[Image.Image, int]]:
-    """Every (image, label) of ``split`` once, in manifest order."""
+    """Every readable (image, label) of ``split`` once, in manifest order (bad samples skipped and named)."""
     urls = shard_urls(data_path, read_manifest(data_path), split)
-    stream = _open_streams({"url": u} for u in urls)
-    yield from _samples(group_by_keys(tar_file_expander(stream)))
+    yield from _readable(iter(urls), SkipLedger())
 
 
 def _batched(pairs: Iterator[tuple[Image.Image, int]], transform: Callable, batch_size: int):
@@ -278,7 +293,7 @@ def labelled_batches(
     urls = shard_urls(data_path, read_manifest(data_path), split)
     rng = random.Random(seed)
     rng.shuffle(urls)
-    stream = _samples(group_by_keys(tar_file_expander(_open_streams({"url": u} for u in urls))))
+    stream = _readable(iter(urls), SkipLedger())
     if shuffle_buffer:
         stream = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)(stream)
     yield from _batched(stream, transform, batch_size)

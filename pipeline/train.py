@@ -15,7 +15,7 @@ from typing import Optional, Protocol
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, config as config_mod, data, dist, faults
+from pipeline import augment, checkpoint, config as config_mod, data, dist, faults, outbox
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
 from pipeline.objectives import build_objective
@@ -106,6 +106,19 @@ def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Opt
     }
 
 
+def _run_dir(cfg: Config) -> str:
+    return f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.tracking.run_name}"
+
+
+def _spool_dir(cfg: Config) -> str:
+    """Where tracking records the server could not take are kept: the run directory when it is local."""
+    run_dir = _run_dir(cfg)
+    if "://" in run_dir:  # object storage: a local directory, named after the run
+        run_dir = os.path.join(os.environ.get("HARDNEG_CACHE_DIR") or os.path.expanduser("~/.cache/hardneg"),
+                               "runs", str(cfg.tracking.run_name))
+    return os.path.join(run_dir, outbox.SPOOL_DIR)
+
+
 def _seed_step(cfg: Config, rank: int, step: int, generator: torch.Generator) -> None:
     """Every RNG stream of a step is a function of (seed, rank, step), so a resume at any step is exact."""
     torch.manual_seed(data.hash_seed(cfg.train.seed, rank, step))  # also seeds every CUDA device
@@ -135,7 +148,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
     base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0} | (state or {}).get("counters", {})
     counters = dict(base)
-    tracker = make_tracker(cfg.tracking, ctx.is_main, run_id)
+    tracker = make_tracker(cfg.tracking, ctx.is_main, run_id, spool_dir=_spool_dir(cfg))
     reporter = EpochReporter(cfg, ctx, tracker, hooks, objective,
                              lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id,
                                                         counters))
@@ -143,21 +156,18 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         with faults.StopRequest() as stop:
             return _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop,
                          start_step, spe, total_steps, warmup_steps, state, base, counters)
-    except HardnegError as e:
+    except BaseException as e:  # close the run (sending what is queued) before the launcher reports it
         reporter.discard()
-        tracker.set_tags({"failure_reason": str(e)})
-        tracker.finish("FAILED")
-        raise
-    except KeyboardInterrupt:
-        reporter.discard()
-        tracker.finish("KILLED")
+        if isinstance(e, HardnegError):
+            tracker.set_tags({"failure_reason": str(e)})
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 
 
 def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop, start_step, spe, total_steps,
           warmup_steps, state, base, counters) -> dict:
     reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
-    run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.tracking.run_name}"
+    run_dir = _run_dir(cfg)
     saved_step = start_step if state is not None else None
     net = dist.wrap_ddp(objective, ctx)
     if cfg.augment.where == "device":

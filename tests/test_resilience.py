@@ -169,7 +169,8 @@ def test_bad_samples_past_the_budget_stop_the_run_in_one_line(tmp_path, digits_s
 
 def test_a_nonfinite_loss_stops_in_one_line_naming_step_lr_and_checkpoint(tmp_path, digits_shards):
     proc = _cli("train", *_tiny_args(tmp_path, digits_shards, "train.epochs=3", "train.knn_every_epochs=0",
-                                     "optim.lr=1e12", "optim.warmup_epochs=1.5", "tracking.run_name=nan"))
+                                     "optim.lr=1e12", "optim.warmup_epochs=1.5", "train.checkpoint_every_steps=1",
+                                     "tracking.run_name=nan"))
     line = _one_line_error(proc, r"non-finite loss or gradient norm at step (\d+) \(lr [\d.e+]+\).*"
                                  r"(last good checkpoint: step \d+ in .*--resume|no checkpoint was written yet)")
     client, run = _mlflow_run(tmp_path)
