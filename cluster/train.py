@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
@@ -24,7 +26,7 @@ import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.connect import init_ray
-from pipeline import checkpoint, dist, train
+from pipeline import checkpoint, dist, faults, train
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.errors import HardnegError
 
@@ -197,6 +199,32 @@ def _failure_summary(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+@contextmanager
+def _stop_checkpoints_first(run_dir: str) -> Iterator[dict]:
+    """While the workers train, SIGTERM (`hardneg stop` -> `ray job stop`) asks them, through a file in the
+    run directory, to checkpoint at their next log step and return; a second SIGTERM interrupts at once.
+    `ray job stop` waits RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s) before SIGKILL: see docs/cluster.md."""
+    state = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state["requested"]:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise KeyboardInterrupt(f"signal {signum}")
+        state["requested"] = True
+        faults.request_stop(run_dir)
+        print("stop requested: the workers checkpoint at their next log step, then the run ends KILLED "
+              "(SIGTERM again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def fit(cfg: Config, run_name: str) -> dict:
     """Run training on Ray Train workers (inside ray_session); rank 0's final metrics + the checkpoint path."""
     cfg = _reachable_from_workers(cfg)
@@ -218,13 +246,18 @@ def fit(cfg: Config, run_name: str) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep),
         ),
     )
+    run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}"
     try:
-        result = trainer.fit()
+        with _stop_checkpoints_first(run_dir) as stop:
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise HardnegError(
             f"training failed (cluster.max_failures={cfg.cluster.max_failures} restarts allowed): {_failure_summary(e)}"
         ) from None
     metrics = dict(result.metrics or {})
+    if stop["requested"] or metrics.get("stopped"):
+        faults.clear_stop(run_dir)
+        raise KeyboardInterrupt(f"stopped at step {metrics.get('step')}")  # the launcher marks the run KILLED
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     if metrics["checkpoint"] and "://" in cfg.cluster.storage_path and "://" not in metrics["checkpoint"]:
         # Ray hands back the path inside its pyarrow filesystem; give the URL the config speaks

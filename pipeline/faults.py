@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Optional
 
+import fsspec
 import torch
 
 from pipeline import dist
@@ -105,13 +107,61 @@ def describe_checkpoint(step: Optional[int], run_dir: str) -> str:
     return f"last good checkpoint: step {step} in {run_dir} (continue with `hardneg train ... --resume`)"
 
 
+STOP_FILE = "STOP_REQUESTED"
+
+
+class Stopped(Exception):
+    """Raised by the loop after it checkpointed for a stop request; the launcher ends the run KILLED."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+
+
+def _stop_file(run_dir: str) -> tuple:
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    return fs, f"{root.rstrip('/')}/{STOP_FILE}"
+
+
+def request_stop(run_dir: str) -> None:
+    """Ask the workers of the run in ``run_dir`` to checkpoint and stop at their next log step."""
+    fs, path = _stop_file(run_dir)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write("stop\n")
+
+
+def clear_stop(run_dir: str) -> None:
+    """Forget a stop request (a resumed run starts without one)."""
+    try:
+        fs, path = _stop_file(run_dir)
+        if fs.exists(path):
+            fs.rm(path)
+    except OSError:
+        pass
+
+
 class StopRequest:
     """SIGTERM (`hardneg stop`, a scheduler's preemption) during training: noted, not raised, so the loop
-    checkpoints at the current step first and then ends as an interrupt. A second SIGTERM ends at once."""
+    checkpoints at the current step first and then ends as an interrupt. A second SIGTERM ends at once.
+    Ray Train workers get no signal: their driver writes STOP_FILE into the run directory (see
+    request_stop), which ``poll`` notices (at most every few seconds; read at log steps, agreed over ranks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Optional[str] = None, every_s: float = 2.0) -> None:
         self.requested = False
         self._previous = None
+        self.run_dir, self.every_s, self._checked = run_dir, every_s, time.monotonic()
+
+    def poll(self) -> bool:
+        """A signal arrived, or the run directory holds a stop request."""
+        if not self.requested and self.run_dir and time.monotonic() - self._checked >= self.every_s:
+            self._checked = time.monotonic()
+            try:
+                fs, path = _stop_file(self.run_dir)
+                self.requested = fs.exists(path)
+            except OSError:
+                pass
+        return self.requested
 
     def _handler(self, signum, frame) -> None:
         if self.requested:

@@ -153,9 +153,14 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
                              lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id,
                                                         counters))
     try:
-        with faults.StopRequest() as stop:
+        with faults.StopRequest(_run_dir(cfg)) as stop:
             return _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop,
                          start_step, spe, total_steps, warmup_steps, state, base, counters)
+    except faults.Stopped as stopped:  # checkpointed: the run ends KILLED, resumable from here
+        reporter.discard()
+        tracker.finish("KILLED")
+        return {"step": stopped.step, "epoch": stopped.step // spe, "knn_top1": reporter.knn_top1,
+                "mlflow_run_id": tracker.run_id, "stopped": True}
     except BaseException as e:  # close the run (sending what is queued) before the launcher reports it
         reporter.discard()
         if isinstance(e, HardnegError):
@@ -164,35 +169,38 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         raise
 
 
+def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledger: data.SkipLedger):
+    """(endless batches from ``start_step`` on, the on-device view maker or None) for this rank."""
+    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
+        return data.ffcv_train_batches(
+            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.per_worker_batch_size,  # one split: validated
+            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
+            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device), None
+    if cfg.augment.where == "device":
+        device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
+        two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
+    else:
+        device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
+    return data.train_batches(
+        cfg.data.path, cfg.data.pretrain, two_views, cfg.per_worker_batch_size,
+        rank=ctx.rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        loader_workers=cfg.data.loader_workers, start_step=start_step, steps_per_epoch=spe, ledger=ledger,
+    ), device_views
+
+
 def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop, start_step, spe, total_steps,
           warmup_steps, state, base, counters) -> dict:
     reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
     run_dir = _run_dir(cfg)
     saved_step = start_step if state is not None else None
     net = dist.wrap_ddp(objective, ctx)
-    if cfg.augment.where == "device":
-        device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
-        two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
-    else:
-        device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
     if cfg.train.channels_last:
         objective.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         objective.backbone.compile()  # in place: state_dict keys stay those of the plain module
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     ledger = data.SkipLedger(announce=True)
-    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
-        device_views = None
-        batches = data.ffcv_train_batches(
-            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.per_worker_batch_size,  # one split: validated
-            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
-            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device)
-    else:
-        batches = data.train_batches(
-            cfg.data.path, cfg.data.pretrain, two_views, cfg.per_worker_batch_size,
-            rank=ctx.rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            loader_workers=cfg.data.loader_workers, start_step=start_step, steps_per_epoch=spe, ledger=ledger,
-        )
+    batches, device_views = _batches(cfg, ctx, start_step, spe, ledger)
     guard = faults.NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps, objective, ctx.device,
                                   start_step, count=base["nonfinite_steps"])
     lr_of = partial(lr_at, base_lr=cfg.scaled_lr, warmup_steps=warmup_steps, total_steps=total_steps,
@@ -238,7 +246,7 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
             time_due = ctx.is_main and every_s > 0 and time.monotonic() - saved_at >= every_s
             mean = loss_sum / loss_count if loss_count else torch.tensor(float("nan"), device=ctx.device)
             on_device = torch.stack([mean] + [stats[k].detach().float() for k in names] + [guard.bad_flag()]).double()
-            on_host = torch.tensor([ledger.skipped, ledger.read, float(time_due), float(stop.requested)],
+            on_host = torch.tensor([ledger.skipped, ledger.read, float(time_due), float(stop.poll())],
                                    dtype=torch.float64, device=ctx.device)
             values = dist.all_reduce_mean(torch.cat([on_device, on_host])).tolist()
             bad = values[-5]
@@ -283,6 +291,7 @@ def _stop(reporter, guard, lr_of, done: int, spe: int, run_dir: str, saved_step,
     """A stop request: checkpoint at ``done`` (unless a non-finite step makes it bad, or it exists), then end."""
     if done > 0 and not saved and done != saved_step:
         guard.raise_if_seen(guard.bad_flag().item(), lr_of, faults.describe_checkpoint(saved_step, run_dir))
-        reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe})
-    print(f"stopped at step {done}: checkpoint saved in {run_dir}", flush=True)
-    raise KeyboardInterrupt("stop requested")
+        reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "stopped": True})
+    if reporter.ctx.is_main:
+        print(f"stopped at step {done}: checkpoint saved in {run_dir}", flush=True)
+    raise faults.Stopped(done)
