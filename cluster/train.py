@@ -128,9 +128,16 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+def _num_workers(cfg: Config):
+    """ScalingConfig's num_workers: a (min, max) range when elastic (cluster.min_workers), else the count."""
+    low = cfg.cluster.min_workers
+    return (low, cfg.cluster.num_workers) if low is not None and low < cfg.cluster.num_workers else \
+        cfg.cluster.num_workers
+
+
 def missing_resources(cfg: Config, available: Mapping[str, float]) -> Optional[str]:
     """A one-line reason why ``available`` (Ray's cluster_resources) cannot hold the workers, or None."""
-    n = cfg.cluster.num_workers
+    n = cfg.cluster.min_workers or cfg.cluster.num_workers
     for kind, per_worker in worker_resources(cfg).items():
         need, have = n * per_worker, float(available.get(kind, 0))
         if need > have:
@@ -236,7 +243,7 @@ def fit(cfg: Config, run_name: str) -> dict:
         train_loop_config={"config": to_dict(cfg)},
         torch_config=TorchConfig(backend=backend(cfg)),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=worker_resources(cfg)
+            num_workers=_num_workers(cfg), use_gpu=cfg.cluster.use_gpu, resources_per_worker=worker_resources(cfg)
         ),
         run_config=ray.train.RunConfig(
             # the same (name, storage_path) on a rerun restores Ray's checkpoint manager: get_checkpoint() = latest

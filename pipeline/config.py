@@ -155,6 +155,8 @@ class ClusterConfig(_Section):
     launcher: Literal["ray", "local"] = "ray"  # local: one plain process, for debugging
     address: Optional[str] = None  # None: start a private local Ray instance
     num_workers: int = Field(2, ge=1)
+    # elastic: a lost node restarts the run on the workers that still fit, down to this many (None: exactly num_workers)
+    min_workers: Optional[int] = Field(None, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
     gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu; a fraction shares a GPU
@@ -210,6 +212,14 @@ class Config(_Section):
                 f"train.global_batch_size={self.train.global_batch_size} must divide by "
                 f"cluster.num_workers={workers}"
             )
+        low = self.cluster.min_workers
+        if low is not None and self.cluster.launcher == "ray":
+            if low > self.cluster.num_workers:
+                raise ValueError(f"cluster.min_workers={low} exceeds cluster.num_workers={self.cluster.num_workers}")
+            bad = [w for w in range(low, self.cluster.num_workers + 1) if self.train.global_batch_size % w]
+            if bad:
+                raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must divide by every "
+                                 f"worker count from cluster.min_workers={low} to {self.cluster.num_workers}; not by {bad}")
         return self
 
     @property

@@ -173,7 +173,7 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
     """(endless batches from ``start_step`` on, the on-device view maker or None) for this rank."""
     if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
         return data.ffcv_train_batches(
-            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.per_worker_batch_size,  # one split: validated
+            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.train.global_batch_size // ctx.world_size,  # one split: validated
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
             loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device), None
     if cfg.augment.where == "device":
@@ -182,7 +182,7 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
     else:
         device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
     return data.train_batches(
-        cfg.data.path, cfg.data.pretrain, two_views, cfg.per_worker_batch_size,
+        cfg.data.path, cfg.data.pretrain, two_views, cfg.train.global_batch_size // ctx.world_size,
         rank=ctx.rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         loader_workers=cfg.data.loader_workers, start_step=start_step, steps_per_epoch=spe, ledger=ledger,
     ), device_views
