@@ -40,10 +40,9 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
     ray_tmp = tempfile.mkdtemp(prefix="hnln-", dir="/tmp")  # short: Ray's socket paths live under it
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "_temp_dir": ray_tmp, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "node_ip_address": "127.0.0.1"})
+        "num_cpus": 1, "temp_dir": ray_tmp, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
     request.addfinalizer(cluster.shutdown)
-    second = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
 
     epochs = 3
