@@ -1,4 +1,4 @@
-"""Losses against slow float64 references transcribed from METHODS.md, plus every listed property."""
+"""Losses against slow float64 references transcribed from docs/methods.md, plus every listed property."""
 from __future__ import annotations
 
 import math
