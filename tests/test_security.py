@@ -3,6 +3,7 @@ authenticated MLflow server whose credentials are checked before training and ne
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,14 @@ def test_private_ray_is_on_loopback_in_the_namespace():
 
 
 def test_nothing_in_the_repository_turns_ray_authentication_off():
-    forbidden = "RAY_AUTH_MODE" + "=disabled"
+    """No code, config, script or Makefile sets RAY_AUTH_MODE to disabled (the docs may name the setting)."""
+    setting = re.compile(r"RAY_AUTH_MODE[\"'\]]*\s*[:=,]\s*[\"']?disabled", re.IGNORECASE)
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True)
     offenders = [name for name in tracked.stdout.split()
-                 if (ROOT / name).is_file() and forbidden in (ROOT / name).read_text(errors="ignore")]
+                 if not name.endswith(".md") and name != "tests/test_security.py" and (ROOT / name).is_file()
+                 and setting.search((ROOT / name).read_text(errors="ignore"))]
     assert offenders == []
+    assert setting.search('env["RAY_AUTH_MODE"] = "disabled"') and setting.search("RAY_AUTH_MODE=disabled ray start")
 
 
 def test_token_authentication_is_required_unless_overridden():
