@@ -91,7 +91,8 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
     ]
 
 
-def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str], counters: dict) -> dict:
+def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str],
+           counters: Optional[dict] = None) -> dict:
     return {
         "model": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -102,7 +103,7 @@ def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Opt
         "config": redact(config_mod.to_dict(cfg)),
         # informational: every RNG stream is re-seeded from (seed, rank, step) at each step, see _seed_step
         "rng": {"torch": torch.get_rng_state()},
-        "counters": dict(counters),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``
+        "counters": dict(counters or {}),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``
     }
 
 
