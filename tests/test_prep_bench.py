@@ -11,6 +11,7 @@ def test_bench_prep_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"conversion  WebDataset shards +\d+ img/s  \(\d+ img/s per worker\)", out), out
     assert re.search(r"torchvision in-memory +\d+ img/s   1\.00x", out), out
-    assert re.search(r"WebDataset +\d+ img/s +\d+\.\d\dx  \(goal >= 1\.0x", out), out
+    assert re.search(r"WebDataset per sample +\d+ img/s +\d+\.\d\dx\n", out), out
+    assert re.search(r"WebDataset batched +\d+ img/s +\d+\.\d\dx  \(goal >= 1\.2x", out), out
     assert re.search(r"FFCV +(\d+ img/s +\d+\.\d\dx  \(goal >= 2\.0x|unavailable)", out) or "unavailable" in out, out
     assert list(tmp_path.iterdir()) == [], "the work directory is cleaned up"
