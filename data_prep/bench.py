@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny run (for tests): 600 images, batches of 64")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--scale", action="store_true",
-                   help="instead: conversion and reading of synthetic JPEG folders at --sizes, time per image and peak RSS")
+                   help="instead: conversion and reading of synthetic JPEG folders at --sizes: time per image, "
+                        "peak RSS")
     p.add_argument("--sizes", default="10000,40000,160000", help="--scale: dataset sizes (default 10000,40000,160000)")
     p.add_argument("--imagenet", action="store_true", help="--scale: ImageNet-like image sizes (default 32x32)")
     args = p.parse_args(argv)

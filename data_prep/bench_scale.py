@@ -86,8 +86,8 @@ def run_scale(args) -> int:
             read = _measure("read", {"out": out, "workers": args.workers, "batch": args.batch, "n": n,
                                      "image_size": image_size})
             rows.append((n, prep, read))
-            print(f"{n:8d} | {1000 * prep['seconds'] / n:11.3f} | {prep['main_mb']:14.0f} / {prep['worker_mb']:13.0f} | "
-                  f"{1000 * read['seconds'] / n:11.3f} | {read['main_mb']:14.0f} / {read['worker_mb']:13.0f}",
+            print(f"{n:8d} | {1000 * prep['seconds'] / n:11.3f} | {prep['main_mb']:14.0f} / "
+                  f"{prep['worker_mb']:13.0f} | {1000 * read['seconds'] / n:11.3f} | {read['main_mb']:14.0f} / {read['worker_mb']:13.0f}",
                   flush=True)
             subprocess.run(["rm", "-rf", out], check=False)
     ns = [r[0] for r in rows]

@@ -89,7 +89,8 @@ def open_spool(key: str, items: Callable[[], Iterator[Item]], info: Callable[[],
         os.replace(data_tmp, os.path.join(folder, "data.bin"))
         os.replace(index_tmp, os.path.join(folder, "index.json"))
     except OSError as e:
-        raise HardnegError(f"cannot write the spool in {folder}: {type(e).__name__}: {e} (set HARDNEG_CACHE_DIR)") from None
+        raise HardnegError(f"cannot write the spool in {folder}: {type(e).__name__}: {e} "
+                           f"(set HARDNEG_CACHE_DIR)") from None
     finally:
         for tmp in (data_tmp, index_tmp):
             if os.path.exists(tmp):

@@ -106,7 +106,8 @@ class WdsSource(Source):
         if not self.sizes:
             raise HardnegError(f"WebDataset shards '{self.url}' hold no samples")
         self.classes = [str(i) for i in range(top + 1)]
-        self._in_split = {s: [i for i, f in enumerate(self.files) if f["split"] == s and f["count"]] for s in self.sizes}
+        self._in_split = {s: [i for i, f in enumerate(self.files) if f["split"] == s and f["count"]]
+                          for s in self.sizes}
         self._starts = {s: [self.files[i]["start"] for i in idx] for s, idx in self._in_split.items()}
 
     def __getstate__(self):

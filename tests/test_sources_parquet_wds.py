@@ -43,7 +43,8 @@ def jpeg(seed: int, size: int = 40, fmt: str = "JPEG") -> bytes:
 
 def hf_parquet(path, rows: list, hf_meta: bool = True, image="image", label="label", struct=True) -> None:
     """A parquet file as ``datasets`` exports it: image {"bytes", "path"} + ClassLabel int64 label."""
-    images = [None if b is None else ({"bytes": b, "path": f"img{i}.jpg"} if struct else b) for i, (b, _) in enumerate(rows)]
+    images = [None if b is None else ({"bytes": b, "path": f"img{i}.jpg"} if struct else b)
+              for i, (b, _) in enumerate(rows)]
     kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if struct else pa.binary()
     table = pa.table({image: pa.array(images, type=kind), label: pa.array([y for _, y in rows], type=pa.int64())})
     if hf_meta:
@@ -175,7 +176,8 @@ def test_wds_reshards_with_manifest_skips_and_is_byte_identical(tmp_path):
     assert manifest["splits"]["train"]["num_samples"] == 8
     errors = {s["file"]: s["error"] for s in manifest["skipped"]}
     assert set(errors) == {"data-000001.tar:sample00007", "data-000001.tar:sample00008", "data-000001.tar:sample00009"}
-    assert "no .cls" in errors["data-000001.tar:sample00008"] and "not an integer" in errors["data-000001.tar:sample00009"]
+    assert "no .cls" in errors["data-000001.tar:sample00008"]
+    assert "not an integer" in errors["data-000001.tar:sample00009"]
     digests = shard_digests(tmp_path / "out")
     prepare(spec, str(tmp_path / "out2"), shard_size=4)
     assert shard_digests(tmp_path / "out2") == digests
@@ -210,5 +212,13 @@ def test_wds_bad_inputs_are_one_line_errors(tmp_path):
         f.write(data[: len(data) // 2 + 100])
     one_line_error(lambda: open_source(f"wds:{paths[1]}"), "cannot read WebDataset shard", "truncated or corrupt")
     one_line_error(lambda: open_source(f"wds:{tmp_path / 'nothing'}"), "does not exist")
-    manifest_err = one_line_error(lambda: prepare(f"wds:{paths[0]}?image=webp", str(tmp_path / "o")), "no readable images")
-    assert "3 skipped" in manifest_err
+    msg = one_line_error(lambda: prepare(f"wds:{paths[0]}?image=webp", str(tmp_path / "o")), "no readable images")
+    assert "3 skipped" in msg
+
+
+def test_parquet_with_worker_processes_matches_one_process(tmp_path):
+    hf_export(tmp_path / "ds")
+    spec = f"parquet:{tmp_path / 'ds'}"
+    prepare(spec, str(tmp_path / "one"), shard_size=3)
+    prepare(spec, str(tmp_path / "two"), shard_size=3, workers=2)  # forked workers read the spool themselves
+    assert shard_digests(tmp_path / "two") == shard_digests(tmp_path / "one")
