@@ -70,6 +70,8 @@ def main(argv: list[str]) -> int:
                         "peak RSS")
     p.add_argument("--sizes", default="10000,40000,160000", help="--scale: dataset sizes (default 10000,40000,160000)")
     p.add_argument("--imagenet", action="store_true", help="--scale: ImageNet-like image sizes (default 32x32)")
+    p.add_argument("--read-images", type=int, default=0,
+                   help="--scale: images read at each size (default 0: one epoch, all of them)")
     args = p.parse_args(argv)
     if args.scale:
         from data_prep.bench_scale import run_scale

@@ -2,14 +2,16 @@
 
 One synthetic JPEG imagefolder grows through ``--sizes`` (each image a function of its index, so the
 10k images of the first size are the first 10k of the next). At each size a fresh process runs
-``hardneg prep imagefolder:... --workers W`` and another reads one epoch of two-view batches
-(augment.where=batch, ``--workers`` loader workers); each reports its wall time and the peak RSS of
-its main process and of its largest worker (getrusage). A log-log fit gives the exponent of time in n.
+``hardneg prep imagefolder:... --workers W`` and another reads two-view batches (augment.where=batch,
+``--workers`` loader workers): one epoch, or ``--read-images`` images (streaming: the cost per image
+does not depend on n). Each reports its wall time and the peak RSS of its main process and of its
+largest worker (getrusage). Fits: prep time = a + b n, and the log-log exponent of prep time in n.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,21 +85,24 @@ def run_scale(args) -> int:
             have = n
             out = os.path.join(work, f"wds-{n}")
             prep = _measure("prep", {"folder": folder, "out": out, "workers": args.workers})
-            read = _measure("read", {"out": out, "workers": args.workers, "batch": args.batch, "n": n,
+            reads = min(args.read_images, n) if args.read_images > 0 else n
+            read = _measure("read", {"out": out, "workers": args.workers, "batch": args.batch, "n": reads,
                                      "image_size": image_size})
+            read["per_image"] = read["seconds"] / max(reads // args.batch, 1) / args.batch
             rows.append((n, prep, read))
             print(f"{n:8d} | {1000 * prep['seconds'] / n:11.3f} | {prep['main_mb']:14.0f} / "
-                  f"{prep['worker_mb']:13.0f} | {1000 * read['seconds'] / n:11.3f} | {read['main_mb']:14.0f} / {read['worker_mb']:13.0f}",
+                  f"{prep['worker_mb']:13.0f} | {1000 * read['per_image']:11.3f} | {read['main_mb']:14.0f} / "
+                  f"{read['worker_mb']:13.0f}",
                   flush=True)
-            subprocess.run(["rm", "-rf", out], check=False)
+            shutil.rmtree(out, ignore_errors=True)
     ns = [r[0] for r in rows]
     prep_b = fit_exponent(ns, [r[1]["seconds"] for r in rows])
-    read_b = fit_exponent(ns, [r[2]["seconds"] for r in rows])
-    grow = max(r[1]["main_mb"] for r in rows[-1:]) - rows[0][1]["main_mb"]
+    pa, pb = fit_linear(ns, [r[1]["seconds"] for r in rows])
+    reads = [1000 * r[2]["per_image"] for r in rows]
+    grow = rows[-1][1]["main_mb"] - rows[0][1]["main_mb"]
     per_image = grow * 2**20 / max(ns[-1] - ns[0], 1)
-    (pa, pb), (ra, rb) = (fit_linear(ns, [r[k]["seconds"] for r in rows]) for k in (1, 2))
-    print(f"fit: prep time = {pa:.1f} s + {1000 * pb:.3f} ms x n, read time = {ra:.1f} s + {1000 * rb:.3f} ms x n "
-          f"(start-up + per image); log-log exponents {prep_b:.2f} (prep), {read_b:.2f} (read); prep peak RSS "
-          f"{rows[0][1]['main_mb']:.0f} -> {rows[-1][1]['main_mb']:.0f} MB from {ns[0]} to {ns[-1]} images "
-          f"({per_image:.0f} bytes per extra image: the file listing and the shard plan)")
+    print(f"fit: prep time = {pa:.1f} s + {1000 * pb:.3f} ms x n (start-up + per image; log-log exponent "
+          f"{prep_b:.2f}, 1.00 = linear); read {min(reads):.3f}-{max(reads):.3f} ms per image at every size; "
+          f"prep peak RSS {rows[0][1]['main_mb']:.0f} -> {rows[-1][1]['main_mb']:.0f} MB from {ns[0]} to {ns[-1]} "
+          f"images ({per_image:.0f} bytes per extra image: the file listing and the shard plan)")
     return 0
