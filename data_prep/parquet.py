@@ -97,7 +97,8 @@ class ParquetSource(Source):
                     kind = schema.field(image).type
                     if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or
                             (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-                             and pa.types.is_binary(kind.field("bytes").type))):
+                             and (pa.types.is_binary(kind.field("bytes").type)
+                                  or pa.types.is_large_binary(kind.field("bytes").type)))):
                         raise HardnegError(f"column '{image}' of parquet file '{rel}' is {kind}; expected image bytes "
                                            f"(binary or a struct with a 'bytes' field)")
                     values = np.full(rows, -1, dtype=np.int64)
