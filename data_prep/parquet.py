@@ -143,7 +143,7 @@ class ParquetSource(Source):
                     with self.fs.open(entry["path"], "rb") as f:
                         for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH, columns=[image]):
                             for value in _image_values(batch.column(0)):
-                                yield value, {}
+                                yield value, None
                 except Exception as e:
                     raise HardnegError(f"cannot read parquet file '{entry['rel']}': {type(e).__name__}: "
                                        f"{str(e).splitlines()[0] if str(e) else ''}") from None

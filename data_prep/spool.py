@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 from data_prep.archive import cache_root
 from pipeline.errors import HardnegError
 
-# (image bytes or None, metadata dict for this sample)
+# (image bytes or None, metadata dict for this sample, or None for none)
 Item = tuple[Optional[bytes], dict]
 
 
@@ -27,9 +27,11 @@ class Spool:
 
     def __init__(self, folder: str, index: dict):
         self.folder = folder
-        self.offsets: list[int] = index["offsets"]
-        self.lengths: list[int] = index["lengths"]  # -1: the sample had no image bytes
-        self.meta: list[dict] = index["meta"]
+        import numpy as np
+
+        self.offsets = np.asarray(index["offsets"], dtype=np.int64)  # arrays: 16 bytes per sample in memory
+        self.lengths = np.asarray(index["lengths"], dtype=np.int64)  # -1: the sample had no image bytes
+        self.meta: list[dict] = index["meta"]  # empty when the source keeps no per-sample metadata
         self.info: dict = index.get("info", {})
         self._file = None
 
@@ -45,7 +47,7 @@ class Spool:
             return None
         if self._file is None or self._file[0] != os.getpid():  # a forked worker opens its own
             self._file = (os.getpid(), os.open(os.path.join(self.folder, "data.bin"), os.O_RDONLY))
-        return os.pread(self._file[1], self.lengths[i], self.offsets[i])
+        return os.pread(self._file[1], int(self.lengths[i]), int(self.offsets[i]))
 
 
 def spool_key(*parts) -> str:
@@ -79,7 +81,8 @@ def open_spool(key: str, items: Callable[[], Iterator[Item]], info: Callable[[],
             for blob, m in items():
                 offsets.append(pos)
                 lengths.append(-1 if blob is None else len(blob))
-                meta.append(m)
+                if m is not None:
+                    meta.append(m)
                 if blob is not None:
                     f.write(blob)
                     pos += len(blob)
