@@ -63,8 +63,10 @@ class AugmentConfig(_Section):
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     # "loader": per-sample torchvision transforms in the data loader (CPU);
     # "device": decoded images travel as uint8 and both views are made in batches on the training
-    # device (kornia, per-sample random parameters), so the CPU is not the bottleneck on a GPU.
-    where: Literal["loader", "device"] = "loader"
+    # device (kornia, per-sample random parameters), so the CPU is not the bottleneck on a GPU;
+    # "batch": the loader workers crop and flip each image to uint8, then run the colour steps on the
+    # whole batch with per-sample parameters (data.batched_train_batches; WebDataset only) -- faster on a CPU.
+    where: Literal["loader", "device", "batch"] = "loader"
 
     @model_validator(mode="after")
     def _crop_range(self) -> "AugmentConfig":

@@ -147,6 +147,12 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.per_worker_batch_size,  # one split: validated
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
             loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device)
+    elif cfg.augment.where == "batch":  # both views made per batch in the loader workers
+        batches = data.batched_train_batches(
+            cfg.data.path, cfg.data.pretrain, cfg.augment, cfg.per_worker_batch_size,
+            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
+            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+        )
     else:
         batches = data.train_batches(
             cfg.data.path, cfg.data.pretrain, two_views, cfg.per_worker_batch_size,
