@@ -70,15 +70,27 @@ class InBatchObjective(nn.Module):
         """Nothing to update outside the optimiser for the in-batch family."""
 
     @torch.no_grad()
-    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cosines of positives, real negatives and (SSCL) synthetic negatives on this batch, for histograms."""
+    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
+                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Cosines on this batch for the histogram: positives, negatives (split by class where labels are
+        known), each anchor's n_hard hardest negatives and (SSCL) the synthetic negatives."""
         z1, z2 = F.normalize(self.model(torch.cat([x1, x2])).float(), dim=1).chunk(2)  # (n, d) each
         rows = torch.cat([z1, z2])  # (2n, d): this rank's batch only; a histogram needs no global view
         n2 = rows.shape[0]
         ids = torch.arange(n2, device=rows.device)
         sim = rows @ rows.T  # (2n, 2n)
         neg_mask = (ids[:, None] != ids[None, :]) & (ids[None, :] != (ids[:, None] + n2 // 2) % n2)
-        samples = {"positive": (z1 * z2).sum(dim=1), "real negative": sim[neg_mask]}
+        samples = {"positive": (z1 * z2).sum(dim=1)}
+        if labels is not None:
+            both = torch.cat([labels, labels]).to(rows.device)  # (2n,)
+            same = (both[:, None] == both[None, :]) & (both[:, None] >= 0)  # (2n, 2n)
+            samples["same-class negative"] = sim[neg_mask & same]
+            samples["other-class negative"] = sim[neg_mask & ~same]
+        else:
+            samples["negative"] = sim[neg_mask]
+        k = min(self.cfg.n_hard, int(neg_mask.sum(dim=1).min()))
+        hardest = sim.masked_fill(~neg_mask, float("-inf")).topk(k, dim=1).values  # (2n, k)
+        samples[f"{k} hardest negatives per anchor"] = hardest.ravel()
         if self.cfg.name == "sscl" and self.cfg.n_synthetic > 0:
             synthetic = synthesize_hard_negatives(
                 sim, neg_mask, rows, ids, n_hard=self.cfg.n_hard, n_synthetic=self.cfg.n_synthetic,
