@@ -226,6 +226,10 @@ class MlflowTracker(NullTracker):
         version = getattr(info, "registered_model_version", None)
         if self.cfg.registered_model and version is not None:
             version = str(version)
+            if not self.client.get_registered_model(self.cfg.registered_model).description:
+                self.client.update_registered_model(self.cfg.registered_model, description=(
+                    "Backbones pretrained by hardneg. Aliases: best (highest kNN top-1 of its run), last (the end of "
+                    "a run); each version's description names its run, method, dataset and step."))
             if description:
                 self.client.update_model_version(self.cfg.registered_model, version, description=description)
             for alias in aliases:
