@@ -163,8 +163,8 @@ def test_runs_table_cli(tmp_path, capsys):
     tracker.finish()
     assert cli_main(["runs", "hardneg", "--tracking-uri", cfg.uri]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["run", "method", "t"]
-    assert "hcl" in out[1] and "0.9100" in out[1] and "200.0" in out[1]
+    assert out[0].split()[:4] == ["run", "run", "id", "method"] and "temperature" in out[0]
+    assert "hcl" in out[1] and "0.9100" in out[1] and "200.0" in out[1] and tracker.run_id in out[1]
     assert cli_main(["runs", "nope", "--tracking-uri", cfg.uri]) == 2
 
 
