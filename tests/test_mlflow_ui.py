@@ -3,7 +3,9 @@
 Checks that the run page shows the description, the method tag, the dataset and the source commit, that
 the metrics tab has the grouped sections, that the artifacts and the registered model's aliases show.
 Chromium comes from Debian (`make setup` installs it as root), driven by Playwright; without either the
-test is skipped saying which is missing. HARDNEG_SCREENSHOTS=DIR also saves the screenshots there (docs/).
+test is skipped saying which is missing. The docs' screenshots come from the demo's store:
+    HARDNEG_UI_STORE=sqlite:///$PWD/demo_out/mlflow.db HARDNEG_SCREENSHOTS=docs pytest tests/test_mlflow_ui.py
+(HARDNEG_UI_STORE: use that store's newest run instead of training one; HARDNEG_SCREENSHOTS: also save there.)
 """
 from __future__ import annotations
 
@@ -26,14 +28,23 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.fixture(scope="module")
-def ui_run(tmp_path_factory, digits_shards):
+def ui_run(tmp_path_factory, request):
     """One real tiny SSCL run in a SQLite store, and `mlflow ui` serving it on a free 127.0.0.1 port."""
     from pipeline import launch
 
     tmp = tmp_path_factory.mktemp("ui")
-    result = launch.train_run(tiny_config(tmp, digits_shards, "cluster.launcher=local", "loss.name=sscl",
-                                          "train.knn_every_epochs=1", "tracking.system_metrics_every_s=0"))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = os.environ.get("HARDNEG_UI_STORE")
+    if uri:
+        from mlflow.tracking import MlflowClient
+
+        newest = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("hardneg").experiment_id],
+                                               order_by=["attributes.start_time DESC"], max_results=1)[0]
+        result = {"tracking_uri": uri, "mlflow_run_id": newest.info.run_id}
+    else:
+        digits_shards = request.getfixturevalue("digits_shards")
+        result = launch.train_run(tiny_config(tmp, digits_shards, "cluster.launcher=local", "loss.name=sscl",
+                                              "train.knn_every_epochs=1", "tracking.system_metrics_every_s=0"))
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
     port = free_port()
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(tmp / "ui.log", "w")
@@ -76,8 +87,11 @@ def _open(page, url: str, *needles: str) -> str:
 def _save(page, name: str, tmp) -> None:
     page.screenshot(path=str(tmp / name))
     target = os.environ.get("HARDNEG_SCREENSHOTS")
-    if target:
-        page.screenshot(path=os.path.join(target, name))
+    if target:  # 128 colours: a UI screenshot stays legible at a fraction of the size
+        from PIL import Image
+
+        with Image.open(tmp / name) as image:
+            image.convert("RGB").quantize(colors=128).save(os.path.join(target, name), optimize=True)
 
 
 def test_run_pages_show_the_described_run_grouped_metrics_and_models(ui_run):
