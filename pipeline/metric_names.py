@@ -66,8 +66,8 @@ METRICS: dict[str, Optional[MetricName]] = {
                                 "equals the number of negatives at beta=0; falling towards 1: a few hardest "
                                 "negatives carry all the weight"),
     "false_neg_rate": MetricName("negatives/same_class_share_of_hardest", "share of same-class samples among "
-                                 "each anchor's loss.n_hard (MoCHi: loss.mochi_n_hard) hardest negatives; labels serve this "
-                                 "diagnostic only",
+                                 "each anchor's loss.n_hard (MoCHi: loss.mochi_n_hard) hardest negatives; labels "
+                                 "serve this diagnostic only",
                                  "the false negatives tau+ debiases; about 1/classes at random init, rising "
                                  "as classes cluster"),
     "accept_rate": MetricName("negatives/psm_accept_rate", "share of candidate negatives PSM's acceptance rule "

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from pipeline import config, metric_names, plots, run_info, runs_view, tracking
+from pipeline import config, metric_names, plots, run_info, tracking
 from pipeline.cli import main as cli_main
 from pipeline.losses import diagnostics
 from pipeline.objectives import build_objective
