@@ -137,3 +137,19 @@ def test_embedding_names_its_projection(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 300
     assert plots.tsne_2d(features[:30]).shape == (30, 2)
+
+
+@pytest.mark.parametrize("method,extra", [("psm", "mined positive"), ("mochi", "synthetic negative")])
+def test_bank_methods_histogram_their_own_groups(tmp_path, method, extra):
+    cfg = tiny_config(tmp_path, "unused", f"loss.name={method}", "loss.psm_bank_size=64", "loss.mochi_queue_size=64",
+                      "loss.mochi_n_hard=8", "loss.mochi_s=4", "loss.mochi_s_prime=2", "loss.n_hard=8")
+    objective = build_objective(cfg).eval()
+    bank = "bank" if method == "psm" else "queue"
+    getattr(objective, f"{bank}_labels").copy_(torch.arange(64) % 3 - 1)  # classes 0, 1 and unknown (-1)
+    x, labels = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0])
+    samples = objective.similarity_samples(x, x.flip(0), labels)
+    n_known = (torch.arange(64) % 3 - 1 >= 0).sum()
+    assert samples["same-class negative"].numel() + samples["other-class negative"].numel() == 5 * n_known
+    assert samples["negative of unknown class (bank warm-up)"].numel() == 5 * (64 - n_known)
+    assert samples["8 hardest negatives per anchor"].numel() == 5 * 8 and samples[extra].numel() > 0
+    assert all(v.abs().max() <= 1 + 1e-5 for v in samples.values())  # cosines
