@@ -13,16 +13,15 @@ O(local rows x global columns) cost, with no (global rows x global columns) tens
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import _batch, _check_t
+from .functional import Gather, _batch, _check_t
 from .precision import full_precision
 
-Gather = Callable[[Tensor], Tensor]
 WEIGHTINGS = ("soft", "hard")
 
 # SplitMix64 constants as signed int64 (multiplication wraps modulo 2^64 either way)
@@ -195,7 +194,7 @@ def psm_hard_loss(q: Tensor, k: Tensor, *, temperature: float, accept_a: float =
     acceptance rule; mean_i -log(pos_i / (pos_i + sum_kept neg_in)). k is detached (momentum keys).
     Deviation from the release: it computes the acceptance on raw (un-normalised) dot products of the
     BN outputs, which rejects nearly every negative and makes L_hard ~ 0; here it is on cosines
-    (METHODS.md). ``accept``: an explicit (2n, 2B) bool mask over the raw columns, for tests.
+    (docs/methods.md). ``accept``: an explicit (2n, 2B) bool mask over the raw columns, for tests.
     """
     t = _check_psm(temperature, accept_a, accept_b)
     b = _batch(q, k.detach(), t, gather)
