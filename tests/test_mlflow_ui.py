@@ -76,12 +76,13 @@ def ui_run(tmp_path_factory, request):
 def _open(page, url: str, *needles: str) -> str:
     """Go to ``url`` and wait (up to 90 s: the UI renders client-side) until the page shows every needle."""
     page.goto(url)
-    script = "needles => needles.every(n => document.body && document.body.innerText.includes(n))"
+    script = ("needles => needles.every(n => document.body && "
+              "document.body.innerText.replace(/\\u00a0/g, ' ').includes(n))")
     try:
         page.wait_for_function(script, arg=list(needles), timeout=90_000)
     except playwright.TimeoutError:
         pass  # the assertion below names what is missing
-    return page.inner_text("body")
+    return page.inner_text("body").replace("\u00a0", " ")  # the UI puts no-break spaces in e.g. "@ best"
 
 
 def _save(page, name: str, tmp) -> None:
