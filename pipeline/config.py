@@ -334,3 +334,19 @@ def flatten(cfg: Config) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+_METHOD_LOSS_KEYS = {"nt_xent": (), "dcl": ("tau_plus",), "hcl": ("tau_plus", "beta"),
+                     "sscl": ("tau_plus", "beta", "n_hard", "n_synthetic", "mix")}
+
+
+def own_loss_keys(name: str) -> tuple[str, ...]:
+    """The loss.* settings of method ``name`` beyond its temperature (psm_*, mochi_*, tau_plus, beta ...)."""
+    prefixed = tuple(k for k in LossConfig.model_fields if k.startswith(f"{name}_"))  # psm_*, mochi_*
+    return _METHOD_LOSS_KEYS.get(name, ()) + prefixed
+
+
+def loss_keys(name: str) -> tuple[str, ...]:
+    """The loss.* fields method ``name`` reads (the rest of LossConfig belongs to other methods)."""
+    shared = ("name", "temperature") + (() if name == "mochi" else ("n_hard",))  # n_hard: also the diagnostics'
+    return tuple(dict.fromkeys(shared + own_loss_keys(name)))

@@ -17,6 +17,7 @@ from data_prep.manifest import read_manifest
 from pipeline import augment, checkpoint, config as config_mod, data, dist
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
+from pipeline.metric_names import grouped
 from pipeline.objectives import build_objective
 from pipeline.reporting import EpochReporter
 from pipeline.tracking import make_tracker, redact
@@ -189,15 +190,16 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             values = dist.all_reduce_mean(values).tolist()
             mean_loss = values[0]
             elapsed = max(time.perf_counter() - tick, 1e-9)
-            tracker.log_metrics({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
-                                 "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed}
-                                | dict(zip(names, values[1:])), step=done)
+            tracker.log_metrics(grouped({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
+                                         "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed}
+                                        | dict(zip(names, values[1:]))), step=done)
             loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), done
         if not epoch_end:
             continue
         epoch = done // spe
         last = done == total_steps
-        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss}, batch=(x1, x2))
+        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss},
+                            batch=(x1, x2, labels))
         if ctx.is_main:
             knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
             print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}",

@@ -84,7 +84,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
 
     def logged_steps(client: MlflowClient) -> list[int]:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
+        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] if runs else []
 
     def kill_one_worker_after_the_first_checkpoint() -> None:
         client = None
@@ -134,7 +134,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == sorted(set(steps)), f"{key}: steps repeat or go back: {steps}"
     expected = [s for s in range(1, total + 1) if s % 4 == 0 or s % spe == 0]
-    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert loss_steps == expected  # every log step once: before the kill from attempt 1, after from attempt 2
     print(f"[mlflow] one run {run.info.run_id}, loss logged at {len(loss_steps)} strictly increasing steps "
           f"{loss_steps[0]}..{loss_steps[-1]}", flush=True)
