@@ -34,6 +34,15 @@ $(STAMP): pyproject.toml
 	  else echo "note: FFCV needs pkg-config libopencv-dev libturbojpeg0-dev (apt-get as root); not installing them"; fi; \
 	fi
 	-$(PY) -m pip install -q -e '.[ffcv]' || echo "note: FFCV did not build; --format ffcv and data.format=ffcv will say why"
+	@# The MLflow UI test drives Debian's Chromium through Playwright (no browser download); best effort too:
+	@# without it tests/test_mlflow_ui.py is skipped and says why.
+	-@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (for the MLflow UI test)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: the MLflow UI test needs chromium (apt-get install -y chromium as root); it will be skipped"; fi; \
+	fi
 	touch $(STAMP)
 
 clean:

@@ -159,6 +159,26 @@ class ZipTree:
         return self._open().read(self.names[name])
 
 
+def _local_files(root: str) -> Iterator[tuple[str, int]]:
+    """(path, size) of every non-directory under a local ``root``, as fsspec's find lists them (links to
+    folders are walked, a link's size is its target's, 0 if broken), without its per-file info dicts:
+    ~150 bytes per file instead of ~800, which is prep's peak memory on a million-image folder."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                path = posixpath.join(folder, entry.name)
+                if entry.is_dir():
+                    stack.append(path)
+                    continue
+                try:
+                    size = entry.stat().st_size
+                except OSError:
+                    size = 0
+                yield path, size
+
+
 class FolderTree:
     """Files under a folder on any fsspec URL, by relative name; local links out of the folder are left out."""
 
@@ -169,12 +189,14 @@ class FolderTree:
         real_root = os.path.realpath(self.root) if local else None
         self.names: dict[str, int] = {}  # relative name -> size
         self.outside: list[str] = []
-        for p, info in sorted(self.fs.find(self.root, detail=True).items()):
+        listing = _local_files(self.root) if local else (
+            (p, int(info.get("size") or 0)) for p, info in self.fs.find(self.root, detail=True).items())
+        for p, size in sorted(listing):
             rel = posixpath.relpath(p, self.root)
             if local and not (os.path.realpath(p) + os.sep).startswith(real_root + os.sep):
                 self.outside.append(rel)
                 continue
-            self.names[rel] = int(info.get("size") or 0)
+            self.names[rel] = size
 
     def __getstate__(self):
         return {"url": self.url, "fs": self.fs, "root": self.root, "names": self.names, "outside": self.outside}

@@ -3,8 +3,10 @@
 Builds a synthetic CIFAR-10 "python version" archive itself, shards it (WebDataset, FFCV) with
 ``--workers`` processes, then reads both back through the training loaders (two views, decode +
 SimCLR augmentation, batches of ``--batch``) and compares with a torchvision-style in-memory dataset
-(uint8 arrays -> PIL -> the same transform, DataLoader with the same worker count). Ratios only; never
-a timed test.
+(uint8 arrays -> PIL -> the same transform, DataLoader with the same worker count). WebDataset is read
+twice: per sample (augment.where=loader) and batched (augment.where=batch: crops per sample to uint8,
+colour steps per batch). ``--scale`` measures prep and reading at growing sizes instead (bench_scale.py).
+Ratios only; never a timed test.
 """
 from __future__ import annotations
 
@@ -63,7 +65,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batches", type=int, default=20, help="timed batches per reader (default 20)")
     p.add_argument("--quick", action="store_true", help="a tiny run (for tests): 600 images, batches of 64")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--scale", action="store_true",
+                   help="instead: conversion and reading of synthetic JPEG folders at --sizes: time per image, "
+                        "peak RSS")
+    p.add_argument("--sizes", default="10000,40000,160000", help="--scale: dataset sizes (default 10000,40000,160000)")
+    p.add_argument("--imagenet", action="store_true", help="--scale: ImageNet-like image sizes (default 32x32)")
+    p.add_argument("--read-images", type=int, default=0,
+                   help="--scale: images read at each size (default 0: one epoch, all of them)")
     args = p.parse_args(argv)
+    if args.scale:
+        from data_prep.bench_scale import run_scale
+
+        return run_scale(args)
     if args.quick:
         args.images, args.batch, args.batches = 600, 64, 3
     import torch
@@ -100,16 +113,22 @@ def main(argv: list[str]) -> int:
         two_views = augment.TwoViews(augment.view_transform(cfg))
         rates = {"torchvision in-memory": _rate(_baseline(open_source(spec), two_views, args.batch, args.workers),
                                                 args.batches, args.batch)}
-        rates["WebDataset"] = _rate(data.train_batches(os.path.join(work, "wds"), "train", two_views, args.batch,
-                                                       rank=0, seed=0, loader_workers=args.workers),
-                                    args.batches, args.batch)
+        rates["WebDataset per sample"] = _rate(data.train_batches(os.path.join(work, "wds"), "train", two_views,
+                                                                  args.batch, rank=0, seed=0,
+                                                                  loader_workers=args.workers),
+                                               args.batches, args.batch)
+        rates["WebDataset batched"] = _rate(data.batched_train_batches(os.path.join(work, "wds"), "train", cfg,
+                                                                       args.batch, rank=0, seed=0,
+                                                                       loader_workers=args.workers),
+                                            args.batches, args.batch)
         if why is None:
             rates["FFCV"] = _rate(data.ffcv_train_batches(os.path.join(work, "ffcv"), "train", cfg, args.batch, rank=0,
                                                           seed=0, loader_workers=args.workers),
                                   args.batches, args.batch)
         base = rates["torchvision in-memory"]
-        goals = {"WebDataset": 1.0, "FFCV": 2.0}
-        print(f"read        two views, decode + augment, {args.workers} workers, relative to torchvision in-memory:")
+        goals = {"WebDataset batched": 1.2, "FFCV": 2.0}
+        print(f"read        two views, decode + augment, {args.workers} workers, relative to torchvision in-memory "
+              f"(WebDataset batched = augment.where=batch):")
         for name, rate in rates.items():
             goal = f"  (goal >= {goals[name]:.1f}x: {'met' if rate / base >= goals[name] else 'NOT met'})" if name in goals else ""
             print(f"  {name:22s} {rate:8.0f} img/s  {rate / base:5.2f}x{goal}")

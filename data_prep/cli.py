@@ -6,7 +6,9 @@ import argparse
 from pipeline.errors import HardnegError
 
 SOURCES_HELP = ("builtin:digits | cifar10:PATH | cifar100:PATH | stl10:PATH | tinyimagenet:PATH | imagefolder:PATH "
-                "(PATH: an official archive or its folder, any fsspec URL) | verify")
+                "(PATH: an official archive or its folder, any fsspec URL) | parquet:PATH[?image=COL&label=COL] "
+                "(Hugging Face parquet exports) | wds:URL_PATTERN[?image=EXT;EXT&label=EXT] (existing WebDataset "
+                "shards, e.g. /data/train-{000000..000009}.tar) | verify")
 
 
 def add_prep_parser(sub) -> None:

@@ -255,6 +255,8 @@ SOURCES: dict[str, Callable[[Optional[str], str, int], Source]] = {
     "cifar100:PATH": _opener("data_prep.cifar", "Cifar100Source"),
     "stl10:PATH": _opener("data_prep.stl10", "Stl10Source"),
     "tinyimagenet:PATH": _opener("data_prep.tinyimagenet", "TinyImageNetSource"),
+    "parquet:PATH": _opener("data_prep.parquet", "ParquetSource"),
+    "wds:PATH": _opener("data_prep.wds_source", "WdsSource"),
 }
 
 

@@ -122,3 +122,24 @@ def _write_tree(path: str, root: str, files: dict, folder: bool) -> str:
         for name, data in sorted(files.items()):
             _add(tar, f"{root}/{name}", data)
     return path
+
+
+def write_jpeg_folder(path: str, n: int, start: int = 0, imagenet: bool = False, seed: int = 0,
+                      classes: int = 10) -> str:
+    """An imagefolder of JPEGs ``c{label}/img{i}.jpg`` for i in [start, n): 32x32, or ImageNet-like sizes
+    (300-500 x 250-450 px, smooth colour fields plus noise); each image a function of (seed, i) only, so a
+    folder grows from n1 to n2 images by writing the new ones."""
+    for i in range(start, n):
+        rng = np.random.default_rng([seed, i])
+        label = i % classes
+        if imagenet:
+            w, h = int(rng.integers(300, 501)), int(rng.integers(250, 451))
+            field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+            noise = rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+            pixels = np.clip(np.asarray(field, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        else:
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        folder = os.path.join(path, f"c{label:02d}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(pixels).save(os.path.join(folder, f"img{i:08d}.jpg"), format="JPEG", quality=90)
+    return path

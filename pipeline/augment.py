@@ -82,3 +82,34 @@ class DeviceTwoViews(torch.nn.Module):
 def to_uint8_tensor(size: int):
     """Loader-side transform for augment.where=device: PIL RGB -> uint8 (3, size, size), resized only if needed."""
     return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True)])
+
+
+class CropFlipViews:
+    """Loader-side half of augment.where=batch: PIL RGB image -> two uint8 (3, S, S) views, each with its own
+    random resized crop and horizontal flip (torchvision's parameter draws, PIL's resize as v2 does on PIL).
+    The colour steps then run per batch, with per-sample parameters (data.color_params)."""
+
+    def __init__(self, cfg: AugmentConfig):
+        self.size, self.hflip_p = cfg.image_size, cfg.hflip_p
+        self.scale, self.ratio = [cfg.crop_scale_min, cfg.crop_scale_max], [3.0 / 4.0, 4.0 / 3.0]
+
+    def params(self, image) -> tuple[int, int, int, int, bool]:
+        """(top, left, height, width, flip) of one view: RandomResizedCrop's and RandomHorizontalFlip's draws."""
+        from torchvision.transforms import RandomResizedCrop
+
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        return top, left, height, width, bool(torch.rand(1).item() < self.hflip_p)
+
+    def view(self, image) -> torch.Tensor:
+        """One uint8 (3, S, S) view of a PIL RGB image."""
+        import numpy as np
+        from PIL import Image
+
+        top, left, height, width, flip = self.params(image)
+        out = image.crop((left, top, left + width, top + height)).resize((self.size, self.size), Image.BILINEAR)
+        if flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1)  # a writable copy
+
+    def __call__(self, image):
+        return self.view(image), self.view(image)

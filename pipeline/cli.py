@@ -77,17 +77,9 @@ def cmd_runs(args) -> None:
     if not rows:
         print(f"experiment '{args.experiment}' has no runs")
         return
-    columns = ["run", "method", "t", "tau+", "beta", "batch", "epochs", "knn_top1", "linear_top1", "images/s", "status"]
+    from pipeline.runs_view import render, sort_rows
 
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.1f}" if value > 1.5 else f"{value:.4f}"
-        return "-" if value is None else str(value)
-
-    table = [columns] + [[cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        print("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip())
+    print(render(sort_rows(rows, args.sort), args.format), end="")
 
 
 def cmd_reproduce(args) -> None:
@@ -133,12 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("runs", help="table of an experiment's runs", description="Method, key hyper-parameters, "
-                       "kNN and linear top-1 and images/s of every run of EXPERIMENT.")
+    p = sub.add_parser("runs", help="table of an experiment's runs", description="Run, run id, method, dataset, "
+                       "start (UTC), duration, temperature and the method's own settings, best and last kNN top-1, "
+                       "linear-probe top-1 and mean training images/s of every run of EXPERIMENT.")
     p.add_argument("experiment", metavar="EXPERIMENT", nargs="?", default="hardneg",
                    help="an experiment name, or `sync RUN_DIR`: upload what a run kept while its server was down")
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--tracking-uri", default=None, help="default sqlite:///mlflow.db (sync: the run's own server)")
+    p.add_argument("--sort", metavar="COLUMN", help="sort by this column header, e.g. 'best kNN' (numbers: "
+                   "highest first); default: newest first")
+    p.add_argument("--format", choices=("text", "csv", "md"), default="text", help="aligned text (default), CSV "
+                   "(raw numbers) or a markdown table")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("reproduce", help="run a method x dataset x seed grid and tabulate it",

@@ -65,8 +65,10 @@ class AugmentConfig(_Section):
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     # "loader": per-sample torchvision transforms in the data loader (CPU);
     # "device": decoded images travel as uint8 and both views are made in batches on the training
-    # device (kornia, per-sample random parameters), so the CPU is not the bottleneck on a GPU.
-    where: Literal["loader", "device"] = "loader"
+    # device (kornia, per-sample random parameters), so the CPU is not the bottleneck on a GPU;
+    # "batch": the loader workers crop and flip each image to uint8, then run the colour steps on the
+    # whole batch with per-sample parameters (data.batched_train_batches; WebDataset only) -- faster on a CPU.
+    where: Literal["loader", "device", "batch"] = "loader"
 
     @model_validator(mode="after")
     def _crop_range(self) -> "AugmentConfig":
@@ -349,3 +351,19 @@ def flatten(cfg: Config) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+_METHOD_LOSS_KEYS = {"nt_xent": (), "dcl": ("tau_plus",), "hcl": ("tau_plus", "beta"),
+                     "sscl": ("tau_plus", "beta", "n_hard", "n_synthetic", "mix")}
+
+
+def own_loss_keys(name: str) -> tuple[str, ...]:
+    """The loss.* settings of method ``name`` beyond its temperature (psm_*, mochi_*, tau_plus, beta ...)."""
+    prefixed = tuple(k for k in LossConfig.model_fields if k.startswith(f"{name}_"))  # psm_*, mochi_*
+    return _METHOD_LOSS_KEYS.get(name, ()) + prefixed
+
+
+def loss_keys(name: str) -> tuple[str, ...]:
+    """The loss.* fields method ``name`` reads (the rest of LossConfig belongs to other methods)."""
+    shared = ("name", "temperature") + (() if name == "mochi" else ("n_hard",))  # n_hard: also the diagnostics'
+    return tuple(dict.fromkeys(shared + own_loss_keys(name)))

@@ -375,31 +375,56 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return table.gather(1, idx)
 
 
+def color_params(n: int, cfg, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Per-sample draws of SimCLR's colour steps, torchvision's distributions: ``jitter`` (n,) bool
+    (RandomApply p), ``order`` (n, 4) a uniform permutation of brightness/contrast/saturation/hue (ColorJitter's
+    randperm), their factors (n,) uniform in [max(0, 1-a), 1+a] and the hue shift in [-h, h], ``grey`` (n,) bool."""
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.empty(n, device=device).uniform_(low, high)
+
+    return {"jitter": torch.rand(n, device=device) < cfg.jitter_p,
+            "order": torch.rand(n, 4, device=device).argsort(1),
+            "brightness": uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
+            "contrast": uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
+            "saturation": uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
+            "hue": uniform(-cfg.hue, cfg.hue),
+            "grey": torch.rand(n, device=device) < cfg.grayscale_p}
+
+
+def _jitter_op(y: torch.Tensor, op: int, p: dict, rows: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's step ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) on images ``y`` = batch[rows]."""
+    f = lambda name: p[name][rows].view(-1, 1, 1, 1)  # noqa: E731
+    if op == 0:
+        return (y * f("brightness")).clamp_(0, 1)
+    if op == 1:
+        mean = _grey(y).mean((1, 2, 3), keepdim=True)
+        return ((y - mean) * f("contrast") + mean).clamp_(0, 1)
+    if op == 2:
+        grey = _grey(y)
+        return ((y - grey) * f("saturation") + grey).clamp_(0, 1)
+    return _shift_hue(y, p["hue"][rows])
+
+
+def apply_color(x: torch.Tensor, p: dict, cfg) -> torch.Tensor:
+    """Jitter (each sample's own order and factors) then greyscale on float (B,3,H,W) in [0,1], per ``p``."""
+    enabled = [cfg.brightness > 0, cfg.contrast > 0, cfg.saturation > 0, cfg.hue > 0]
+    if cfg.jitter_p > 0 and any(enabled):
+        x = x.clone()
+        for k in range(4):  # position k of every sample's order: each op on the rows that do it now
+            for op in range(4):
+                rows = (p["jitter"] & (p["order"][:, k] == op)).nonzero().flatten()
+                if enabled[op] and rows.numel():
+                    x[rows] = _jitter_op(x[rows], op, p, rows)
+    if cfg.grayscale_p > 0:
+        x = torch.where(p["grey"].view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
+    return x
+
+
 def _color_views(x: torch.Tensor, cfg) -> torch.Tensor:
     """SimCLR's colour steps per sample on a uint8 batch (B,3,H,W): jitter, grey, blur; then normalise."""
     x = x.float().div_(255.0)
     n, dev = x.shape[0], x.device  # works on any device: the draws are made where the batch is
-
-    def factors(amount: float) -> torch.Tensor:
-        return torch.empty(n, device=dev).uniform_(max(0.0, 1 - amount), 1 + amount).view(-1, 1, 1, 1)
-
-    if cfg.jitter_p > 0:
-        apply = (torch.rand(n, device=dev) < cfg.jitter_p).view(-1, 1, 1, 1)
-        y = x
-        for op in torch.randperm(4).tolist():  # ColorJitter applies its four steps in a random order
-            if op == 0 and cfg.brightness > 0:
-                y = (y * factors(cfg.brightness)).clamp_(0, 1)
-            elif op == 1 and cfg.contrast > 0:
-                mean = _grey(y).mean((1, 2, 3), keepdim=True)
-                y = ((y - mean) * factors(cfg.contrast) + mean).clamp_(0, 1)
-            elif op == 2 and cfg.saturation > 0:
-                grey = _grey(y)
-                y = ((y - grey) * factors(cfg.saturation) + grey).clamp_(0, 1)
-            elif op == 3 and cfg.hue > 0:
-                y = _shift_hue(y, torch.empty(n, device=dev).uniform_(-cfg.hue, cfg.hue))
-        x = torch.where(apply, y, x)
-    if cfg.grayscale_p > 0:
-        x = torch.where((torch.rand(n, device=dev) < cfg.grayscale_p).view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
+    x = apply_color(x, color_params(n, cfg, dev), cfg)
     if cfg.blur_p > 0 or cfg.rotation_degrees > 0:
         from torchvision.transforms.v2 import functional as F
 
@@ -500,3 +525,43 @@ def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size
         indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     return indices[np.array(list(sampler), dtype=np.int64)]
+
+
+# ---- augment.where=batch: WebDataset with both views made per batch in the loader workers ------------------
+
+
+class _BatchedViews(torch.utils.data.IterableDataset):
+    """One loader worker's stream: train_batches of uint8 crops (augment.CropFlipViews), coloured per batch."""
+
+    def __init__(self, data_path, split, augment_cfg, batch_size: int, rank: int, seed: int, shuffle_buffer: int):
+        self.args = (data_path, split, augment_cfg, batch_size, rank, seed, shuffle_buffer)
+
+    def __iter__(self):
+        from pipeline.augment import CropFlipViews
+
+        data_path, split, cfg, batch_size, rank, seed, shuffle_buffer = self.args
+        for v1, v2, labels in train_batches(data_path, split, CropFlipViews(cfg), batch_size, rank=rank, seed=seed,
+                                            shuffle_buffer=shuffle_buffer, loader_workers=0):
+            yield _color_views(v1, cfg), _color_views(v2, cfg), labels
+
+
+def batched_train_batches(
+    data_path: str,
+    split: str | Sequence[str],
+    augment_cfg,
+    batch_size: int,
+    *,
+    rank: int,
+    seed: int,
+    shuffle_buffer: int = 1000,
+    loader_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """train_batches' (view1, view2, labels) stream, faster on a CPU: each worker decodes, crops and flips every
+    image to uint8 (per sample), then runs SimCLR's colour steps on the whole batch with per-sample parameters
+    (color_params) -- the same recipe as augment.view_transform, one vectorised pass instead of B."""
+    stream = _BatchedViews(data_path, split, augment_cfg, batch_size, rank, seed, shuffle_buffer)
+    if loader_workers == 0:
+        yield from stream
+        return
+    yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers, persistent_workers=True,
+                                           pin_memory=torch.cuda.is_available())

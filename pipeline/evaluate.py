@@ -129,11 +129,12 @@ def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str =
         result |= linear_probe(backbone, data_path, cfg.data.train_split, cfg.data.eval_split, cfg.eval,
                                cfg.augment, seed=cfg.train.seed)
     if track and cfg.tracking.enabled:
+        from pipeline.metric_names import grouped
         from pipeline.tracking import MlflowTracker
 
         tracker = MlflowTracker(cfg.tracking, state.get("mlflow_run_id"))
         metrics = {k: result[k] for k in ("knn_top1", "linear_top1") if k in result}
-        tracker.log_metrics({("eval_knn_top1" if k == "knn_top1" else k): v for k, v in metrics.items()},
+        tracker.log_metrics(grouped({("eval_knn_top1" if k == "knn_top1" else k): v for k, v in metrics.items()}),
                             step=state["step"])
         tracker.finish(status=tracker.previous_status or "FINISHED")  # evaluating does not reopen a run
         result["mlflow_run_id"] = tracker.run_id

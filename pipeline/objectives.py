@@ -70,15 +70,27 @@ class InBatchObjective(nn.Module):
         """Nothing to update outside the optimiser for the in-batch family."""
 
     @torch.no_grad()
-    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cosines of positives, real negatives and (SSCL) synthetic negatives on this batch, for histograms."""
+    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
+                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Cosines on this batch for the histogram: positives, negatives (split by class where labels are
+        known), each anchor's n_hard hardest negatives and (SSCL) the synthetic negatives."""
         z1, z2 = F.normalize(self.model(torch.cat([x1, x2])).float(), dim=1).chunk(2)  # (n, d) each
         rows = torch.cat([z1, z2])  # (2n, d): this rank's batch only; a histogram needs no global view
         n2 = rows.shape[0]
         ids = torch.arange(n2, device=rows.device)
         sim = rows @ rows.T  # (2n, 2n)
         neg_mask = (ids[:, None] != ids[None, :]) & (ids[None, :] != (ids[:, None] + n2 // 2) % n2)
-        samples = {"positive": (z1 * z2).sum(dim=1), "real negative": sim[neg_mask]}
+        samples = {"positive": (z1 * z2).sum(dim=1)}
+        if labels is not None:
+            both = torch.cat([labels, labels]).to(rows.device)  # (2n,)
+            same = (both[:, None] == both[None, :]) & (both[:, None] >= 0)  # (2n, 2n)
+            samples["same-class negative"] = sim[neg_mask & same]
+            samples["other-class negative"] = sim[neg_mask & ~same]
+        else:
+            samples["negative"] = sim[neg_mask]
+        k = min(self.cfg.n_hard, int(neg_mask.sum(dim=1).min()))
+        hardest = sim.masked_fill(~neg_mask, float("-inf")).topk(k, dim=1).values  # (2n, k)
+        samples[f"{k} hardest negatives per anchor"] = hardest.ravel()
         if self.cfg.name == "sscl" and self.cfg.n_synthetic > 0:
             synthetic = synthesize_hard_negatives(
                 sim, neg_mask, rows, ids, n_hard=self.cfg.n_hard, n_synthetic=self.cfg.n_synthetic,
@@ -131,6 +143,30 @@ def _push_keys_(module: nn.Module, name: str, keys: torch.Tensor, labels: torch.
 
 def _labels_or_unknown(labels: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return labels.reshape(-1).long() if labels is not None else torch.full((n,), -1, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def _bank_samples(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+                  labels: Optional[torch.Tensor], n_hard: int) -> dict[str, torch.Tensor]:
+    """Histogram groups of a queue/bank method: q.k positives, bank negatives by class, the n_hard hardest.
+
+    q, k: (n, d) queries and their momentum keys; bank: (M, d) unit keys with labels (M,) (-1: unknown).
+    """
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    sims = q @ bank.float().T  # (n, M)
+    samples = {"positive": (q * k).sum(dim=1)}
+    if labels is not None:
+        own = labels.to(q.device)[:, None]  # (n, 1)
+        known = (bank_labels >= 0)[None, :].expand_as(sims)  # (n, M)
+        same = (bank_labels[None, :] == own) & known
+        samples["same-class negative"] = sims[same]
+        samples["other-class negative"] = sims[known & ~same]
+        samples["negative of unknown class (bank warm-up)"] = sims[~known]
+    else:
+        samples["negative"] = sims.ravel()
+    hard = min(n_hard, sims.shape[1])
+    samples[f"{hard} hardest negatives per anchor"] = sims.topk(hard, dim=1).values.ravel()
+    return samples
 
 
 class PSMObjective(nn.Module):
@@ -194,6 +230,18 @@ class PSMObjective(nn.Module):
             return loss, {}
         col_labels = [torch.cat([all_labels[:, None], nn_labels[:, v]], dim=1).reshape(-1) for v in (1, 0)]
         return loss, _psm_stats(parts, offset, k_nn, own if labels is not None else None, col_labels, c.n_hard)
+
+    @torch.no_grad()
+    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
+                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Histogram groups: q1.k2 positives, bank negatives by class, the hardest, and the mined positives."""
+        q = self.predictor(self.projector(self.encoder(x1)))  # (n, d)
+        k = F.normalize(self.momentum_projector(self.momentum_encoder(x2)).float(), dim=1)  # (n, d)
+        samples = _bank_samples(q, k, self.bank, self.bank_labels, labels, self.cfg.n_hard)
+        if self.cfg.psm_n_neighbors > 0:
+            mined, _ = nearest_neighbors(k, self.bank, self.cfg.psm_n_neighbors)  # (n, K, d)
+            samples["mined positive"] = torch.einsum("nd,nkd->nk", F.normalize(q.float(), dim=1), mined.float()).ravel()
+        return samples
 
     def after_step(self) -> None:
         """EMA of the key branch (m = loss.psm_momentum), after the optimiser step."""
@@ -279,6 +327,19 @@ class MoCHiObjective(nn.Module):
             stats["false_neg_rate"] = diagnostics.false_negative_rate(queue_sims, every, labels, self.queue_labels,
                                                                       self.cfg.mochi_n_hard)
         return stats
+
+    @torch.no_grad()
+    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
+                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Histogram groups: q.k positives, queue negatives by class, the hardest, and the synthetic mixes."""
+        c = self.cfg
+        q, k = self.encoder(x1), self.momentum(x2)  # (n, d)
+        samples = _bank_samples(q, k, self.queue, self.queue_labels, labels, c.mochi_n_hard)
+        draws = draw_mixes(q, self.queue, n_hard=c.mochi_n_hard, n_mix=c.mochi_s, n_mix_query=c.mochi_s_prime,
+                           generator=torch.Generator(device=q.device).manual_seed(0))  # not the training stream
+        sims = mochi_logits(q, k, self.queue, draws, temperature=c.temperature) * c.temperature  # (n, 1 + Q + m)
+        samples["synthetic negative"] = sims[:, 1 + self.queue.shape[0]:].ravel()
+        return samples
 
     def after_step(self) -> None:
         """EMA of the key encoder (m = loss.mochi_momentum), after the optimiser step."""

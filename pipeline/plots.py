@@ -1,10 +1,10 @@
-"""PNG plots for the tracker: training curves, similarity histograms, a 2-D embedding by class.
+"""PNG plots for the tracker: similarity histograms and a 2-D embedding by class (MLflow draws the curves).
 
 Each function renders to a file path with the non-interactive Agg backend and returns the path.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import matplotlib
 
@@ -14,37 +14,26 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def curves_png(histories: Mapping[str, Sequence[tuple[int, float]]], path: str, title: str = "") -> str:
-    """One panel per metric: value against global step, e.g. {"loss": [(step, v), ...], "knn_top1": ...}."""
-    names = [k for k, v in histories.items() if len(v)]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        steps, values = zip(*sorted(histories[name]))
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def similarity_histogram_png(samples: Mapping[str, torch.Tensor], path: str, title: str = "") -> str:
-    """Overlaid histograms of cosine similarities, e.g. {"positive": (n,), "real negative": (m,), ...}."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    bins = np.linspace(-1.0, 1.0, 81)
-    for name, values in samples.items():
-        values = values.detach().float().cpu().numpy().ravel()
+    """Histograms of cosine similarities, one outlined curve per group (e.g. {"positive": (n,), ...}), each
+    normalised to its own area so small groups (the hardest, the same-class negatives) stay visible."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    groups = {name: v.detach().float().cpu().numpy().ravel() for name, v in samples.items()}
+    low = min((float(v.min()) for v in groups.values() if v.size), default=-1.0)
+    low = max(-1.0, np.floor(low * 20) / 20 - 0.05)  # zoom in on the occupied range: a collapsed batch is readable
+    bins = np.linspace(low, 1.0, 81)
+    for name, values in groups.items():
         if values.size:
-            ax.hist(values, bins=bins, density=True, alpha=0.5, label=f"{name} (n={values.size})")
-    ax.set_xlabel("cosine similarity")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
+            ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.6,
+                    label=f"{name} (n={values.size}, mean {values.mean():.2f})")
+    ax.set_xlabel("cosine similarity to the anchor")
+    ax.set_ylabel("density (each curve integrates to 1)")
+    ax.set_xlim(low, 1.0)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -56,17 +45,36 @@ def pca_2d(features: torch.Tensor) -> torch.Tensor:
     return centred @ v[:, :2]
 
 
-def embedding_png(features: torch.Tensor, labels: torch.Tensor, path: str, title: str = "") -> str:
-    """Scatter of the PCA 2-D embedding of L2-normalised features, coloured by class."""
-    coords = pca_2d(torch.nn.functional.normalize(features.float(), dim=1)).numpy()
-    labels = labels.cpu().numpy()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    scatter = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=8, alpha=0.8)
+def tsne_2d(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """(n, d) -> (n, 2): scikit-learn's t-SNE (cosine distances, PCA init), which keeps neighbourhoods."""
+    from sklearn.manifold import TSNE
+
+    n = features.shape[0]
+    tsne = TSNE(n_components=2, perplexity=float(min(30, max(2, (n - 1) // 3))), init="pca", metric="cosine",
+                random_state=seed)
+    return torch.from_numpy(tsne.fit_transform(features.float().numpy()))
+
+
+def embedding_png(features: torch.Tensor, labels: torch.Tensor, path: str, title: str = "",
+                  max_points: int = 2000, seed: int = 0) -> str:
+    """Scatter of a 2-D projection of L2-normalised features coloured by class: t-SNE of a random subsample of
+    at most ``max_points`` (PCA when there are too few points for t-SNE); the title names the projection."""
+    features = torch.nn.functional.normalize(features.float().cpu(), dim=1)
+    labels = labels.cpu()
+    if features.shape[0] > max_points:
+        keep = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
+        features, labels = features[keep], labels[keep]
+    projection = "t-SNE" if features.shape[0] >= 10 else "PCA"
+    coords = (tsne_2d(features, seed) if projection == "t-SNE" else pca_2d(features)).numpy()
+    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    scatter = ax.scatter(coords[:, 0], coords[:, 1], c=labels.numpy(), cmap="tab10", s=8, alpha=0.8)
     ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
+    ax.set_xlabel(f"{projection} 1")
+    ax.set_ylabel(f"{projection} 2")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or "embedding of the evaluation split (PCA)")
+    ax.set_title(f"{projection} of backbone features (L2-normalised, n={features.shape[0]})\n{title}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -5,6 +5,8 @@ barrier; only rank 0 evaluates, plots and writes to the tracker.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import tempfile
@@ -13,9 +15,11 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from pipeline import augment, checkpoint, config as config_mod, data, evaluate, plots
+from data_prep.manifest import read_manifest
+from pipeline import augment, checkpoint, config as config_mod, data, evaluate, plots, run_info
 from pipeline.config import Config
 from pipeline.dist import DistContext
+from pipeline.metric_names import LEGACY, grouped, name_of
 from pipeline.tracking import redact
 
 
@@ -25,17 +29,38 @@ class EpochReporter:
     def __init__(self, cfg: Config, ctx: DistContext, tracker, hooks, objective, make_state: Callable[[int, int], dict]):
         self.cfg, self.ctx, self.tracker, self.hooks = cfg, ctx, tracker, hooks
         self.objective, self.make_state = objective, make_state
+        self.best_by = "knn_top1"  # the internal metric key that chooses checkpoints/best (higher is better)
         self.best_knn: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_encoder: Optional[dict] = None  # CPU copy of the best backbone's weights, for the "best" model
         self.knn_top1: Optional[float] = None
+        self.last_step, self.epoch = 0, 0
         self.tmp = tempfile.mkdtemp(prefix="hardneg-report-")
 
     def start(self, new_run: bool, extra_params: dict) -> None:
-        """Log params and the (redacted) resolved config once per run."""
-        if new_run:
-            from pipeline.tracking import run_context
+        """Log params, tags, the run's description, the dataset and the (redacted) resolved config once per run;
+        a resumed run picks up its best-so-far value instead."""
+        if not new_run:
+            self._restore_best()
+            return
+        if not self.ctx.is_main:
+            return
+        from pipeline.tracking import run_context
 
-            self.tracker.log_params(config_mod.flatten(self.cfg) | run_context() | extra_params)
-            self.tracker.log_text(yaml.safe_dump(redact(config_mod.to_dict(self.cfg)), sort_keys=False), "config.yaml")
+        world_size = extra_params.get("world_size", self.ctx.world_size)
+        self.tracker.log_params(run_info.run_params(self.cfg) | run_context() | extra_params)
+        self.tracker.log_text(yaml.safe_dump(redact(config_mod.to_dict(self.cfg)), sort_keys=False), "config.yaml")
+        manifest = read_manifest(self.cfg.data.path)
+        self.tracker.describe(run_info.run_tags(self.cfg, manifest, world_size),
+                              run_info.run_note(self.cfg, manifest, world_size))
+        self.tracker.log_dataset(run_info.dataset_input(self.cfg, manifest))
+
+    def _restore_best(self) -> None:
+        """Best-so-far value and step of a resumed run, from its metric history (grouped or older name)."""
+        name = name_of(self.best_by)
+        history = self.tracker.history(name) or self.tracker.history(LEGACY.get(name, name))
+        if history:
+            self.best_step, self.best_knn = max(history, key=lambda sv: (sv[1], -sv[0]))
 
     def _knn_due(self, epoch: int, last: bool) -> bool:
         every = self.cfg.train.knn_every_epochs
@@ -51,12 +76,14 @@ class EpochReporter:
         query, query_y = self._features(self.cfg.data.eval_split)
         top1 = evaluate.knn_top1(bank, bank_y, query, query_y, k=self.cfg.eval.knn_k,
                                  temperature=self.cfg.eval.knn_temperature)
-        self.tracker.log_metrics({"knn_top1": top1}, step=step)
+        self.tracker.log_metrics(grouped({"knn_top1": top1}), step=step)
         if self.cfg.tracking.plots:
             self._similarity_histogram(step, batch)
             if last:
+                dataset = read_manifest(self.cfg.data.path).get("dataset") or self.cfg.data.path
                 path = plots.embedding_png(query, query_y, os.path.join(self.tmp, "embedding.png"),
-                                           f"{self.cfg.data.eval_split} split, step {step}, kNN top-1 {top1:.3f}")
+                                           f"{dataset}, {self.cfg.data.eval_split} split, step {step}, "
+                                           f"kNN top-1 {top1:.3f}")
                 self.tracker.log_artifact(path, "plots")
         return top1
 
@@ -64,26 +91,28 @@ class EpochReporter:
         sample = getattr(self.objective, "similarity_samples", None)
         if sample is None or batch is None:
             return
-        x1, x2 = batch
+        x1, x2, *rest = batch
+        labels = rest[0].to(self.ctx.device) if rest and rest[0] is not None else None
         was_training = self.objective.training
         self.objective.eval()
         try:
             with torch.no_grad():
-                samples = sample(x1.to(self.ctx.device), x2.to(self.ctx.device))
+                samples = sample(x1.to(self.ctx.device), x2.to(self.ctx.device), labels)
         finally:
             self.objective.train(was_training)
         path = plots.similarity_histogram_png(samples, os.path.join(self.tmp, f"similarities_step{step:08d}.png"),
-                                              f"{self.cfg.loss.name}, step {step}")
+                                              f"{self.cfg.loss.name}: cosine similarities of one training batch, "
+                                              f"epoch {self.epoch}, step {step}")
         self.tracker.log_artifact(path, "plots/similarities")
 
     def epoch_end(self, step: int, epoch: int, last: bool, metrics: dict, batch=None) -> None:
         """Evaluate and checkpoint as configured; every rank reports (rank 0 attaches the checkpoint)."""
         improved = False
+        self.last_step, self.epoch = step, epoch
         if self.ctx.is_main and self._knn_due(epoch, last):
             self.knn_top1 = self._evaluate(step, last, batch)
             metrics = metrics | {"knn_top1": self.knn_top1}
-            improved = self.best_knn is None or self.knn_top1 > self.best_knn
-            self.best_knn = self.knn_top1 if improved else self.best_knn
+            improved = self._note_best(metrics.get(self.best_by), step)
         save = last or epoch % self.cfg.train.checkpoint_every_epochs == 0
         if not (self.ctx.is_main and (save or improved)):
             self.hooks.report(metrics, None)
@@ -91,6 +120,7 @@ class EpochReporter:
         directory = checkpoint.write(self.make_state(step, epoch), os.path.join(self.tmp, "checkpoint"))
         try:
             if improved:
+                self._mark_best(directory)
                 self.tracker.log_artifacts(directory, "checkpoints/best")
             if save:
                 self.tracker.log_artifacts(directory, "checkpoints/last")
@@ -113,18 +143,65 @@ class EpochReporter:
         """Remove the temporary files of a run that ends early."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def _note_best(self, value: Optional[float], step: int) -> bool:
+        """Log the best-so-far value of ``best_by``; True when ``value`` beats it (then keep the encoder's weights)."""
+        if value is None:
+            return False
+        improved = self.best_knn is None or value > self.best_knn
+        if improved:
+            self.best_knn, self.best_step = value, step
+            if self.cfg.tracking.log_model:
+                weights = self.objective.backbone.state_dict()
+                self.best_encoder = {k: v.detach().cpu().clone() for k, v in weights.items()}
+        self.tracker.log_metrics(grouped({f"{self.best_by}_best": self.best_knn}), step=step)
+        return improved
+
+    def _mark_best(self, directory: str) -> None:
+        """Record in the checkpoint's meta.json which metric chose it and its value (temp file, then rename)."""
+        path = os.path.join(directory, checkpoint.META_FILE)
+        with open(path) as f:
+            meta = json.load(f)
+        meta["best_by"] = {"metric": name_of(self.best_by), "value": self.best_knn, "mode": "max",
+                           "split": self.cfg.data.eval_split}
+        with open(path + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(path + ".tmp", path)
+
+    def _model_description(self, which: str, step: int) -> str:
+        best = f"{name_of(self.best_by)} = {self.best_knn:.4f} at step {self.best_step}" if self.best_knn is not None \
+            else "no kNN evaluated"
+        return (f"Backbone (encoder without projection head) of run {self.cfg.tracking.run_name} "
+                f"(MLflow run {self.tracker.run_id}): {self.cfg.loss.name} on "
+                f"{read_manifest(self.cfg.data.path).get('dataset') or self.cfg.data.path}, "
+                f"{which} weights, from step {step}. Best: {best}. Input: (N, 3, {self.cfg.augment.image_size}, "
+                f"{self.cfg.augment.image_size}) float images as the eval transform makes them.")
+
+    def _log_models(self) -> None:
+        """The last encoder (alias "last"; MLflow reserves "latest") and, where it is not the last, the best one
+        (alias "best"); a resumed run whose best epoch came before the restart has only the last."""
+        size = self.cfg.augment.image_size
+        example = torch.zeros(1, 3, size, size)
+        backbone = self.objective.backbone
+        backbone = backbone.cpu() if self.ctx.device.type != "cpu" else backbone  # training is over
+        links = [name_of(self.best_by), name_of(f"{self.best_by}_best")]
+        best_is_last = self.best_step is None or self.best_step == self.last_step
+        tags = run_info.source_tags()
+        self.tracker.log_model(backbone, "encoder", example, step=self.last_step, link_metrics=links,
+                               description=self._model_description("last" + (" (= best)" if best_is_last else ""),
+                                                                   self.last_step),
+                               aliases=("last", "best") if best_is_last else ("last",), tags=tags)
+        if not best_is_last and self.best_encoder is not None:
+            best = copy.deepcopy(backbone).cpu()
+            best.load_state_dict(self.best_encoder)
+            self.tracker.log_model(best, "encoder-best", example, step=self.best_step, link_metrics=links,
+                                   description=self._model_description("best", self.best_step), aliases=("best",),
+                                   tags=tags)
+
     def finish(self) -> None:
-        """Curves, the MLflow model of the encoder, then close the run."""
+        """The MLflow models of the encoder (last, best), then close the run."""
         try:
-            if self.ctx.is_main and self.cfg.tracking.plots:
-                histories = {k: self.tracker.history(k) for k in ("loss", "knn_top1", "lr")}
-                if any(histories.values()):
-                    path = plots.curves_png(histories, os.path.join(self.tmp, "curves.png"), self.cfg.loss.name)
-                    self.tracker.log_artifact(path, "plots")
             if self.ctx.is_main and self.cfg.tracking.log_model:
-                size = self.cfg.augment.image_size
-                self.tracker.log_model(self.objective.backbone.cpu() if self.ctx.device.type != "cpu"
-                                       else self.objective.backbone, "encoder", torch.zeros(1, 3, size, size))
+                self._log_models()
             self.tracker.finish()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -9,15 +9,14 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from functools import partial
 from importlib import metadata
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline import outbox as outbox_mod
@@ -79,7 +78,7 @@ def ui_command(uri: str) -> str:
 
 
 def run_context() -> dict[str, str]:
-    """Params describing where a run ran: git commit, package versions, hardware."""
+    """Params describing where a run ran: package versions, hardware (the commit is a source tag: run_info)."""
     context = {"hardware.platform": platform.platform(), "hardware.cpus": str(os.cpu_count())}
     try:
         import torch
@@ -94,16 +93,6 @@ def run_context() -> dict[str, str]:
             context[f"version.{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            context["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10)
-            context["git_dirty"] = str(bool(dirty.stdout.strip()))
-    except (OSError, subprocess.TimeoutExpired):
-        pass
     return context
 
 
@@ -118,7 +107,9 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
-    def log_model(self, module, name: str, example) -> None: ...
+    def log_model(self, module, name: str, example, **described) -> Optional[str]: ...
+    def describe(self, tags: Mapping[str, str], note: str) -> None: ...
+    def log_dataset(self, dataset: Mapping[str, str], context: str = "train") -> None: ...
     def history(self, key: str) -> list[tuple[int, float]]:
         return []
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -213,8 +204,26 @@ class MlflowTracker(NullTracker):
         except Exception:  # plots are a nicety: an unreachable store must not end a finished run
             return []
 
-    def log_model(self, module, name: str, example) -> None:
-        """Log ``module`` as an MLflow PyTorch model (and register it when tracking.registered_model is set)."""
+    def describe(self, tags: Mapping[str, str], note: str) -> None:
+        """Tags (method, dataset, MLflow's source/git tags ...) and the run's description (MLflow's note)."""
+        self.set_tags(dict(tags) | {"mlflow.note.content": note})
+
+    def log_dataset(self, dataset: Mapping[str, str], context: str = "train") -> None:
+        """The training data as an MLflow dataset input: name, digest, source, schema, profile (counts)."""
+        entity = Dataset(name=dataset["name"], digest=dataset["digest"], source_type=dataset["source_type"],
+                         source=redact_value("source", dataset["source"]), schema=dataset.get("schema"),
+                         profile=dataset.get("profile"))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+    def log_model(self, module, name: str, example, step: int = 0, link_metrics: Sequence[str] = (),
+                  description: Optional[str] = None, aliases: Sequence[str] = (),
+                  tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
+        """Log ``module`` as an MLflow PyTorch model at ``step``; returns the registered version (or None).
+
+        The run's values of ``link_metrics`` at ``step`` become the logged model's metrics (re-logged with the
+        same timestamp, so the run's own history gets no duplicate). When tracking.registered_model is set, the
+        new version gets ``description`` and ``aliases`` (e.g. "best", "latest").
+        """
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
@@ -232,14 +241,31 @@ class MlflowTracker(NullTracker):
                 return
             mlflow.set_tracking_uri(self.cfg.uri)
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(
+                info = mlflow.pytorch.log_model(
                     module, name=name, signature=signature, registered_model_name=self.cfg.registered_model,
-                    input_example=example.numpy(),
+                    input_example=example.numpy(), step=step, tags=dict(tags or {}),
                     pip_requirements=[f"torch=={metadata.version('torch')}",
                                       f"torchvision=={metadata.version('torchvision')}"],
                 )
         finally:
             module.train(with_grad_off)
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id)
+                  for key in link_metrics for m in self.client.get_metric_history(self.run_id, key) if m.step == step]
+        if linked:
+            self.client.log_batch(self.run_id, metrics=linked)
+        version = getattr(info, "registered_model_version", None)
+        if self.cfg.registered_model and version is not None:
+            version = str(version)
+            if not self.client.get_registered_model(self.cfg.registered_model).description:
+                self.client.update_registered_model(self.cfg.registered_model, description=(
+                    "Backbones pretrained by hardneg. Aliases: best (highest kNN top-1 of its run), last (the end of "
+                    "a run); each version's description names its run, method, dataset and step."))
+            if description:
+                self.client.update_model_version(self.cfg.registered_model, version, description=description)
+            for alias in aliases:
+                self.client.set_registered_model_alias(self.cfg.registered_model, alias, version)
+            return version
+        return None
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
@@ -363,8 +389,29 @@ def _mean(values: list[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _metric(client: MlflowClient, run, name: str, reduce=None) -> Optional[float]:
+    """A metric by its grouped name, else by its pre-grouping name (older stores); ``reduce`` over its history."""
+    from pipeline.metric_names import LEGACY
+
+    for key in (name, LEGACY.get(name)):
+        if key and key in run.data.metrics:
+            if reduce is None:
+                return run.data.metrics[key]
+            return reduce([m.value for m in client.get_metric_history(run.info.run_id, key)])
+    return None
+
+
+def _duration(start_ms: Optional[int], end_ms: Optional[int]) -> Optional[float]:
+    return (end_ms - start_ms) / 1000.0 if start_ms and end_ms and end_ms >= start_ms else None
+
+
 def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
-    """One row per run of ``experiment``: method, key hyper-parameters, kNN/linear top-1, images/s."""
+    """One row per run of ``experiment`` (newest first): who, when, what method with which settings, and scores.
+
+    Keys are the column headers of ``hardneg runs``; numbers stay numbers (runs_view formats them).
+    """
+    from pipeline.config import own_loss_keys
+
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -372,13 +419,22 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
         raise HardnegError(f"no experiment '{experiment}' in {redact_value('uri', uri)}; experiments: {names}")
     rows = []
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
-        p, m = run.data.params, run.data.metrics
+        p, tags, info = run.data.params, run.data.tags, run.info
+        method = tags.get("method") or p.get("loss.name", "?")
+        settings = [(k, p[f"loss.{k}"]) for k in own_loss_keys(method) if f"loss.{k}" in p]
+        last_knn = _metric(client, run, "eval/knn_top1")
+        best_knn = _metric(client, run, "eval/knn_top1_best")
+        best_knn = _metric(client, run, "eval/knn_top1", max) if best_knn is None else best_knn
         rows.append({
-            "run": run.info.run_name, "status": run.info.status, "method": p.get("loss.name", "?"),
-            "t": p.get("loss.temperature"), "tau+": p.get("loss.tau_plus"), "beta": p.get("loss.beta"),
+            "run": info.run_name, "run id": info.run_id, "method": method,
+            "dataset": tags.get("dataset") or os.path.basename(p.get("data.path", "").rstrip("/")) or None,
+            "started": info.start_time / 1000.0 if info.start_time else None,
+            "duration": _duration(info.start_time, info.end_time),
+            "temperature": p.get("loss.temperature"), "settings": " ".join(f"{k}={v}" for k, v in settings) or None,
             "batch": p.get("train.global_batch_size"), "epochs": p.get("train.epochs"),
-            "knn_top1": m.get("knn_top1"), "linear_top1": m.get("linear_top1"),
-            "images/s": _mean([x.value for x in client.get_metric_history(run.info.run_id, "images_per_s")]),
-            "run_id": run.info.run_id,
+            "best kNN": best_knn, "last kNN": last_knn,
+            "probe top-1": _metric(client, run, "eval/probe_top1"),
+            "train images/s (mean)": _metric(client, run, "perf/images_per_s", _mean),
+            "status": info.status,
         })
     return rows

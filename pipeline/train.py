@@ -18,6 +18,7 @@ from data_prep.manifest import read_manifest
 from pipeline import augment, checkpoint, config as config_mod, data, dist, faults, outbox
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
+from pipeline.metric_names import grouped
 from pipeline.objectives import build_objective
 from pipeline.reporting import EpochReporter
 from pipeline.tracking import make_tracker, redact
@@ -177,6 +178,12 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
             cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.train.global_batch_size // ctx.world_size,  # one split: validated
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
             loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device), None
+    if cfg.augment.where == "batch":  # both views made per batch in the loader workers (not seekable: see docs)
+        return data.batched_train_batches(
+            cfg.data.path, cfg.data.pretrain, cfg.augment, cfg.train.global_batch_size // ctx.world_size,
+            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
+            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+        ), None
     if cfg.augment.where == "device":
         device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
         two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
@@ -260,10 +267,10 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
                                      ledger.worst(), cfg.data.path)
             mean_loss = values[0]
             elapsed = max(time.perf_counter() - tick, 1e-9)
-            tracker.log_metrics({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
-                                 "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
-                                 "data_skipped": counters["data_skipped"], "nonfinite_steps": guard.count}
-                                | dict(zip(names, values[1:-5])), step=done)
+            tracker.log_metrics(grouped({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
+                                         "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
+                                         "data_skipped": counters["data_skipped"], "nonfinite_steps": guard.count}
+                                        | dict(zip(names, values[1:-5]))), step=done)
             loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), done
             if stop_now and not epoch_end:
                 _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step)
@@ -274,7 +281,8 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
             continue
         epoch = done // spe
         last = done == total_steps
-        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss}, batch=(x1, x2))
+        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss},
+                            batch=(x1, x2, labels))
         if last or epoch % cfg.train.checkpoint_every_epochs == 0:
             saved_step, saved_at = done, time.monotonic()
         if ctx.is_main:

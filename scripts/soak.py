@@ -120,7 +120,7 @@ def saved_step(run_dir: str) -> int:
     return best
 
 
-def logged(url: str, run_name: str, key: str = "loss") -> list:
+def logged(url: str, run_name: str, key: str = "train/loss") -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(url)

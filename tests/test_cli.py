@@ -99,7 +99,7 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path, digits_shards):
                 continue  # an MLflow client opened before the run's own would race it creating the tables
             client = client or MlflowClient(uri)
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
                 run = runs[0]
                 break
         assert run is not None and run.info.status == "RUNNING", proc.poll()

@@ -43,10 +43,10 @@ def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
     params = run.data.params
     assert params["loss.name"] == "nt_xent" and params["train.global_batch_size"] == "128"
     assert params["world_size"] == "2" and params["model.width"] == "4"
-    assert metric_steps(client, run.info.run_id, "loss") == [4, 8, steps]
-    assert metric_steps(client, run.info.run_id, "knn_top1") == [steps]
-    assert 0.0 <= run.data.metrics["knn_top1"] <= 1.0 and run.data.metrics["images_per_s"] > 0
-    assert run.data.metrics["lr"] > 0
+    assert metric_steps(client, run.info.run_id, "train/loss") == [4, 8, steps]
+    assert metric_steps(client, run.info.run_id, "eval/knn_top1") == [steps]
+    assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 1.0 and run.data.metrics["perf/images_per_s"] > 0
+    assert run.data.metrics["train/lr"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints"} <= artifacts
     last = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")}
@@ -60,8 +60,8 @@ def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["step"] == 2 * steps
     assert checkpoint.load(second["checkpoint"])["step"] == 2 * steps
-    loss_steps = metric_steps(client, run.info.run_id, "loss")
+    loss_steps = metric_steps(client, run.info.run_id, "train/loss")
     assert loss_steps == [4, 8, steps, 12, 16, 20, 2 * steps]  # continued after `steps`, nothing repeated
-    assert metric_steps(client, run.info.run_id, "knn_top1") == [steps, 2 * steps]
+    assert metric_steps(client, run.info.run_id, "eval/knn_top1") == [steps, 2 * steps]
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert os.path.isdir(tmp_path / "runs" / "e2e")

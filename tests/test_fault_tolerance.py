@@ -86,7 +86,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
 
     def logged_steps(client: MlflowClient) -> list[int]:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
+        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] if runs else []
 
     def kill_one_worker_after_the_first_checkpoint() -> None:
         client = None
@@ -135,7 +135,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
             continue  # sampled by time, not by training step
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == sorted(set(steps)), f"{key}: steps repeat or go back: {steps}"
-    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
     loss_steps = [step for step, _ in history]
     assert loss_steps == list(range(1, total + 1))  # every step once: before the kill from attempt 1, after from 2
     print(f"[mlflow] one run {run.info.run_id}, loss logged at {len(loss_steps)} strictly increasing steps "
@@ -145,7 +145,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     reference = launch.train_run(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=reference",
                                              f"tracking.uri=sqlite:///{tmp_path / 'reference.db'}"))
     ref_client = MlflowClient(f"sqlite:///{tmp_path / 'reference.db'}")
-    ref_history = sorted((m.step, m.value) for m in ref_client.get_metric_history(reference["mlflow_run_id"], "loss"))
+    ref_history = sorted((m.step, m.value) for m in ref_client.get_metric_history(reference["mlflow_run_id"], "train/loss"))
     assert ref_history == history
     print(f"[history] restarted at step {restart}: all {total} per-step losses equal the uninterrupted run's",
           flush=True)

@@ -95,5 +95,5 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
     for key in runs[0].data.metrics:
         steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
         assert steps == sorted(set(steps)), f"{key}: steps repeat: {steps}"
-    loss = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    loss = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert loss == list(range(1, total + 1))

@@ -206,7 +206,7 @@ def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_
     while time.monotonic() < deadline and proc.poll() is None:  # wait for a few logged steps, mid-epoch 1
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if \
             (tmp_path / "mlflow.db").exists() else []
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 3:
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -224,6 +224,6 @@ def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_
     _, run = _mlflow_run(tmp_path)
     assert run.info.status == "FINISHED" and checkpoint.load(checkpoint.latest(run_dir))["step"] == 3 * SPE
     losses = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
-        run.info.run_id, "loss")]
+        run.info.run_id, "train/loss")]
     assert losses == list(range(1, 3 * SPE + 1))  # every step once: nothing lost, nothing twice
     print(f"\n[stop] SIGTERM -> checkpoint at step {saved}, KILLED; resume finished {3 * SPE} steps", flush=True)

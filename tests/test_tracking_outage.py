@@ -95,7 +95,7 @@ def _wait_for_logged_steps(url: str, n: int, proc: subprocess.Popen) -> str:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= n:
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= n:
             return runs[0].info.run_id
         time.sleep(0.5)
     raise AssertionError(f"no {n} logged steps: {proc.poll()} {proc.stderr.read()[-3000:] if proc.poll() else ''}")
@@ -108,7 +108,7 @@ def _check_complete(url: str, run_id: str, total: int) -> int:
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert steps == sorted(set(steps)), f"{key}: steps repeat: {steps}"
-    loss = [m.step for m in client.get_metric_history(run_id, "loss")]
+    loss = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     missing = sorted(set(range(1, total + 1)) - set(loss))
     assert missing == [] and len(loss) == total
     return len(missing)

@@ -1,0 +1,70 @@
+"""``hardneg runs`` output: the rows of tracking.runs_table as an aligned text table, CSV or markdown, sorted."""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any, Optional, Sequence
+
+from pipeline.errors import HardnegError
+
+COLUMNS = ("run", "run id", "method", "dataset", "started", "duration", "temperature", "settings", "batch", "epochs",
+           "best kNN", "last kNN", "probe top-1", "train images/s (mean)", "status")
+FORMATS = ("text", "csv", "md")
+_SCORES = ("best kNN", "last kNN", "probe top-1")
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def cell(column: str, value: Any) -> str:
+    """How one value reads: dates in UTC, durations as 1h02m / 3m05s, scores to 4 digits, no bare '-'."""
+    if value is None:
+        return {"probe top-1": "no probe", "best kNN": "no kNN", "last kNN": "no kNN"}.get(column, "")
+    if column == "started":
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(value))
+    if column == "duration":
+        seconds = int(round(value))
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    if column in _SCORES:
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def sort_rows(rows: list[dict], column: Optional[str]) -> list[dict]:
+    """Rows by ``column``: numbers descending (best, newest, longest first), text ascending; empty cells last."""
+    if column is None:
+        return rows
+    if column not in COLUMNS:
+        raise HardnegError(f"--sort {column!r}; expected one of: {', '.join(COLUMNS)}")
+    numeric = [r for r in rows if _number(r.get(column)) is not None]
+    if len(numeric) == len([r for r in rows if r.get(column) is not None]) and column not in ("run", "run id"):
+        return sorted(rows, key=lambda r: (r.get(column) is None, -(_number(r.get(column)) or 0.0)))
+    return sorted(rows, key=lambda r: (r.get(column) is None, str(r.get(column))))
+
+
+def render(rows: list[dict], fmt: str = "text", columns: Sequence[str] = COLUMNS) -> str:
+    """The table as aligned text (two spaces between columns), CSV (raw values) or a markdown table."""
+    if fmt not in FORMATS:
+        raise HardnegError(f"--format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else cell(c, row[c]) if c in ("started",) else row[c]
+                             for c in columns])
+        return out.getvalue()
+    table = [list(columns)] + [[cell(c, row.get(c)) for c in columns] for row in rows]
+    if fmt == "md":
+        lines = ["| " + " | ".join(line) + " |" for line in table]
+        return "\n".join([lines[0], "|" + "---|" * len(columns)] + lines[1:]) + "\n"
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in table) + "\n"
