@@ -1,4 +1,9 @@
-"""What happens at an epoch's end: kNN, plots, checkpoints (last and best by kNN), the final model.
+"""What happens at an epoch's end: kNN, plots, checkpoints (last, and best), the final model.
+
+No test-set selection: the kNN monitor queries data.val_split (held out of train by `hardneg prep
+--val-fraction`) and checkpoints/best is chosen on it, or by the lowest epoch-mean training loss with
+train.best_by=loss (PSM's release). Without that split in the manifest there is no kNN monitor and, with
+best_by=knn, no checkpoints/best: the test split is read only by the final evaluation (hardneg eval).
 
 Every rank calls ``EpochReporter.epoch_end`` at the same steps, because the launcher's report is a
 barrier; only rank 0 evaluates, plots and writes to the tracker.
@@ -26,7 +31,14 @@ class EpochReporter:
         self.cfg, self.ctx, self.tracker, self.hooks = cfg, ctx, tracker, hooks
         self.objective, self.make_state = objective, make_state
         self.best_knn: Optional[float] = None
+        self.best_loss: Optional[float] = None
         self.knn_top1: Optional[float] = None
+        splits = data.read_manifest(cfg.data.path)["splits"]
+        self.monitor_split: Optional[str] = cfg.data.val_split if cfg.data.val_split in splits else None
+        if self.monitor_split is None and ctx.is_main:
+            print(f"[hardneg] no '{cfg.data.val_split}' split in {cfg.data.path}: no kNN monitor during training"
+                  + (" and no checkpoints/best" if cfg.train.best_by == "knn" else "")
+                  + " (hardneg prep --val-fraction holds one out of train)", flush=True)
         self.tmp = tempfile.mkdtemp(prefix="hardneg-report-")
 
     def start(self, new_run: bool, extra_params: dict) -> None:
@@ -39,16 +51,16 @@ class EpochReporter:
 
     def _knn_due(self, epoch: int, last: bool) -> bool:
         every = self.cfg.train.knn_every_epochs
-        return last or bool(every and epoch % every == 0)
+        return self.monitor_split is not None and (last or bool(every and epoch % every == 0))
 
     def _features(self, split: str):
-        transform = augment.eval_transform(self.cfg.augment)
+        transform = augment.eval_transform(self.cfg.augment, self.cfg.eval.eval_image_size)
         batches = data.eval_batches(self.cfg.data.path, split, transform, self.cfg.eval.batch_size)
         return evaluate.extract_features(self.objective.backbone, batches, self.ctx.device)
 
     def _evaluate(self, step: int, last: bool, batch) -> float:
         bank, bank_y = self._features(self.cfg.data.train_split)
-        query, query_y = self._features(self.cfg.data.eval_split)
+        query, query_y = self._features(self.monitor_split)
         top1 = evaluate.knn_top1(bank, bank_y, query, query_y, k=self.cfg.eval.knn_k,
                                  temperature=self.cfg.eval.knn_temperature)
         self.tracker.log_metrics({"knn_top1": top1}, step=step)
@@ -56,7 +68,7 @@ class EpochReporter:
             self._similarity_histogram(step, batch)
             if last:
                 path = plots.embedding_png(query, query_y, os.path.join(self.tmp, "embedding.png"),
-                                           f"{self.cfg.data.eval_split} split, step {step}, kNN top-1 {top1:.3f}")
+                                           f"{self.monitor_split} split, step {step}, kNN top-1 {top1:.3f}")
                 self.tracker.log_artifact(path, "plots")
         return top1
 
@@ -82,8 +94,12 @@ class EpochReporter:
         if self.ctx.is_main and self._knn_due(epoch, last):
             self.knn_top1 = self._evaluate(step, last, batch)
             metrics = metrics | {"knn_top1": self.knn_top1}
-            improved = self.best_knn is None or self.knn_top1 > self.best_knn
-            self.best_knn = self.knn_top1 if improved else self.best_knn
+            if self.cfg.train.best_by == "knn":
+                improved = self.best_knn is None or self.knn_top1 > self.best_knn
+                self.best_knn = self.knn_top1 if improved else self.best_knn
+        if self.ctx.is_main and self.cfg.train.best_by == "loss" and metrics.get("epoch_loss") is not None:
+            improved = self.best_loss is None or metrics["epoch_loss"] <= self.best_loss  # <=: as PSM's train.py
+            self.best_loss = metrics["epoch_loss"] if improved else self.best_loss
         save = last or epoch % self.cfg.train.checkpoint_every_epochs == 0
         if not (self.ctx.is_main and (save or improved)):
             self.hooks.report(metrics, None)

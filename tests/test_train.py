@@ -24,7 +24,7 @@ def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
     cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
                       "train.knn_every_epochs=0")
     result = launch.train_run(cfg)
-    steps = 1497 // 128
+    steps = 1347 // 128
     assert result["step"] == steps and 0.0 <= result["knn_top1"] <= 1.0  # kNN always runs at the end
     state = checkpoint.load(result["checkpoint"])
     assert state["step"] == steps and state["epoch"] == 1
@@ -57,7 +57,7 @@ def test_resume_refuses_a_different_config(tmp_path, digits_shards):
 
 
 def test_preflight_errors_are_one_line(tmp_path, digits_shards):
-    with pytest.raises(HardnegError, match="global_batch_size=4096 exceeds the 1497 samples"):
+    with pytest.raises(HardnegError, match="global_batch_size=4096 exceeds the 1347 samples"):
         launch.train_run(tiny_config(tmp_path, digits_shards, "train.global_batch_size=4096"))
     with pytest.raises(HardnegError, match="data split 'val' not in"):
         launch.train_run(tiny_config(tmp_path, digits_shards, "data.eval_split=val"))
@@ -81,7 +81,7 @@ def test_gpu_path_options_run_on_cpu(tmp_path, digits_shards):
                       "train.knn_every_epochs=0", "augment.where=device", "train.precision=bf16",
                       "train.channels_last=true")
     result = launch.train_run(cfg)
-    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+    assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
     state = checkpoint.load(result["checkpoint"])
     plain = tiny_config(tmp_path, digits_shards)  # fp32, loader augmentation: the same weights load
     from pipeline.objectives import build_objective
@@ -113,7 +113,7 @@ def test_training_reads_ffcv_files(tmp_path):
     cfg = tiny_config(tmp_path, shards, "cluster.launcher=local", "tracking.enabled=false",
                       "train.knn_every_epochs=0", "data.format=ffcv")
     result = launch.train_run(cfg)
-    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+    assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
 
 
 def test_pretraining_reads_several_splits(tmp_path):
@@ -125,9 +125,9 @@ def test_pretraining_reads_several_splits(tmp_path):
 
     out = str(tmp_path / "stl")
     prepare(f"stl10:{synthetic.write_stl10(str(tmp_path / 'raw'), n_train=24, n_unlabeled=40, folder=True)}", out,
-            shard_size=8)
+            shard_size=8, val_fraction=0.25)  # the kNN monitor reads the 6-image holdout
     both = ("train", "unlabeled")
-    assert data.steps_per_epoch(read_manifest(out), both, 16) == (24 + 40) // 16
+    assert data.steps_per_epoch(read_manifest(out), both, 16) == (18 + 40) // 16
     batches = data.train_batches(out, both, lambda image: (torch.zeros(1), torch.zeros(1)), 16, rank=0, seed=0,
                                  shuffle_buffer=0)
     labels = torch.cat([next(batches)[2] for _ in range(20)])
@@ -137,7 +137,7 @@ def test_pretraining_reads_several_splits(tmp_path):
                       "data.pretrain_splits=[train,unlabeled]", "train.global_batch_size=16", "eval.knn_k=5",
                       "data.shuffle_buffer=16")
     result = launch.train_run(cfg)
-    assert result["step"] == (24 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
+    assert result["step"] == (18 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
     with pytest.raises(HardnegError, match=r"data split 'nosuch' not in"):
         launch.train_run(tiny_config(tmp_path, out, "cluster.launcher=local", "data.pretrain_splits=[train,nosuch]",
                                      "train.global_batch_size=16"))
