@@ -86,7 +86,7 @@ class ModelConfig(_Section):
     proj_hidden_dim: int = Field(512, ge=1)
     proj_dim: int = Field(128, ge=1)
     proj_bn: bool = True  # False: Linear-ReLU-Linear (MoCo-v2's head)
-    # SSCL/PSM's network (github.com/dhkdhk/SSCL src/model/network.py) keeps a 3x3 stride-1 max-pool after the CIFAR stem
+    # SSCL/PSM keep a 3x3 stride-1 max-pool (padding 0) after the CIFAR stem (dhkdhk/SSCL src/model/network.py)
     stem_maxpool: bool = False
     # MoCo's shuffle-BN, single-process form: the key encoder's BN runs over this many sub-batches of a random
     # permutation and the query encoder's over as many sub-batches in order (1: off). MoCo-family only.

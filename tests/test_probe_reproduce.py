@@ -128,6 +128,28 @@ def test_probe_transform_follows_the_release_protocols():
     assert kinds(plain)[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"] and "ColorJitter" not in kinds(plain)
     assert plain.transforms[0].scale == (0.25, 1.0)
     sscl = probe_transform(aug, EvalConfig(probe_transform="train", probe_crop_min=0.25, probe_blur_p=0.5))
-    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(kinds(sscl)) and sscl.transforms[0].scale == (0.25, 1.0)
+    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(kinds(sscl))
+    assert sscl.transforms[0].scale == (0.25, 1.0)
     hcl = probe_transform(AugmentConfig(blur_p=0.5), EvalConfig(probe_transform="train"))
     assert "GaussianBlur" in kinds(hcl) and hcl.transforms[0].scale == (0.08, 1.0)
+
+
+def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_shards, capsys):
+    grid_path = write_grid(tmp_path, digits_shards, epochs=1)
+    raw = yaml.safe_load(open(grid_path))
+    raw["methods"] = {"nt_xent": raw["methods"]["nt_xent"]}
+    raw["lrs"] = {"nt_xent": [0.05, 0.1]}
+    raw["published"] = {"nt_xent": {"digits": 12.5}}
+    raw["overrides"] += ["eval.probe_epochs=1"]
+    with open(grid_path, "w") as f:
+        yaml.safe_dump(raw, f)
+    text = reproduce(grid_path)
+    root = tmp_path / "results" / "tiny"
+    choice = json.loads((root / "cells" / "nt_xent-digits-lr.json").read_text())
+    scores = {float(k): v for k, v in choice["val_knn_top1"].items()}
+    assert set(scores) == {0.05, 0.1} and choice["chosen_lr"] == max(scores, key=scores.get)
+    cell = json.loads((root / "cells" / "nt_xent-digits-s0.json").read_text())
+    assert cell["lr"] == choice["chosen_lr"] and cell["query_split"] == "test"  # test only in the final evaluation
+    assert sorted(os.listdir(root / "runs")) == ["nt_xent-digits-lr0.05-s0", "nt_xent-digits-lr0.1-s0"]  # reused
+    assert f"| {choice['chosen_lr']:g} |" in text and "| 12.50 |" in text
+    assert "(published 12.50)" in capsys.readouterr().out

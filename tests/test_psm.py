@@ -397,7 +397,9 @@ def _losses(q, q_pre, keep, gather, offset):
     soft = psm_soft_loss(q, q_pre, keep, temperature=0.5, row_offset=offset, generator=torch.Generator().manual_seed(3))
     hard = psm_hard_loss(q, keep[:, 0][offset:offset + q.shape[0]], temperature=0.5, gather=gather,
                          generator=torch.Generator().manual_seed(4))
-    return soft, hard
+    raw = psm_hard_loss(2 * q, keep[:, 0][offset:offset + q.shape[0]], temperature=0.5, gather=gather,
+                        generator=torch.Generator().manual_seed(4), acceptance_on="raw")  # the release's acceptance
+    return soft, hard, raw
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -408,7 +410,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         q_all, q_pre_all, keep = _global()
         result = {}
-        for which in (0, 1):
+        for which in (0, 1, 2):
             q = q_all[rows].clone().requires_grad_(True)
             q_pre = q_pre_all[rows].clone().requires_grad_(True)
             loss = _losses(q, q_pre, keep, gather, rank * N_LOCAL)[which]
@@ -436,7 +438,7 @@ def ranks(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, out_dir)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["soft", "hard"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["soft", "hard", "hard_raw_acceptance"])
 def test_gathered_loss_and_grads_equal_single_process(ranks, which):
     q, q_pre, keep = _global()
     q.requires_grad_(True)

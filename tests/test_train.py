@@ -150,3 +150,47 @@ def test_automatic_run_names_never_collide(tmp_path, digits_shards, monkeypatch)
     assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000"
     checkpoint.write({"step": 1}, str(tmp_path / "runs" / "nt_xent-20261122-120000" / "checkpoint_000001"))
     assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000-2"
+
+
+class _Recorder:
+    """A tracker and hooks that remember what the reporter asked for."""
+
+    run_id = "r"
+
+    def __init__(self):
+        self.artifacts, self.reports, self.metrics = [], [], []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, metrics))
+
+    def log_artifacts(self, directory, path):
+        self.artifacts.append(path)
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(metrics)
+
+
+def test_no_test_set_selection_monitor_reads_the_holdout_and_best_can_follow_the_loss(tmp_path, digits_shards):
+    from data_prep.prep import prepare
+    from pipeline.objectives import build_objective
+    from pipeline.reporting import EpochReporter
+
+    ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.plots=false")
+    rec = _Recorder()
+    reporter = EpochReporter(cfg, ctx, rec, rec, build_objective(cfg), lambda step, epoch: {"step": step})
+    assert reporter.monitor_split == "holdout"  # never the test split
+    reporter.epoch_end(10, 1, False, {"step": 10, "epoch": 1, "loss": 1.0, "epoch_loss": 1.0})
+    assert rec.metrics and rec.artifacts == ["checkpoints/best", "checkpoints/last"]
+
+    plain = prepare("builtin:digits", str(tmp_path / "plain"), val_fraction=0.0)
+    assert "holdout" not in plain["splits"]
+    cfg = tiny_config(tmp_path, str(tmp_path / "plain"), "cluster.launcher=local", "tracking.plots=false",
+                      "train.best_by=loss", "train.checkpoint_every_epochs=5")
+    rec = _Recorder()
+    reporter = EpochReporter(cfg, ctx, rec, rec, build_objective(cfg), lambda step, epoch: {"step": step})
+    assert reporter.monitor_split is None and not reporter._knn_due(1, last=True)  # no kNN on test, ever
+    for epoch, loss in enumerate([3.0, 2.0, 2.5], start=1):
+        reporter.epoch_end(10 * epoch, epoch, False, {"step": 10 * epoch, "epoch": epoch, "epoch_loss": loss})
+    assert rec.metrics == [] and rec.artifacts == ["checkpoints/best", "checkpoints/best"]  # epochs 1, 2 only
+    assert reporter.best_loss == 2.0
