@@ -97,7 +97,8 @@ def test_digits_round_trip(digits_out):
         assert len(indices) == len(set(indices)) == count
         assert indices != sorted(indices), "sample order is shuffled"
         seen[split] = set(indices)
-    assert seen["train"] | seen["test"] == set(range(1797)) and not seen["train"] & seen["test"]
+    assert seen["train"] | seen["test"] | seen["holdout"] == set(range(1797))
+    assert not seen["train"] & seen["test"] and not seen["holdout"] & (seen["train"] | seen["test"])
     test_counts = np.bincount(digits.target[sorted(seen["test"])], minlength=10)
     assert test_counts.min() >= 29 and test_counts.max() <= 31, "test split is stratified"
     assert verify(out) == []
