@@ -8,8 +8,10 @@ DEMO    := demo_out
 demo: $(STAMP)
 	.venv/bin/hardneg demo --out $(DEMO)
 
+# The suite runs in a private network namespace with only loopback (when root and unshare allow; else it
+# says so and runs as it is): every server a test starts is on 127.0.0.1 and unreachable from outside.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) scripts/loopback_only.py $(PY) -m pytest -q
 
 setup: $(STAMP)
 

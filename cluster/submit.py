@@ -15,13 +15,14 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline import config as config_mod
 from pipeline.errors import HardnegError
+from pipeline.tracking import CREDENTIAL_VARS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def _local_only(value: str) -> bool:
 
 
 def job_spec(config_path: Optional[str], overrides: Sequence[str], *, working_dir: Path = PROJECT_ROOT,
-             pip: bool = True, resume: bool = False) -> dict:
+             pip: bool = True, resume: bool = False, environ: Mapping[str, str] = os.environ) -> dict:
     """{"entrypoint", "runtime_env"} of the training job; HardnegError on a config that cannot run there."""
     overrides = [*overrides, "cluster.address=auto"]
     cfg = config_mod.load(config_path, overrides)  # the same validation the job will do, but now
@@ -67,6 +68,11 @@ def job_spec(config_path: Optional[str], overrides: Sequence[str], *, working_di
     if resume:
         args.append("--resume")
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES}
+    # The job reaches an authenticated tracking server with the submitter's own account: the variables travel in
+    # the job's runtime env (readable only with the cluster's Ray token), never in the config or the entrypoint.
+    credentials = {name: environ[name] for name in CREDENTIAL_VARS if environ.get(name)}
+    if credentials:
+        runtime_env["env_vars"] = credentials
     if pip:
         runtime_env["pip"] = pip_requirements(working_dir)
     return {"entrypoint": shlex.join(args + overrides), "runtime_env": runtime_env}

@@ -93,8 +93,31 @@ def _start_ray(cfg: Config) -> bool:
     return True
 
 
+AUTH_OVERRIDE = "HARDNEG_ALLOW_RAY_WITHOUT_AUTH"
+
+
+def require_token_auth(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a private Ray without token authentication (RAY_AUTH_MODE other than token), unless overridden.
+
+    Ray's GCS and raylets listen on every interface of this machine, not on 127.0.0.1 alone; the token is
+    what keeps anyone on the network from running code in them.
+    """
+    mode = environ.get("RAY_AUTH_MODE")
+    if mode is None or mode.lower() == "token" or environ.get(AUTH_OVERRIDE) == "1":
+        return
+    raise HardnegError(f"RAY_AUTH_MODE={mode} would start a private Ray without token authentication, open to "
+                       f"anyone who can reach this machine; unset RAY_AUTH_MODE (token auth is Ray's default), "
+                       f"or set {AUTH_OVERRIDE}=1 to start it anyway")
+
+
 def _init_local(num_cpus: int) -> None:
-    """A private Ray instance on this machine (logical CPUs: at least ``num_cpus``), bound to 127.0.0.1."""
+    """A private Ray instance on this machine (logical CPUs: at least ``num_cpus``) with token authentication.
+
+    Only the dashboard is bound to 127.0.0.1: Ray 2.60 puts its GCS at this machine's interface address and
+    its GCS server and raylets listen on all interfaces, so the token (generated into ~/.ray/auth_token on
+    first use) is their protection. Tests run inside a loopback-only network namespace, where all is 127.0.0.1.
+    """
+    require_token_auth()
     init_ray(
         num_cpus=max(num_cpus, os.cpu_count() or 1),
         # the dashboard serves the State API that Ray Train's placement-group cleaner polls

@@ -94,7 +94,7 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The method and its hyper-parameters (official defaults; METHODS.md). psm_*/mochi_* apply to that method only."""
+    """The method and its hyper-parameters (official defaults; docs/methods.md). psm_*/mochi_* apply to that method only."""
 
     name: Literal["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"] = "nt_xent"  # mochi with s = s' = 0 is MoCo-v2
     temperature: float = Field(0.5, gt=0.0)
@@ -188,7 +188,7 @@ class EvalConfig(_Section):
     knn_temperature: float = Field(0.5, gt=0.0)
     batch_size: int = Field(512, ge=1)
     # Linear probe on the frozen backbone. Defaults: HCL/DCL's protocol (Adam 1e-3, 100 epochs);
-    # SSCL/PSM recipes set SGD lr 10 with a cosine schedule, batch 256 (METHODS.md).
+    # SSCL/PSM recipes set SGD lr 10 with a cosine schedule, batch 256 (docs/methods.md).
     probe_epochs: int = Field(100, ge=1)
     probe_optimizer: Literal["adam", "sgd"] = "adam"
     probe_lr: float = Field(1e-3, gt=0.0)

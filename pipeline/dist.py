@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -126,69 +124,30 @@ def _check_equal_shapes(x: Tensor, world_size: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class GlobalGather:
-    """Callable x: (n_local, ...) -> (world_size * n_local, ...) in rank order, with gradient."""
+class Gather:
+    """The gather the losses take: x (n_local, ...) -> (world_size * n_local, ...) in rank order, with gradient.
 
-    rank: int
-    world_size: int
-    check_sizes: bool = True
+    The identity on one process. On W ranks it is one all_gather (backward: one all_reduce). Local shapes are
+    compared across ranks once per distinct shape (an extra all_gather and a host sync, on the first step only):
+    the loaders give every rank equal batches, so the first check covers the run.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self._checked: set[tuple[int, ...]] = set()
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return x
         if not _initialized():
-            raise RuntimeError("GlobalGather: torch.distributed is not initialised")
-        if self.check_sizes:
+            raise RuntimeError("Gather: torch.distributed is not initialised")
+        if tuple(x.shape) not in self._checked:
             _check_equal_shapes(x, self.world_size)
+            self._checked.add(tuple(x.shape))
         return _AllGatherWithGrad.apply(x, self.rank, self.world_size)
 
-
-@dataclass(frozen=True)
-class IdentityGather:
-    """The one-process gather: returns its input (rank 0 of a world of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return x
-
-
-class _DefaultGroupGather:
-    """Gather over the default group; rank and world_size are read from torch.distributed on access."""
-
-    @property
-    def rank(self) -> int:
-        return _world()[0]
-
-    @property
-    def world_size(self) -> int:
-        return _world()[1]
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """x: (n, ...) -> (world_size * n, ...) in rank order, differentiable; identity on one process."""
-        rank, world_size = _world()
-        if world_size == 1:
-            return x
-        return GlobalGather(rank, world_size)(x)
-
     def __repr__(self) -> str:
-        return "all_gather_with_grad"
-
-
-# A callable object rather than a def so that it carries .rank, which the losses need to find their rows.
-all_gather_with_grad = _DefaultGroupGather()
-
-
-def all_gather_no_grad(x: Tensor) -> Tensor:
-    """x: (n, ...) -> (world_size * n, ...) in rank order, detached; x.detach() on one process."""
-    rank, world_size = _world()
-    if world_size == 1:
-        return x.detach()
-    x = x.detach().contiguous()
-    _check_equal_shapes(x, world_size)
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+        return f"Gather(rank={self.rank}, world_size={self.world_size})"
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:
@@ -214,8 +173,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def make_gather(ctx: DistContext) -> Callable[[Tensor], Tensor]:
-    """The gather to inject into the losses: GlobalGather on W > 1 ranks, else IdentityGather."""
-    if ctx.world_size > 1:
-        return GlobalGather(ctx.rank, ctx.world_size)
-    return IdentityGather()
+def make_gather(ctx: DistContext) -> Gather:
+    """The gather to inject into the losses for this process (the identity on one process)."""
+    return Gather(ctx.rank, ctx.world_size)

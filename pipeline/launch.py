@@ -21,7 +21,7 @@ from data_prep.manifest import read_manifest
 from pipeline import checkpoint, config as config_mod, data, dist, train
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import MlflowTracker, absolute_uri, create_run
+from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, create_run
 
 
 def _absolute(url: str) -> str:
@@ -179,6 +179,7 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     run_name = choose_run_name(cfg, resume)
     cfg = _with(cfg, "tracking", run_name=run_name)
     preflight(cfg, run_name)
+    check_server_access(cfg.tracking)  # a tracking server that is down or refuses the credentials: before Ray starts
     run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}"
     if cfg.cluster.launcher == "local":
         cfg = _attach_mlflow_run(cfg, resume)

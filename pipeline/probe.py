@@ -1,6 +1,6 @@
 """Linear evaluation: a linear classifier trained on the frozen backbone's features (the papers' protocol).
 
-HCL/DCL: Adam 1e-3, 100 epochs; SSCL/PSM: SGD lr 10, cosine schedule, batch 256 (METHODS.md). With
+HCL/DCL: Adam 1e-3, 100 epochs; SSCL/PSM: SGD lr 10, cosine schedule, batch 256 (docs/methods.md). With
 ``probe_augment`` the training split is re-augmented every epoch (random crop + flip), so features
 are recomputed each epoch; without it they are computed once and the probe trains in seconds.
 """

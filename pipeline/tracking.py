@@ -217,6 +217,43 @@ class MlflowTracker(NullTracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def check_server_access(cfg: TrackingConfig, environ: Mapping[str, str] = os.environ, timeout_s: float = 60.0) -> None:
+    """One authenticated request to an http(s) tracking server, so a server that is down or refuses the
+    credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, as MLflow's client sends them) fails before training.
+
+    File and SQLite stores need no check. The password is never part of a message.
+    """
+    if not (cfg.enabled and cfg.uri.startswith(("http://", "https://"))):
+        return
+    import requests  # MLflow's own HTTP client; one request, without MLflow's minutes of retries
+
+    uri = redact_value("uri", cfg.uri)
+    user, password = (environ.get(name) for name in CREDENTIAL_VARS)
+    auth = (user, password) if user and password else None
+    try:
+        response = requests.get(f"{cfg.uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                                params={"max_results": 1}, auth=auth, timeout=timeout_s)
+    except requests.RequestException as e:
+        raise HardnegError(f"tracking.uri={uri}: no MLflow server answers ({type(e).__name__}); start it or fix "
+                           f"the URI") from None
+    if response.status_code == 401:
+        if auth is None:
+            missing = " and ".join(name for name in CREDENTIAL_VARS if not environ.get(name))
+            raise HardnegError(f"tracking.uri={uri} asks for credentials (HTTP 401) and {missing} is not set; "
+                               f"export both for your MLflow account")
+        raise HardnegError(f"tracking.uri={uri} refused MLFLOW_TRACKING_USERNAME={user} (HTTP 401): wrong user "
+                           f"name or MLFLOW_TRACKING_PASSWORD")
+    if response.status_code == 403:
+        raise HardnegError(f"tracking.uri={uri}: MLFLOW_TRACKING_USERNAME={user} may not read experiments (HTTP 403); "
+                           f"ask the server's admin for access")
+    if not response.ok:
+        raise HardnegError(f"tracking.uri={uri}: the server answered HTTP {response.status_code} to an experiment "
+                           f"search; is it an MLflow tracking server?")
+
+
 def create_run(cfg: TrackingConfig) -> str:
     """Create the run up front (the launcher does this) so every restarted worker attaches to it."""
     return MlflowTracker(cfg).run_id

@@ -1,7 +1,15 @@
 """Shared fixtures: real digits shards on disk, free ports, a tiny training config."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import pytest
 
@@ -25,9 +33,9 @@ def digits_shards(tmp_path_factory) -> str:
     return str(out)
 
 
-def tiny_config(tmp_path, shards: str, *overrides: str) -> config.Config:
-    """A config that trains a 4-channel ResNet-18 on 8 px digits in seconds."""
-    return config.load(None, [
+def tiny_overrides(tmp_path, shards: str, *overrides: str) -> list[str]:
+    """The dotted overrides of tiny_config, for tests that go through the real CLI."""
+    return [
         f"data.path={shards}", "data.shuffle_buffer=200",
         "augment.image_size=8", "augment.hflip_p=0", "augment.crop_scale_min=0.6",
         "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
@@ -35,7 +43,62 @@ def tiny_config(tmp_path, shards: str, *overrides: str) -> config.Config:
         "eval.knn_k=20", "optim.lr=0.1",
         f"cluster.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         *overrides,
-    ])
+    ]
+
+
+def tiny_config(tmp_path, shards: str, *overrides: str) -> config.Config:
+    """A config that trains a 4-channel ResNet-18 on 8 px digits in seconds."""
+    return config.load(None, tiny_overrides(tmp_path, shards, *overrides))
+
+
+@contextmanager
+def mlflow_server(root, *extra_args: str, env: Optional[dict] = None) -> Iterator[str]:
+    """`mlflow server` on a free 127.0.0.1 port (SQLite backend, proxied artifacts under ``root``); yields its URL."""
+    port = free_port()
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    log = open(os.path.join(root, "server.log"), "w")
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{os.path.join(root, 'server.db')}",
+         "--artifacts-destination", os.path.join(root, "art"), *extra_args],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | (env or {}),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240  # a loaded 2-core machine takes over a minute to start the auth app
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except urllib.error.HTTPError:
+                break  # it answers (an auth app may ask for credentials even here)
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + open(log.name).read()[-3000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def logged_text(client, run_id: str) -> str:
+    """Params, tags, config.yaml and the config inside the logged checkpoints of an MLflow run."""
+    from pipeline import checkpoint
+
+    run = client.get_run(run_id)
+    parts = [f"{k}={v}" for k, v in run.data.params.items()] + [f"{k}={v}" for k, v in run.data.tags.items()]
+    with open(client.download_artifacts(run_id, "config.yaml")) as f:
+        parts.append(f.read())
+    for which in ("last", "best"):
+        parts.append(repr(checkpoint.load(client.download_artifacts(run_id, f"checkpoints/{which}"))["config"]))
+    return "\n".join(parts)
 
 
 def _rank_file(out_dir: str, rank: int) -> str:

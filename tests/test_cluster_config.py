@@ -2,6 +2,7 @@
 bad addresses and storage, the job spec of `hardneg launch`, and the cluster YAMLs Ray and KubeRay read."""
 from __future__ import annotations
 
+import configparser
 import math
 import pathlib
 import shlex
@@ -120,6 +121,11 @@ def test_job_spec_runs_train_in_the_uploaded_repo():
     resumed = job_spec(None, ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=sqlite:////m.db"],
                        working_dir=ROOT, pip=False, resume=True)
     assert "pip" not in resumed["runtime_env"] and "--resume" in shlex.split(resumed["entrypoint"])
+    assert "env_vars" not in env  # no MLflow account in this environment: nothing to pass on
+    authed = job_spec(None, ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=http://10.0.0.1:5000"],
+                      working_dir=ROOT, environ={"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1"})
+    assert authed["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1"}
+    assert "pw1" not in authed["entrypoint"]
 
 
 def test_job_spec_refuses_what_cannot_run_on_a_cluster(tmp_path):
@@ -173,6 +179,14 @@ def test_cluster_launcher_yaml_is_what_ray_up_accepts(name, storage):
     head = " ".join(raw["head_start_ray_commands"])
     assert "ray start --head" in head and "--dashboard-host=0.0.0.0" in head
     assert "mlflow server" in head and "--port 5000" in head and storage in head
+    # MLflow asks for an account and listens on the head's private address; the admin password is read from
+    # the cloud's secret store at start, so no literal credential sits in the YAML
+    mlflow_start = head[head.index("mlflow server"):]
+    assert "--app-name basic-auth" in mlflow_start and '--host "$HEAD_IP"' in mlflow_start
+    assert "0.0.0.0" not in mlflow_start and 'MLFLOW_AUTH_ADMIN_PASSWORD="$(' in head
+    auth = configparser.ConfigParser()
+    auth.read(ROOT / "cluster" / "mlflow_auth.ini")
+    assert "cluster/mlflow_auth.ini" in head and "admin_password" not in auth["mlflow"]
     validate_config(prepare_config(raw))  # Ray's own schema and defaults, as `ray up` runs them
 
 
@@ -204,7 +218,8 @@ def test_the_documented_launch_commands_are_valid():
 
     text = (ROOT / "docs" / "cluster.md").read_text().replace("\\\n", " ")
     commands = [line.split("#")[0] for line in text.splitlines() if line.startswith(".venv/bin/hardneg launch")]
-    commands = [c.replace("$BUCKET", "bucket").replace("$PWD", "/repo") for c in commands if "..." not in c]
+    commands = [c.replace("$BUCKET", "bucket").replace("$PWD", "/repo").replace("$HEAD_PRIVATE_IP", "10.0.0.1")
+                for c in commands if "..." not in c]
     assert len(commands) >= 2
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])

@@ -1,4 +1,4 @@
-"""Losses against slow float64 references transcribed from METHODS.md, plus every listed property."""
+"""Losses against slow float64 references transcribed from docs/methods.md, plus every listed property."""
 from __future__ import annotations
 
 import math
@@ -395,8 +395,17 @@ def test_gradcheck(name, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_registry_is_explicit():
-    assert LOSSES == {"nt_xent": nt_xent, "dcl": dcl, "hcl": hcl, "sscl": sscl}
+def test_every_registered_loss_meets_the_identical_embeddings_limit():
+    """Through the registry: with all 2B embeddings equal, each loss is log(2B - 1), SSCL log(2B - 1 + k)."""
+    z = torch.randn(1, 8, dtype=torch.float64).expand(6, 8)  # B = 6
+    extra = {"dcl": {"tau_plus": 0.0}, "hcl": {"tau_plus": 0.0, "beta": 1.0},
+             "sscl": {"tau_plus": 0.0, "beta": 1.0, "n_hard": 4, "n_synthetic": 3,
+                      "generator": torch.Generator().manual_seed(0)}}
+    assert set(LOSSES) >= {"nt_xent", "dcl", "hcl", "sscl"}
+    for name, loss_fn in LOSSES.items():
+        k = extra.get(name, {}).get("n_synthetic", 0)
+        got = loss_fn(z.clone(), z.clone(), temperature=0.5, **extra.get(name, {}))
+        assert got.item() == pytest.approx(math.log(2 * 6 - 1 + k), rel=1e-9), name
 
 
 _GOOD = dict(temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=4, n_synthetic=2, mix="paper")

@@ -25,7 +25,7 @@ def _data(n=5, d=4, size=12, seed=0):
 
 
 def ref_synthetic(q, queue, n_hard, s, s_prime, seed):
-    """Transcribed from METHODS.md with the pinned draw protocol (one generator, B = all rows here)."""
+    """Transcribed from docs/methods.md with the pinned draw protocol (one generator, B = all rows here)."""
     q = F.normalize(q.double(), dim=1)
     bank = F.normalize(queue.double(), dim=1)
     b = q.shape[0]

@@ -1,4 +1,4 @@
-"""PSM: float64 references transcribed from METHODS.md, limits, invariances, gradcheck, bank and EMA, 2 gloo ranks."""
+"""PSM: float64 references transcribed from docs/methods.md, limits, invariances, gradcheck, bank and EMA, 2 gloo ranks."""
 from __future__ import annotations
 
 import math

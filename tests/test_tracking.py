@@ -2,19 +2,15 @@
 artifacts, the registered encoder, restart-safe steps, and secrets that never reach the store."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import free_port, tiny_config
-from pipeline import checkpoint, launch, tracking, train
+from conftest import logged_text, tiny_config
+from conftest import mlflow_server as start_mlflow_server
+from pipeline import launch, tracking, train
 from pipeline.cli import main as cli_main
 
 SECRET = "hunter2-very-secret"
@@ -23,45 +19,8 @@ SECRET = "hunter2-very-secret"
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free 127.0.0.1 port with a SQLite backend and proxied artifacts."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def all_logged_text(client: MlflowClient, run_id: str) -> str:
-    """Params, tags, config.yaml and the config inside the logged checkpoints."""
-    run = client.get_run(run_id)
-    parts = [f"{k}={v}" for k, v in run.data.params.items()] + [f"{k}={v}" for k, v in run.data.tags.items()]
-    parts.append(client.download_artifacts(run_id, "config.yaml") and
-                 open(client.download_artifacts(run_id, "config.yaml")).read())
-    for which in ("last", "best"):
-        parts.append(repr(checkpoint.load(client.download_artifacts(run_id, f"checkpoints/{which}"))["config"]))
-    return "\n".join(parts)
 
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
@@ -97,7 +56,7 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
     assert ckpts == {"checkpoints/last", "checkpoints/best"}
     versions = client.search_model_versions(f"name='enc-{store}'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-    assert SECRET not in all_logged_text(client, run.info.run_id)
+    assert SECRET not in logged_text(client, run.info.run_id)
 
     # Resume for a second epoch into the same run: every metric's steps strictly increase.
     second = launch.train_run(tiny_config(tmp_path, digits_shards, *common, "train.epochs=2"), resume="t1")
@@ -105,7 +64,7 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
     for key in ("loss", "lr", "images_per_s", "knn_top1"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == sorted(set(steps)) and steps[-1] == second["step"], (key, steps)
-    assert SECRET not in all_logged_text(client, run.info.run_id)
+    assert SECRET not in logged_text(client, run.info.run_id)
 
 
 def test_replayed_steps_are_not_logged_twice(tmp_path):

@@ -103,7 +103,7 @@ def _gather_worker(rank: int, world: int, port: int, rows: int, dim: int, repeat
 
 
 def gather_seconds(rows: int, dim: int, repeats: int = 10, world: int = 2) -> float:
-    """Seconds for all_gather_with_grad forward + backward of (rows, dim) per rank, 2 gloo processes."""
+    """Seconds for dist.Gather forward + backward of (rows, dim) per rank, 2 gloo processes."""
     import socket
 
     with socket.socket() as s:

@@ -11,16 +11,15 @@ The loop averages each value over ranks (so a *_max is the mean of the per-rank 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .functional import _batch
+from .functional import Gather, _batch
 from .precision import full_precision
 from .synth import synthesize_hard_negatives
 
-Gather = Callable[[Tensor], Tensor]
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Pure in-batch contrastive losses in log space: NT-Xent, DCL, HCL, SSCL (see METHODS.md).
+"""Pure in-batch contrastive losses in log space: NT-Xent, DCL, HCL, SSCL (see docs/methods.md).
 
 Layout: rows are this worker's 2n anchors [z1_local; z2_local]; columns are the gathered global batch
 [z1 of all ranks; z2 of all ranks] (2B columns, B the global batch), i.e. the single-process layout of
@@ -18,6 +18,7 @@ from torch import Tensor
 from .precision import full_precision
 from .synth import check_synth_args, synthesize_hard_negatives
 
+# x (n_local, ...) -> (world_size * n_local, ...) in rank order; dist.Gather in training, None or identity in tests
 Gather = Callable[[Tensor], Tensor]
 _LN2 = math.log(2.0)
 
@@ -81,7 +82,7 @@ def _batch(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) ->
     n_global = gathered.shape[0]
     rank = getattr(gather, "rank", None)
     if rank is None and n_global != n:
-        raise ValueError("gather: a gather that collects several ranks must expose .rank (e.g. dist.GlobalGather)")
+        raise ValueError("gather: a gather that collects several ranks must expose .rank (e.g. dist.Gather)")
     rank = int(rank or 0)
     if gathered.shape[1:] != pairs.shape[1:] or n_global % n or not 0 <= rank < n_global // n:
         raise ValueError(

@@ -13,16 +13,15 @@ O(local rows x global columns) cost, with no (global rows x global columns) tens
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import _batch, _check_t
+from .functional import Gather, _batch, _check_t
 from .precision import full_precision
 
-Gather = Callable[[Tensor], Tensor]
 WEIGHTINGS = ("soft", "hard")
 ACCEPTANCE_ON = ("cosine", "raw")
 # loss.psm_variant -> (positive weighting, what L_hard's acceptance rule reads)
