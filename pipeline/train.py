@@ -161,6 +161,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
         )
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
+    epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
     for step in range(start_step, total_steps):
         lr = lr_at(step, cfg.scaled_lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -182,6 +183,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         optimizer.step()
         objective.after_step()
         loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+        epoch_loss_sum, epoch_loss_count = epoch_loss_sum + loss.detach(), epoch_loss_count + 1
 
         if log_now:
             # one collective for the loss and every diagnostic the objective reported
@@ -198,8 +200,10 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             continue
         epoch = done // spe
         last = done == total_steps
-        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss},
-                            batch=(x1, x2, labels))
+        epoch_loss = dist.all_reduce_mean(torch.as_tensor(epoch_loss_sum / epoch_loss_count).reshape(1).float()).item()
+        epoch_loss_sum, epoch_loss_count = 0.0, 0
+        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss,
+                                               "epoch_loss": epoch_loss}, batch=(x1, x2, labels))
         if ctx.is_main:
             knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
             print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}",
