@@ -35,6 +35,9 @@ def add_prep_parser(sub) -> None:
     p.add_argument("--strict", action="store_true", help="fail on an undecodable image instead of skipping it")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     p.add_argument("--test-size", type=int, default=300, help="held-out test images for builtin:digits")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="hold out this share of train, per class (fixed seed), as the 'holdout' split that the kNN "
+                        "monitor and checkpoints/best use (default 0.1 for builtin:digits, else 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prep)
 
@@ -61,7 +64,7 @@ def cmd_prep(args: argparse.Namespace) -> None:
         manifest = prepare(args.source, args.out, shard_size=args.shard_size or 512, seed=args.seed,
                            test_size=args.test_size, progress=not args.quiet, format=args.format,
                            workers=args.workers, strict=args.strict, shard_bytes=args.shard_bytes,
-                           image_format=args.image_format, mapper=mapper)
+                           image_format=args.image_format, mapper=mapper, val_fraction=args.val_fraction)
     except KeyboardInterrupt:
         raise HardnegError("interrupted; rerun the same command to resume (finished files are kept)") from None
     parts = []

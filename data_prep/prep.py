@@ -14,6 +14,7 @@ import uuid
 from typing import Iterator, Optional
 
 from data_prep import sources
+from data_prep.holdout import HOLDOUT_SPLIT, HoldoutSource, with_holdout
 from data_prep.jobs import PROGRESS_DIR, ShardJob, intact, load_chunk, marker_url, read_marker, run_shard_job, write_marker
 from data_prep.manifest import build_manifest, join_url, out_fs, write_manifest
 from data_prep.parallel import Mapper, local_mapper, ordered_chunks
@@ -199,11 +200,13 @@ def prepare(
     shard_bytes=None,
     image_format: str = "auto",
     mapper: Optional[Mapper] = None,
+    val_fraction: Optional[float] = None,
 ) -> dict:
     """Shard ``source`` into ``out`` (path or fsspec URL) and return the manifest; reruns rewrite nothing.
 
     ``format``: wds | ffcv | both. ``shard_bytes`` (e.g. "64MB") sets the shard size from the data.
-    ``mapper`` runs the shard jobs (default: ``workers`` local processes)."""
+    ``mapper`` runs the shard jobs (default: ``workers`` local processes). ``val_fraction``: the share of
+    train held out, per class, as the ``holdout`` split (None: 0.1 for builtin:digits, else 0)."""
     if format not in FORMATS:
         raise HardnegError(f"format={format!r}; expected one of: {', '.join(FORMATS)}")
     if image_format not in IMAGE_FORMATS:
@@ -220,12 +223,14 @@ def prepare(
     check_writable(out)
     if workers > 1 and mapper is None and (out.startswith("memory:") or source.split(":", 1)[-1].startswith("memory:")):
         raise HardnegError("--workers > 1 needs storage every worker process can reach; memory:// is private to one process")
-    src = sources.open_source(source, test_size=test_size)
+    src = with_holdout(sources.open_source(source, test_size=test_size), val_fraction)
     if cap is not None:
         shard_size = estimate_shard_size(src, cap, seed, image_format)
     specs = plan_shards(src.sizes, shard_size, seed)
     settings = {"shard_size": int(shard_size), "seed": int(seed), "test_size": int(test_size),
                 "image_format": image_format}
+    if isinstance(src, HoldoutSource):  # recorded in the manifest's prep section (and the fingerprint)
+        settings |= {"val_fraction": src.fraction, "val_seed": src.seed, "val_split": HOLDOUT_SPLIT}
     fingerprint = fingerprint_of(src, settings)
 
     fs, root = out_fs(out)

@@ -1,6 +1,8 @@
 """Two-view augmentation (SimCLR, Chen et al. 2020) and the plain evaluation transform, torchvision v2."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torchvision.transforms import v2
 
@@ -32,9 +34,10 @@ def view_transform(cfg: AugmentConfig) -> v2.Compose:
     return v2.Compose(steps + _to_normalised_tensor(cfg))
 
 
-def eval_transform(cfg: AugmentConfig) -> v2.Compose:
-    """Deterministic: PIL RGB image -> (3, S, S) float tensor, resized to cfg.image_size."""
-    return v2.Compose([v2.Resize((cfg.image_size, cfg.image_size), antialias=True)] + _to_normalised_tensor(cfg))
+def eval_transform(cfg: AugmentConfig, size: Optional[int] = None) -> v2.Compose:
+    """Deterministic: PIL RGB image -> (3, S, S) float tensor, resized to ``size`` (None: cfg.image_size)."""
+    size = size or cfg.image_size
+    return v2.Compose([v2.Resize((size, size), antialias=True)] + _to_normalised_tensor(cfg))
 
 
 class TwoViews:

@@ -25,7 +25,10 @@ class DataConfig(_Section):
     format: Literal["wds", "ffcv"] = "wds"  # ffcv: read the split's .beton (hardneg prep --format ffcv|both)
     cache_dir: Optional[str] = None  # local copies of remote .beton files; None: $HARDNEG_CACHE_DIR or ~/.cache/hardneg
     train_split: str = "train"  # labelled: the kNN bank and the linear probe's training set
-    eval_split: str = "test"
+    eval_split: str = "test"  # touched only by the final evaluation (hardneg eval / reproduce), never for selection
+    # what the kNN monitor queries and checkpoints/best is chosen on (hardneg prep --val-fraction writes it);
+    # a manifest without it: no kNN monitor during training and no checkpoints/best
+    val_split: str = "holdout"
     # what pretraining reads, e.g. [train, unlabeled] for STL-10 as the HCL/DCL releases; empty: train_split
     pretrain_splits: tuple[str, ...] = ()
     shuffle_buffer: int = Field(1000, ge=0)
@@ -86,13 +89,18 @@ class ModelConfig(_Section):
     width: int = Field(64, ge=4)  # channels of the first stage; 64 is the standard ResNet
     proj_hidden_dim: int = Field(512, ge=1)
     proj_dim: int = Field(128, ge=1)
-    proj_bn: bool = True
+    proj_bn: bool = True  # False: Linear-ReLU-Linear (MoCo-v2's head)
+    # SSCL/PSM keep a 3x3 stride-1 max-pool (padding 0) after the CIFAR stem (dhkdhk/SSCL src/model/network.py)
+    stem_maxpool: bool = False
+    # MoCo's shuffle-BN, single-process form: the key encoder's BN runs over this many sub-batches of a random
+    # permutation and the query encoder's over as many sub-batches in order (1: off). MoCo-family only.
+    shuffle_bn_groups: int = Field(1, ge=1)
 
 
 class LossConfig(_Section):
     """The method and its hyper-parameters (official defaults; docs/methods.md). psm_*/mochi_* apply to that method only."""
 
-    name: Literal["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"] = "nt_xent"
+    name: Literal["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"] = "nt_xent"  # mochi with s = s' = 0 is MoCo-v2
     temperature: float = Field(0.5, gt=0.0)
     tau_plus: float = Field(0.1, ge=0.0, lt=1.0)
     beta: float = Field(1.0, ge=0.0)
@@ -105,12 +113,14 @@ class LossConfig(_Section):
     psm_n_neighbors: int = Field(5, ge=0)  # K mined positives per key
     psm_accept_a: float = Field(0.5, ge=0.0)  # acceptance p = clip(exp(-a (s_in - s_i+ - b)^2), 0, 0.999)
     psm_accept_b: float = Field(0.0, ge=-2.0, le=2.0)
-    psm_weighting: Literal["soft", "hard"] = "soft"  # soft = paper; hard = the release (all weights 1)
+    # release (default): hard positive weighting (all 1) and L_hard's acceptance on raw dot products, as
+    # github.com/dhkdhk/PSM src/model/psm.py computes them; paper: soft weighting, acceptance on cosines
+    psm_variant: Literal["release", "paper"] = "release"
     psm_aa: float = Field(1.0, ge=0.0)  # weight of L_hard
     # MoCHi (Kalantidis et al., NeurIPS 2020, arXiv:2010.01028) on MoCo-v2; no official code was released
     mochi_momentum: float = Field(0.999, ge=0.0, le=1.0)
-    mochi_queue_size: int = Field(16384, ge=1)
-    mochi_n_hard: int = Field(1024, ge=1)  # N hardest queue keys per query
+    mochi_queue_size: int = Field(65536, ge=1)  # MoCo-v2's K (github.com/facebookresearch/moco main_moco.py)
+    mochi_n_hard: int = Field(1024, ge=1)  # N hardest queue keys per query (docs/recipes.md: the paper's tables)
     mochi_s: int = Field(1024, ge=0)  # mixes of two hard negatives, alpha ~ U(0, 1)
     mochi_s_prime: int = Field(512, ge=0)  # mixes of the query with a hard negative, beta ~ U(0, 0.5)
 
@@ -146,6 +156,9 @@ class TrainConfig(_Section):
     checkpoint_every_minutes: float = Field(0.0, ge=0.0)  # 0: off; decided by rank 0's clock at log steps
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm: end the run, or drop the step
     max_nonfinite_steps: int = Field(10, ge=1)  # with on_nonfinite=skip: this many in a row end the run
+    # what picks checkpoints/best: kNN top-1 on data.val_split, or the lowest epoch-mean training loss
+    # (PSM's release keeps the lowest-loss checkpoint and evaluates it: github.com/dhkdhk/PSM src/train.py)
+    best_by: Literal["knn", "loss"] = "knn"
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the network; losses stay float32
@@ -192,7 +205,15 @@ class EvalConfig(_Section):
     probe_lr: float = Field(1e-3, gt=0.0)
     probe_weight_decay: float = Field(1e-6, ge=0.0)
     probe_batch_size: int = Field(256, ge=1)
-    probe_augment: bool = True  # random crop + flip on the training split, as the papers do
+    probe_augment: bool = True  # re-augment the training split every probe epoch (probe_transform below)
+    # crop_flip: RandomResizedCrop(probe_crop_min, 1) + flip; train: the pretraining view (jitter, grey, blur...)
+    # with probe_crop_min and probe_blur_p (HCL/DCL's linear.py trains on train_transform; SSCL/PSM's finetune
+    # transform is jitter, grey, blur p=.5, RandomResizedCrop(0.25-1), flip)
+    probe_transform: Literal["crop_flip", "train"] = "crop_flip"
+    probe_crop_min: Optional[float] = Field(None, gt=0.0, le=1.0)  # None: augment.crop_scale_min
+    probe_blur_p: Optional[float] = Field(None, ge=0.0, le=1.0)  # probe_transform=train; None: augment.blur_p
+    # the resolution evaluation images are resized to (kNN, probe); None: augment.image_size. STL-10 in HCL: 96
+    eval_image_size: Optional[int] = Field(None, ge=4)
 
 
 class Config(_Section):

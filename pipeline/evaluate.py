@@ -121,7 +121,8 @@ def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str =
               "query_split": cfg.data.eval_split}
     if protocol in ("knn", "all"):
         result["knn_top1"] = knn_eval(
-            backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
+            backbone, data_path, cfg.data.train_split, cfg.data.eval_split,
+            augment.eval_transform(cfg.augment, cfg.eval.eval_image_size),
             k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
         )
         result |= {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
@@ -149,6 +150,7 @@ def random_init_knn(cfg, data_path: str) -> float:
     torch.manual_seed(cfg.train.seed)
     backbone = build_objective(cfg).backbone
     return knn_eval(
-        backbone, data_path, cfg.data.train_split, cfg.data.eval_split, augment.eval_transform(cfg.augment),
+        backbone, data_path, cfg.data.train_split, cfg.data.eval_split,
+        augment.eval_transform(cfg.augment, cfg.eval.eval_image_size),
         k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
     )

@@ -17,11 +17,12 @@ _BLOCKS = {
 }
 
 
-def build_backbone(name: str, stem: str, width: int = 64) -> tuple[nn.Module, int]:
+def build_backbone(name: str, stem: str, width: int = 64, maxpool: bool = False) -> tuple[nn.Module, int]:
     """torchvision ResNet without its classifier: (B, 3, H, W) -> (B, feat_dim); returns (module, feat_dim).
 
-    stem="cifar" is the 3x3 stride-1 conv without max-pool used by SimCLR/HCL/SSCL on 32 px images;
-    width rescales every stage (64 = the standard network) so small demos fit a CPU.
+    stem="cifar" is the 3x3 stride-1 conv used by SimCLR/HCL on 32 px images, without max-pool unless
+    ``maxpool`` (SSCL/PSM's network keeps a 3x3 stride-1 one); width rescales every stage (64 = the
+    standard network) so small demos fit a CPU.
     """
     block, layers = _BLOCKS[name]
     net = resnet.ResNet(block, layers)
@@ -36,7 +37,7 @@ def build_backbone(name: str, stem: str, width: int = 64) -> tuple[nn.Module, in
         net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
+        net.maxpool = nn.MaxPool2d(kernel_size=3, stride=1, padding=0) if maxpool else nn.Identity()  # 32 -> 30 px
     feat_dim = width * 8 * block.expansion
     net.fc = nn.Identity()
     return net, feat_dim
@@ -56,7 +57,7 @@ class ContrastiveModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.backbone, self.feat_dim = build_backbone(cfg.backbone, cfg.stem, cfg.width)
+        self.backbone, self.feat_dim = build_backbone(cfg.backbone, cfg.stem, cfg.width, cfg.stem_maxpool)
         self.projector = projection_head(self.feat_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

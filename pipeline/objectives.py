@@ -18,7 +18,7 @@ from pipeline.config import Config, LossConfig
 from pipeline.losses import LOSSES, diagnostics
 from pipeline.losses.mochi import draw_mixes, mochi_logits
 from pipeline.losses.synth import synthesize_hard_negatives
-from pipeline.losses.psm import fifo_enqueue, nearest_neighbors, psm_hard_loss, psm_soft_parts
+from pipeline.losses.psm import VARIANTS, fifo_enqueue, nearest_neighbors, psm_hard_loss, psm_soft_parts
 from pipeline.models import bn_mlp, build_backbone, build_model, ema_update_, momentum_copy
 
 
@@ -182,7 +182,7 @@ class PSMObjective(nn.Module):
     def __init__(self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
         m, self.cfg = cfg.model, cfg.loss
-        self.encoder, feat_dim = build_backbone(m.backbone, m.stem, m.width)
+        self.encoder, feat_dim = build_backbone(m.backbone, m.stem, m.width, m.stem_maxpool)
         self.projector = bn_mlp(feat_dim, m.proj_hidden_dim, m.proj_dim)
         self.predictor = bn_mlp(m.proj_dim, m.proj_hidden_dim, m.proj_dim)
         self.momentum_encoder = momentum_copy(self.encoder)
@@ -217,13 +217,14 @@ class PSMObjective(nn.Module):
             all_labels = gathered[:, width].long()  # (B,)
             nn_labels = gathered[:, width + 1:].long().reshape(n_global, 2, k_nn)  # (B, 2, K)
         offset = int(getattr(self.gather, "rank", 0) or 0) * n
+        weighting, acceptance_on = VARIANTS[c.psm_variant]
         soft = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
-                    weighting=c.psm_weighting, row_offset=offset, generator=self.generator)
+                    weighting=weighting, row_offset=offset, generator=self.generator)
         parts = [psm_soft_parts(q1, z1_pre, keep[:, 1], **soft), psm_soft_parts(q2, z2_pre, keep[:, 0], **soft)]
         loss = 0.5 * (parts[0].loss + parts[1].loss)
         if c.psm_aa > 0:
             hard = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
-                        generator=self.generator, gather=self.gather)
+                        generator=self.generator, gather=self.gather, acceptance_on=acceptance_on)
             loss = loss + c.psm_aa * 0.5 * (psm_hard_loss(q1, k2, **hard) + psm_hard_loss(q2, k1, **hard))
         _push_keys_(self, "bank", keep[:, 1, 0], all_labels)  # AFTER the lookup: the global view-2 keys, rank order
         if not with_stats:
@@ -274,8 +275,26 @@ def _psm_stats(parts, offset: int, k_nn: int, labels, col_labels, n_hard: int) -
     return stats
 
 
+@torch.no_grad()
+def _shuffled_bn_forward(net: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """net(x) with BatchNorm over ``groups`` sub-batches of a random permutation, rows back in order (shuffle-BN).
+
+    MoCo (He et al. 2020, github.com/facebookresearch/moco moco/builder.py _batch_shuffle_ddp) shuffles the
+    key batch across GPUs so that a query and its key never share BN statistics; this is its single-process
+    form, applied within each rank. groups=1: a plain forward. The permutation uses the global RNG (per rank).
+    """
+    if groups <= 1:
+        return net(x)
+    perm = torch.randperm(x.shape[0], device=x.device)  # (n,)
+    out = torch.cat([net(part) for part in x[perm].chunk(groups)])  # (n, d) in shuffled order
+    return torch.empty_like(out).index_copy_(0, perm, out)
+
+
 class MoCHiObjective(nn.Module):
     """MoCHi (Kalantidis et al., NeurIPS 2020) on MoCo-v2: query encoder, EMA key encoder, FIFO queue.
+
+    With loss.mochi_s = mochi_s_prime = 0 it is plain MoCo-v2. model.shuffle_bn_groups > 1: the query
+    encoder's BN runs over sub-batches in order and the key encoder's over sub-batches of a shuffled batch.
 
     InfoNCE of q (view 1) against its key (view 2), the queue and the synthetic hard negatives mixed
     from each query's hardest queue keys. The GLOBAL keys (no grad, rank order) are enqueued after the
@@ -284,7 +303,7 @@ class MoCHiObjective(nn.Module):
 
     def __init__(self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        self.cfg = cfg.loss
+        self.cfg, self.bn_groups = cfg.loss, cfg.model.shuffle_bn_groups
         self.encoder = build_model(cfg.model)
         self.momentum = momentum_copy(self.encoder)
         _register_key_bank(self, "queue", cfg.loss.mochi_queue_size, cfg.model.proj_dim)  # (Q, d)
@@ -298,10 +317,10 @@ class MoCHiObjective(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 with_stats: bool = False) -> tuple[torch.Tensor, dict]:
         c = self.cfg
-        q = self.encoder(x1)  # (n, d)
+        q = torch.cat([self.encoder(part) for part in x1.chunk(self.bn_groups)])  # (n, d): BN per sub-batch
         n, d = q.shape
         with torch.no_grad():
-            k = F.normalize(self.momentum(x2).float(), dim=1)  # (n, d)
+            k = F.normalize(_shuffled_bn_forward(self.momentum, x2, self.bn_groups).float(), dim=1)  # (n, d)
             own = _labels_or_unknown(labels, n, q.device)
             gathered = self._gather_ng(torch.cat([k, own.float()[:, None]], dim=1))  # (B, d + 1)
         offset = int(getattr(self.gather, "rank", 0) or 0) * n

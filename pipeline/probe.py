@@ -18,9 +18,18 @@ from pipeline.config import AugmentConfig, EvalConfig
 from pipeline.evaluate import extract_features
 
 
-def probe_transform(cfg: AugmentConfig) -> v2.Compose:
-    """Training-split augmentation of the linear probe: random resized crop + flip, then normalise."""
-    steps = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True)]
+def probe_transform(cfg: AugmentConfig, eval_cfg: Optional[EvalConfig] = None) -> v2.Compose:
+    """Training-split augmentation of the linear probe (eval.probe_transform), then normalise.
+
+    crop_flip: RandomResizedCrop(probe_crop_min or crop_scale_min, 1) + flip; train: the pretraining view
+    with probe_crop_min and probe_blur_p where set (HCL/DCL's linear.py trains on train_transform).
+    """
+    eval_cfg = eval_cfg or EvalConfig()
+    crop_min = eval_cfg.probe_crop_min or cfg.crop_scale_min
+    if eval_cfg.probe_transform == "train":
+        blur = cfg.blur_p if eval_cfg.probe_blur_p is None else eval_cfg.probe_blur_p
+        return augment.view_transform(cfg.model_copy(update={"crop_scale_min": crop_min, "blur_p": blur}))
+    steps = [v2.RandomResizedCrop(cfg.image_size, scale=(crop_min, 1.0), antialias=True)]
     if cfg.hflip_p > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip_p))
     return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
@@ -80,11 +89,11 @@ def linear_probe(
 ) -> dict:
     """Linear top-1 of a frozen ``backbone``: train on ``train_split``, test on ``test_split``."""
     backbone = backbone.to(device).eval()
-    test_tf = augment.eval_transform(augment_cfg)
+    test_tf = augment.eval_transform(augment_cfg, eval_cfg.eval_image_size)
     test_feats, test_y = extract_features(backbone, data.eval_batches(data_path, test_split, test_tf,
                                                                       eval_cfg.batch_size), device)
     if eval_cfg.probe_augment:
-        train_tf = probe_transform(augment_cfg)
+        train_tf = probe_transform(augment_cfg, eval_cfg)
 
         def epoch_batches(epoch: int):
             for x, y in data.labelled_batches(data_path, train_split, train_tf, eval_cfg.probe_batch_size,

@@ -1,4 +1,9 @@
-"""What happens at an epoch's end: kNN, plots, checkpoints (last and best by kNN), the final model.
+"""What happens at an epoch's end: kNN, plots, checkpoints (last, and best), the final model.
+
+No test-set selection: the kNN monitor queries data.val_split (held out of train by `hardneg prep
+--val-fraction`) and checkpoints/best is chosen on it, or by the lowest epoch-mean training loss with
+train.best_by=loss (PSM's release). Without that split in the manifest there is no kNN monitor and, with
+best_by=knn, no checkpoints/best: the test split is read only by the final evaluation (hardneg eval).
 
 Every rank calls ``EpochReporter.epoch_end`` at the same steps, because the launcher's report is a
 barrier; only rank 0 evaluates, plots and writes to the tracker.
@@ -29,12 +34,21 @@ class EpochReporter:
     def __init__(self, cfg: Config, ctx: DistContext, tracker, hooks, objective, make_state: Callable[[int, int], dict]):
         self.cfg, self.ctx, self.tracker, self.hooks = cfg, ctx, tracker, hooks
         self.objective, self.make_state = objective, make_state
-        self.best_by = "knn_top1"  # the internal metric key that chooses checkpoints/best (higher is better)
+        # the internal metric key that chooses checkpoints/best with train.best_by=knn (higher is better);
+        # train.best_by=loss chooses by the lowest epoch-mean training loss instead (best_loss)
+        self.best_by = "knn_top1"
         self.best_knn: Optional[float] = None
+        self.best_loss: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_encoder: Optional[dict] = None  # CPU copy of the best backbone's weights, for the "best" model
         self.knn_top1: Optional[float] = None
         self.last_step, self.epoch = 0, 0
+        splits = data.read_manifest(cfg.data.path)["splits"]
+        self.monitor_split: Optional[str] = cfg.data.val_split if cfg.data.val_split in splits else None
+        if self.monitor_split is None and ctx.is_main:
+            print(f"[hardneg] no '{cfg.data.val_split}' split in {cfg.data.path}: no kNN monitor during training"
+                  + (" and no checkpoints/best" if cfg.train.best_by == "knn" else "")
+                  + " (hardneg prep --val-fraction holds one out of train)", flush=True)
         self.tmp = tempfile.mkdtemp(prefix="hardneg-report-")
 
     def start(self, new_run: bool, extra_params: dict) -> None:
@@ -64,16 +78,16 @@ class EpochReporter:
 
     def _knn_due(self, epoch: int, last: bool) -> bool:
         every = self.cfg.train.knn_every_epochs
-        return last or bool(every and epoch % every == 0)
+        return self.monitor_split is not None and (last or bool(every and epoch % every == 0))
 
     def _features(self, split: str):
-        transform = augment.eval_transform(self.cfg.augment)
+        transform = augment.eval_transform(self.cfg.augment, self.cfg.eval.eval_image_size)
         batches = data.eval_batches(self.cfg.data.path, split, transform, self.cfg.eval.batch_size)
         return evaluate.extract_features(self.objective.backbone, batches, self.ctx.device)
 
     def _evaluate(self, step: int, last: bool, batch) -> float:
         bank, bank_y = self._features(self.cfg.data.train_split)
-        query, query_y = self._features(self.cfg.data.eval_split)
+        query, query_y = self._features(self.monitor_split)
         top1 = evaluate.knn_top1(bank, bank_y, query, query_y, k=self.cfg.eval.knn_k,
                                  temperature=self.cfg.eval.knn_temperature)
         self.tracker.log_metrics(grouped({"knn_top1": top1}), step=step)
@@ -82,7 +96,7 @@ class EpochReporter:
             if last:
                 dataset = read_manifest(self.cfg.data.path).get("dataset") or self.cfg.data.path
                 path = plots.embedding_png(query, query_y, os.path.join(self.tmp, "embedding.png"),
-                                           f"{dataset}, {self.cfg.data.eval_split} split, step {step}, "
+                                           f"{dataset}, {self.monitor_split} split, step {step}, "
                                            f"kNN top-1 {top1:.3f}")
                 self.tracker.log_artifact(path, "plots")
         return top1
@@ -112,7 +126,13 @@ class EpochReporter:
         if self.ctx.is_main and self._knn_due(epoch, last):
             self.knn_top1 = self._evaluate(step, last, batch)
             metrics = metrics | {"knn_top1": self.knn_top1}
-            improved = self._note_best(metrics.get(self.best_by), step)
+            if self.cfg.train.best_by == "knn":
+                improved = self._note_best(metrics.get(self.best_by), step)
+        if self.ctx.is_main and self.cfg.train.best_by == "loss" and metrics.get("epoch_loss") is not None:
+            improved = self.best_loss is None or metrics["epoch_loss"] <= self.best_loss  # <=: as PSM's train.py
+            if improved:
+                self.best_loss, self.best_step = metrics["epoch_loss"], step
+                self._keep_best_encoder()
         save = last or epoch % self.cfg.train.checkpoint_every_epochs == 0
         if not (self.ctx.is_main and (save or improved)):
             self.hooks.report(metrics, None)
@@ -150,25 +170,35 @@ class EpochReporter:
         improved = self.best_knn is None or value > self.best_knn
         if improved:
             self.best_knn, self.best_step = value, step
-            if self.cfg.tracking.log_model:
-                weights = self.objective.backbone.state_dict()
-                self.best_encoder = {k: v.detach().cpu().clone() for k, v in weights.items()}
+            self._keep_best_encoder()
         self.tracker.log_metrics(grouped({f"{self.best_by}_best": self.best_knn}), step=step)
         return improved
+
+    def _keep_best_encoder(self) -> None:
+        """A CPU copy of the backbone's weights, logged as the "best" model at the end when it is not the last."""
+        if self.cfg.tracking.log_model:
+            weights = self.objective.backbone.state_dict()
+            self.best_encoder = {k: v.detach().cpu().clone() for k, v in weights.items()}
+
+    def _best_record(self) -> dict:
+        """Which metric chose checkpoints/best, its value, direction and split."""
+        if self.cfg.train.best_by == "loss":
+            return {"metric": "epoch-mean " + name_of("loss"), "value": self.best_loss, "mode": "min", "split": "train"}
+        return {"metric": name_of(self.best_by), "value": self.best_knn, "mode": "max", "split": self.monitor_split}
 
     def _mark_best(self, directory: str) -> None:
         """Record in the checkpoint's meta.json which metric chose it and its value (temp file, then rename)."""
         path = os.path.join(directory, checkpoint.META_FILE)
         with open(path) as f:
             meta = json.load(f)
-        meta["best_by"] = {"metric": name_of(self.best_by), "value": self.best_knn, "mode": "max",
-                           "split": self.cfg.data.eval_split}
+        meta["best_by"] = self._best_record()
         with open(path + ".tmp", "w") as f:
             json.dump(meta, f)
         os.replace(path + ".tmp", path)
 
     def _model_description(self, which: str, step: int) -> str:
-        best = f"{name_of(self.best_by)} = {self.best_knn:.4f} at step {self.best_step}" if self.best_knn is not None \
+        record = self._best_record()
+        best = f"{record['metric']} = {record['value']:.4f} at step {self.best_step}" if record["value"] is not None \
             else "no kNN evaluated"
         return (f"Backbone (encoder without projection head) of run {self.cfg.tracking.run_name} "
                 f"(MLflow run {self.tracker.run_id}): {self.cfg.loss.name} on "

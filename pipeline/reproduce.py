@@ -5,6 +5,11 @@ grid on a cluster keeps every GPU busy without oversubscribing it. Each finished
 result (written atomically); a rerun skips those, resumes a cell whose training was interrupted,
 and evaluates a cell that trained but was not evaluated. The table puts mean ± std beside the
 published numbers.
+
+Learning rates: ``lrs`` lists candidate optim.lr values per method. Each candidate trains once (the
+first seed) and is scored by kNN top-1 on the validation split (data.val_split, held out of train by
+`hardneg prep --val-fraction`); the best one then runs every seed, and only those are evaluated on the
+test split. The choice is stored in cells/<method>-<dataset>-lr.json. No test number picks anything.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class Grid(BaseModel):
     protocol: Literal["knn", "linear", "all"] = "all"
     published: dict[str, dict[str, float]] = Field(default_factory=dict)  # method -> dataset -> top-1 (%)
     published_note: str = ""
+    lrs: dict[str, list[float]] = Field(default_factory=dict)  # method -> optim.lr candidates, chosen on val
+    method_overrides: dict[str, list[str]] = Field(default_factory=dict)  # method -> overrides after the grid's
 
 
 def load_grid(path: str) -> Grid:
@@ -59,11 +66,17 @@ def load_grid(path: str) -> Grid:
     return grid
 
 
-def _cell_config(grid: Grid, method: str, dataset: str, seed: int, root: str) -> config_mod.Config:
-    cell = f"{method}-{dataset}-s{seed}"
+def _cell_name(method: str, dataset: str, seed: int, lr: Optional[float] = None) -> str:
+    return f"{method}-{dataset}-s{seed}" if lr is None else f"{method}-{dataset}-lr{lr:g}-s{seed}"
+
+
+def _cell_config(grid: Grid, method: str, dataset: str, seed: int, root: str,
+                 lr: Optional[float] = None) -> config_mod.Config:
+    cell = _cell_name(method, dataset, seed, lr)
     return config_mod.load(grid.methods[method], [
         f"data.path={grid.datasets[dataset]}", f"train.seed={seed}", f"tracking.experiment={grid.name}",
         f"tracking.run_name={cell}", f"cluster.storage_path={os.path.join(root, 'runs')}", *grid.overrides,
+        *grid.method_overrides.get(method, []), *([f"optim.lr={lr}"] if lr is not None else []),
     ])
 
 
@@ -74,9 +87,8 @@ def _write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str) -> dict:
-    """Train (or resume, or skip when trained) then evaluate one cell; returns its result dict."""
-    cfg = _cell_config(grid, method, dataset, seed, root)
+def _train_cell(cfg: config_mod.Config, root: str) -> tuple[str, float]:
+    """Train (or resume, or skip when trained) one cell; (its final checkpoint, training seconds spent now)."""
     cell = cfg.tracking.run_name
     run_dir = os.path.join(root, "runs", cell)
     total = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain,
@@ -88,10 +100,43 @@ def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str) -> dic
     elif checkpoint.load(found)["step"] < total:
         print(f"[reproduce] {cell}: resuming its interrupted training", flush=True)
         train_run(cfg, resume=cell)
-    final = checkpoint.latest(run_dir)
+    return checkpoint.latest(run_dir), time.perf_counter() - start
+
+
+def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str, lr: Optional[float] = None) -> dict:
+    """Train (or resume, or skip when trained) then evaluate one cell on the test split; returns its result dict."""
+    cfg = _cell_config(grid, method, dataset, seed, root, lr)
+    start = time.perf_counter()
+    final, _ = _train_cell(cfg, root)
     result = evaluate_checkpoint(final, cfg.data.path, protocol=grid.protocol, track=True)
-    return result | {"method": method, "dataset": dataset, "seed": seed, "cell": cell,
-                     "wall_s": round(time.perf_counter() - start, 1)}
+    return result | {"method": method, "dataset": dataset, "seed": seed, "cell": cfg.tracking.run_name,
+                     "lr": cfg.optim.lr, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def choose_lr(grid: Grid, method: str, dataset: str, root: str) -> Optional[float]:
+    """The candidate lr with the best kNN top-1 on the validation split (first seed); None without candidates."""
+    candidates = grid.lrs.get(method, [])
+    if not candidates:
+        return None
+    path = os.path.join(root, "cells", f"{method}-{dataset}-lr.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["chosen_lr"]
+    scores = {}
+    for lr in candidates:
+        cfg = _cell_config(grid, method, dataset, grid.seeds[0], root, lr)
+        if cfg.data.val_split not in read_manifest(cfg.data.path)["splits"]:
+            raise HardnegError(f"grid {grid.name}: choosing {method}'s lr needs a '{cfg.data.val_split}' split in "
+                               f"{cfg.data.path} (hardneg prep --val-fraction)")
+        final, _ = _train_cell(cfg, root)
+        scores[lr] = evaluate_checkpoint(final, cfg.data.path, overrides=[f"data.eval_split={cfg.data.val_split}"],
+                                         protocol="knn")["knn_top1"]
+        print(f"[reproduce] {cfg.tracking.run_name}: val kNN top-1 {scores[lr]:.4f}", flush=True)
+    chosen = max(candidates, key=lambda lr: (scores[lr], -candidates.index(lr)))
+    _write_json(path, {"method": method, "dataset": dataset, "val_knn_top1": {f"{k:g}": v for k, v in scores.items()},
+                       "chosen_lr": chosen, "chosen_on": "knn_top1 on the validation split, seed "
+                       f"{grid.seeds[0]}"})
+    return chosen
 
 
 def _mean_std(values: list[float]) -> str:
@@ -104,17 +149,20 @@ def _mean_std(values: list[float]) -> str:
 
 def table(grid: Grid, results: list[dict]) -> str:
     """Markdown: one row per method x dataset, mean ± std over seeds (in %), beside the published number."""
-    lines = [f"### {grid.name}: top-1 (%) over seeds {grid.seeds}", "",
-             "| method | dataset | kNN top-1 | linear top-1 | seeds | published |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"### {grid.name}: top-1 (%) on the test split over seeds {grid.seeds}", "",
+             "| method | dataset | lr | kNN top-1 | linear top-1 | seeds | published | wall s / cell |",
+             "|---|---|---|---|---|---|---|---|"]
     for method in grid.methods:
         for dataset in grid.datasets:
             cells = [r for r in results if r["method"] == method and r["dataset"] == dataset]
             knn = [r["knn_top1"] for r in cells if "knn_top1" in r]
             linear = [r["linear_top1"] for r in cells if "linear_top1" in r]
             published = grid.published.get(method, {}).get(dataset)
-            lines.append(f"| {method} | {dataset} | {_mean_std(knn)} | {_mean_std(linear)} | {len(cells)} | "
-                         f"{'–' if published is None else f'{published:.2f}'} |")
+            lrs = sorted({f"{r['lr']:g}" for r in cells if "lr" in r})
+            wall = [r["wall_s"] for r in cells if "wall_s" in r]
+            lines.append(f"| {method} | {dataset} | {', '.join(lrs) or '–'} | {_mean_std(knn)} | {_mean_std(linear)} | "
+                         f"{len(cells)} | {'–' if published is None else f'{published:.2f}'} | "
+                         f"{f'{statistics.fmean(wall):.0f}' if wall else '–'} |")
     if grid.published_note:
         lines += ["", grid.published_note]
     return "\n".join(lines) + "\n"
@@ -137,14 +185,16 @@ def reproduce(grid_path: str, only: Optional[int] = None) -> str:
                 continue
             if only is not None and ran >= only:
                 break
-            result = run_cell(grid, method, dataset, seed, root)
+            result = run_cell(grid, method, dataset, seed, root, choose_lr(grid, method, dataset, root))
             _write_json(path, result)
             ran += 1
+            published = grid.published.get(method, {}).get(dataset)
             print(f"[reproduce] {result['cell']}: " + ", ".join(
-                f"{k} {result[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in result), flush=True)
+                f"{k} {result[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in result)
+                + (f" (published {published:.2f})" if published is not None else ""), flush=True)
     results = []
     for name in sorted(os.listdir(cells_dir)):
-        if name.endswith(".json"):
+        if name.endswith(".json") and not name.endswith("-lr.json"):
             with open(os.path.join(cells_dir, name)) as f:
                 results.append(json.load(f))
     text = table(grid, results)

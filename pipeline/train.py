@@ -217,6 +217,7 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
     saved_at = time.monotonic()
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
     mean_loss, stop_now = float("nan"), False
+    epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
     for step in range(start_step, total_steps):
         if stop.requested and ctx.world_size == 1:  # several ranks agree on a stop at a log step (below)
             _stop(reporter, guard, lr_of, step, spe, run_dir, saved_step)
@@ -245,6 +246,7 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
             optimizer.step()
             objective.after_step()
             loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            epoch_loss_sum, epoch_loss_count = epoch_loss_sum + loss.detach(), epoch_loss_count + 1
         else:
             optimizer.zero_grad(set_to_none=True)
 
@@ -281,8 +283,11 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
             continue
         epoch = done // spe
         last = done == total_steps
-        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss},
-                            batch=(x1, x2, labels))
+        mean_epoch = epoch_loss_sum / epoch_loss_count if epoch_loss_count else float("nan")
+        epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
+        epoch_loss_sum, epoch_loss_count = 0.0, 0
+        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss,
+                                               "epoch_loss": epoch_loss}, batch=(x1, x2, labels))
         if last or epoch % cfg.train.checkpoint_every_epochs == 0:
             saved_step, saved_at = done, time.monotonic()
         if ctx.is_main:

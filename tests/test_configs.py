@@ -9,7 +9,12 @@ import yaml
 from pipeline import config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "configs"
-DIGITS = ["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"]
+DIGITS = ["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi", "moco_v2"]
+LOSS_OF = {"moco_v2": "mochi"}  # MoCo-v2 is MoCHi with s = s' = 0
+# MoCo-v2's head and shuffle-BN are the only model settings a digits config may change from the demo
+MOCO_MODEL = {"proj_hidden_dim", "proj_bn", "shuffle_bn_groups"}
+BASELINES = ["simclr_hcl_stl10", "simclr_hcl_cifar10", "simclr_hcl_cifar100", "simclr_sscl_cifar10",
+             "simclr_sscl_cifar100", "simclr_sscl_tinyimagenet", "mocov2_imagenet100", "mochi_imagenet100"]
 RECIPES = ["hcl_stl10", "hcl_cifar10", "hcl_cifar100", "dcl_stl10", "dcl_cifar10", "dcl_cifar100",
            "sscl_cifar10", "sscl_cifar100",
            "sscl_tinyimagenet", "psm_cifar10", "psm_cifar100", "psm_tinyimagenet"]
@@ -19,7 +24,7 @@ ALL = ["demo.yaml"] + sorted(str(p.relative_to(ROOT)) for sub in ("digits", "rec
 
 
 def test_the_expected_files_exist():
-    expected = {"demo.yaml"} | {f"digits/{n}.yaml" for n in DIGITS} | {f"recipes/{n}.yaml" for n in RECIPES}
+    expected = {"demo.yaml"} | {f"digits/{n}.yaml" for n in DIGITS} | {f"recipes/{n}.yaml" for n in RECIPES + BASELINES}
     assert expected <= set(ALL)
 
 
@@ -33,8 +38,12 @@ def test_every_config_loads(rel):
 def test_digits_configs_are_the_demo_plus_the_method(name):
     demo = yaml.safe_load((ROOT / "demo.yaml").read_text())
     mine = yaml.safe_load((ROOT / "digits" / f"{name}.yaml").read_text())
+    if name in ("mochi", "moco_v2"):  # MoCo family: Linear-ReLU-Linear head (hidden = feature width) and shuffle-BN
+        assert set(mine["model"]) - set(demo["model"]) <= MOCO_MODEL and mine["model"]["proj_bn"] is False
+        mine["model"] = {k: v for k, v in mine["model"].items() if k not in MOCO_MODEL}
+        demo["model"] = {k: v for k, v in demo["model"].items() if k not in MOCO_MODEL}
     assert {k: v for k, v in mine.items() if k != "loss"} == {k: v for k, v in demo.items() if k != "loss"}
-    assert config.load(str(ROOT / "digits" / f"{name}.yaml")).loss.name == name
+    assert config.load(str(ROOT / "digits" / f"{name}.yaml")).loss.name == LOSS_OF.get(name, name)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -58,7 +67,7 @@ def test_recipes_name_their_method_and_cite_their_source(name):
 def test_recipe_hyper_parameters():
     load = lambda n: config.load(str(ROOT / "recipes" / f"{n}.yaml")).loss  # noqa: E731
     assert (load("hcl_stl10").beta, load("hcl_stl10").tau_plus) == (1.0, 0.1)
-    assert load("sscl_cifar10").tau_plus == 0.1 and load("sscl_cifar100").tau_plus == 0.05
+    assert load("sscl_cifar10").tau_plus == 0.05 and load("sscl_cifar100").tau_plus == 0.05  # config.conf runs 0.05
     sscl = load("sscl_cifar10")
     assert (sscl.n_hard, sscl.n_synthetic, sscl.beta, sscl.mix) == (32, 8, 1.0, "paper")
     psm = load("psm_cifar10")
@@ -84,3 +93,29 @@ def test_new_loss_names_and_values_are_validated():
         config.load(None, ["loss.mochi_s=-1"])
     with pytest.raises(HardnegError, match=r"loss\.psm_accept_a=-0\.1"):
         config.load(None, ["loss.psm_accept_a=-0.1"])
+
+
+@pytest.mark.parametrize("name", RECIPES + BASELINES)
+def test_recipes_follow_their_release_protocol(name):
+    """Evaluation and selection settings the releases use (docs/recipes.md cites the lines)."""
+    cfg = config.load(str(ROOT / "recipes" / f"{name}.yaml"))
+    text = (ROOT / "recipes" / f"{name}.yaml").read_text()
+    assert "arXiv:" in text and "github.com/" in text
+    family = "moco" if "imagenet100" in name else ("hcl" if name.split("_")[0] in ("hcl", "dcl") or "_hcl_" in name
+                                                  else "sscl")
+    if family == "hcl":
+        assert (cfg.eval.probe_transform, cfg.eval.probe_batch_size, cfg.train.best_by) == ("train", 512, "knn")
+        assert cfg.eval.eval_image_size == (96 if name.endswith("stl10") else None)  # STL-10 tested at native 96 px
+        assert not cfg.model.stem_maxpool
+    elif family == "sscl":
+        assert (cfg.eval.probe_transform, cfg.eval.probe_blur_p, cfg.train.best_by) == ("train", 0.5, "loss")
+        cifar = "cifar" in name
+        assert cfg.model.stem_maxpool == cifar and cfg.eval.probe_crop_min == (0.25 if cifar else None)
+        assert "--val-fraction" in text and not cfg.model.proj_bn or cfg.loss.name == "psm"
+    else:
+        c = cfg.loss
+        assert (c.temperature, c.mochi_momentum, c.mochi_queue_size, cfg.optim.lr) == (0.2, 0.999, 65536, 0.03)
+        assert (cfg.model.proj_bn, cfg.model.shuffle_bn_groups, cfg.model.proj_hidden_dim) == (False, 8, 2048)
+        assert (c.mochi_s, c.mochi_s_prime) == ((0, 0) if name.startswith("mocov2") else (1024, 512))
+    if name.startswith("simclr"):
+        assert cfg.loss.name == "nt_xent"

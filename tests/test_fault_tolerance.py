@@ -73,7 +73,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     ray_tmp = tempfile.mkdtemp(prefix="hnft-", dir="/tmp")  # short: Ray's socket paths live under it
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     monkeypatch.setenv("HARDNEG_RAY_TMP", ray_tmp)
-    spe, epochs = 1497 // 128, 4
+    spe, epochs = 1347 // 128, 4
     total = spe * epochs
     common = ("cluster.num_workers=2", f"train.epochs={epochs}", "train.knn_every_epochs=0",
               "train.checkpoint_every_epochs=1", "cluster.max_failures=2", "train.log_every_steps=1",

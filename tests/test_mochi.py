@@ -216,7 +216,7 @@ def test_config_defaults_and_validation():
     from pipeline.errors import HardnegError
 
     c = config.load(None, ["loss.name=mochi"]).loss
-    assert (c.mochi_momentum, c.mochi_queue_size, c.mochi_n_hard, c.mochi_s, c.mochi_s_prime) == (0.999, 16384, 1024,
+    assert (c.mochi_momentum, c.mochi_queue_size, c.mochi_n_hard, c.mochi_s, c.mochi_s_prime) == (0.999, 65536, 1024,
                                                                                                    1024, 512)
     with pytest.raises(HardnegError, match="mochi_n_hard=64 must be <= loss.mochi_queue_size=32"):
         config.load(None, ["loss.name=mochi", "loss.mochi_queue_size=32", "loss.mochi_n_hard=64"])
@@ -279,3 +279,26 @@ def test_queue_is_identical_on_every_rank(ranks):
     assert torch.equal(q0, q1) and torch.equal(l0, l1) and p0 == p1 == (3 * WORLD * N_LOCAL) % 16
     # the GLOBAL keys in rank order, 18 of them through a ring of 16: the last two wrapped to the front
     assert l0.tolist() == [11, 12, 2, 10, 11, 12, 0, 1, 2, 10, 11, 12, 0, 1, 2, 10]
+
+
+def test_shuffle_bn_keys_use_other_sub_batch_statistics_and_return_in_order():
+    from torch import nn
+
+    from pipeline.objectives import _shuffled_bn_forward
+
+    bn = nn.BatchNorm1d(3).train()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_shuffled_bn_forward(bn, x, 1), bn(x))
+    torch.manual_seed(5)
+    got = _shuffled_bn_forward(bn, x, 2)
+    torch.manual_seed(5)
+    perm = torch.randperm(8)
+    expected = torch.empty_like(x)
+    for part in perm.chunk(2):  # each row normalised with the statistics of its shuffled half
+        expected[part] = (x[part] - x[part].mean(0)) / torch.sqrt(x[part].var(0, unbiased=False) + bn.eps)
+    torch.testing.assert_close(got, expected)
+    cfg = config.load(None, [*TINY, "model.shuffle_bn_groups=2", "model.proj_bn=false", "loss.mochi_s=0",
+                             "loss.mochi_s_prime=0"])
+    obj = build_objective(cfg, None, torch.Generator().manual_seed(0))
+    loss, _ = obj(*_images(6, 1))
+    assert torch.isfinite(loss) and obj.bn_groups == 2

@@ -31,3 +31,14 @@ def test_width_rescales_every_stage():
 def test_model_projects_to_proj_dim():
     model = build_model(ModelConfig(width=8, proj_hidden_dim=32, proj_dim=16))
     assert model(torch.randn(4, 3, 16, 16)).shape == (4, 16)
+
+
+def test_sscl_psm_stem_keeps_a_3x3_stride1_maxpool():
+    net, _ = build_backbone("resnet18", "cifar", width=8, maxpool=True)
+    pool = net.maxpool
+    assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (3, 1, 0)
+    x = torch.randn(2, 3, 16, 16)
+    assert net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))).shape[-1] == 14  # stride 1, no padding: 16 -> 14
+    model = build_model(ModelConfig(width=8, proj_hidden_dim=32, proj_dim=16, stem_maxpool=True, proj_bn=False))
+    assert isinstance(model.backbone.maxpool, nn.MaxPool2d)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.projector)  # MoCo-v2's Linear-ReLU-Linear

@@ -63,12 +63,13 @@ def test_digits_round_trip(digits_out):
     prep = dict(manifest["prep"])
     assert len(prep.pop("fingerprint")) == 64
     assert prep == {"shard_size": 400, "seed": 0, "test_size": 300, "format": "wds", "image_format": "auto",
-                    "strict": False, "workers": 1, "shard_bytes": None}
+                    "strict": False, "workers": 1, "shard_bytes": None,
+                    "val_fraction": 0.1, "val_seed": 0, "val_split": "holdout"}  # digits hold 10% of train out
     assert manifest["image"] == {"height": 8, "width": 8, "channels": 3}
     assert manifest["skipped"] == []
     assert read_manifest(out) == manifest
     seen = {}
-    for split, count in (("train", 1497), ("test", 300)):
+    for split, count in (("train", 1347), ("test", 300), ("holdout", 150)):
         info = manifest["splits"][split]
         assert info["num_samples"] == count
         assert info["classes"] == [str(c) for c in range(10)]
@@ -96,7 +97,8 @@ def test_digits_round_trip(digits_out):
         assert len(indices) == len(set(indices)) == count
         assert indices != sorted(indices), "sample order is shuffled"
         seen[split] = set(indices)
-    assert seen["train"] | seen["test"] == set(range(1797)) and not seen["train"] & seen["test"]
+    assert seen["train"] | seen["test"] | seen["holdout"] == set(range(1797))
+    assert not seen["train"] & seen["test"] and not seen["holdout"] & (seen["train"] | seen["test"])
     test_counts = np.bincount(digits.target[sorted(seen["test"])], minlength=10)
     assert test_counts.min() >= 29 and test_counts.max() <= 31, "test split is stratified"
     assert verify(out) == []
@@ -178,7 +180,7 @@ def test_memory_round_trip():
                 data = f.read()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"]
             total += len(read_shard(data))
-        assert total == 1497
+        assert total == 1347
         assert verify(out) == []
         assert not [p for p in fs.ls(root, detail=False) if os.path.basename(p).startswith(".")]
     finally:

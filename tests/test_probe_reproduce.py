@@ -63,20 +63,20 @@ def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards):
     # An interrupted cell: its training stopped after epoch 1 of 2.
     cell_cfg = _cell_config(load_grid(grid_path), "hcl", "digits", 0, str(root))
     interrupted = launch.train_run(launch._with(cell_cfg, "train", epochs=1))
-    assert interrupted["step"] == 11
+    assert interrupted["step"] == 10
 
     reproduce(grid_path, only=1)  # runs nt_xent only
     cells = sorted(os.listdir(root / "cells"))
     assert cells == ["nt_xent-digits-s0.json"]
     first = json.loads((root / "cells" / cells[0]).read_text())
-    assert first["step"] == 22 and 0 <= first["knn_top1"] <= 1 and 0 <= first["linear_top1"] <= 1
+    assert first["step"] == 20 and 0 <= first["knn_top1"] <= 1 and 0 <= first["linear_top1"] <= 1
     mtime = os.path.getmtime(root / "cells" / cells[0])
 
-    text = reproduce(grid_path)  # skips nt_xent, resumes hcl from step 11
+    text = reproduce(grid_path)  # skips nt_xent, resumes hcl from step 10
     assert os.path.getmtime(root / "cells" / cells[0]) == mtime
     hcl = json.loads((root / "cells" / "hcl-digits-s0.json").read_text())
-    assert hcl["step"] == 22 and hcl["mlflow_run_id"] == interrupted["mlflow_run_id"]
-    assert checkpoint.load(checkpoint.latest(str(root / "runs" / "hcl-digits-s0")))["step"] == 22
+    assert hcl["step"] == 20 and hcl["mlflow_run_id"] == interrupted["mlflow_run_id"]
+    assert checkpoint.load(checkpoint.latest(str(root / "runs" / "hcl-digits-s0")))["step"] == 20
     assert "| nt_xent | digits |" in text and "| 99.00 |" in text
     assert (root / "table.md").read_text() == text
 
@@ -109,3 +109,47 @@ def test_eval_all_protocols_with_augmented_probe_logs_into_the_run(tmp_path, dig
     logged = after.data.metrics
     assert logged["linear_top1"] == pytest.approx(result["linear_top1"])
     assert logged["eval_knn_top1"] == pytest.approx(result["knn_top1"])
+
+
+def test_probe_transform_follows_the_release_protocols():
+    from torchvision.transforms import v2
+
+    from pipeline.config import AugmentConfig, EvalConfig
+    from pipeline.probe import probe_transform
+
+    def kinds(tf):
+        out = []
+        for t in tf.transforms:
+            out += [type(x).__name__ for x in t.transforms] if isinstance(t, v2.RandomApply) else [type(t).__name__]
+        return out
+
+    aug = AugmentConfig(blur_p=0.0)
+    plain = probe_transform(aug, EvalConfig(probe_crop_min=0.25))
+    assert kinds(plain)[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"] and "ColorJitter" not in kinds(plain)
+    assert plain.transforms[0].scale == (0.25, 1.0)
+    sscl = probe_transform(aug, EvalConfig(probe_transform="train", probe_crop_min=0.25, probe_blur_p=0.5))
+    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(kinds(sscl))
+    assert sscl.transforms[0].scale == (0.25, 1.0)
+    hcl = probe_transform(AugmentConfig(blur_p=0.5), EvalConfig(probe_transform="train"))
+    assert "GaussianBlur" in kinds(hcl) and hcl.transforms[0].scale == (0.08, 1.0)
+
+
+def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_shards, capsys):
+    grid_path = write_grid(tmp_path, digits_shards, epochs=1)
+    raw = yaml.safe_load(open(grid_path))
+    raw["methods"] = {"nt_xent": raw["methods"]["nt_xent"]}
+    raw["lrs"] = {"nt_xent": [0.05, 0.1]}
+    raw["published"] = {"nt_xent": {"digits": 12.5}}
+    raw["overrides"] += ["eval.probe_epochs=1"]
+    with open(grid_path, "w") as f:
+        yaml.safe_dump(raw, f)
+    text = reproduce(grid_path)
+    root = tmp_path / "results" / "tiny"
+    choice = json.loads((root / "cells" / "nt_xent-digits-lr.json").read_text())
+    scores = {float(k): v for k, v in choice["val_knn_top1"].items()}
+    assert set(scores) == {0.05, 0.1} and choice["chosen_lr"] == max(scores, key=scores.get)
+    cell = json.loads((root / "cells" / "nt_xent-digits-s0.json").read_text())
+    assert cell["lr"] == choice["chosen_lr"] and cell["query_split"] == "test"  # test only in the final evaluation
+    assert sorted(os.listdir(root / "runs")) == ["nt_xent-digits-lr0.05-s0", "nt_xent-digits-lr0.1-s0"]  # reused
+    assert f"| {choice['chosen_lr']:g} |" in text and "| 12.50 |" in text
+    assert "(published 12.50)" in capsys.readouterr().out

@@ -374,11 +374,11 @@ def test_config_validation():
 
     with pytest.raises(HardnegError, match="psm_n_neighbors=9 must be <= loss.psm_bank_size=8"):
         config.load(None, ["loss.name=psm", "loss.psm_bank_size=8", "loss.psm_n_neighbors=9"])
-    with pytest.raises(HardnegError, match="psm_weighting"):
-        config.load(None, ["loss.psm_weighting=medium"])
+    with pytest.raises(HardnegError, match="psm_variant"):
+        config.load(None, ["loss.psm_variant=medium"])
     c = config.load(None, ["loss.name=psm"]).loss
-    assert (c.psm_momentum, c.psm_bank_size, c.psm_n_neighbors, c.psm_accept_a, c.psm_accept_b, c.psm_weighting,
-            c.psm_aa) == (0.99, 16384, 5, 0.5, 0.0, "soft", 1.0)
+    assert (c.psm_momentum, c.psm_bank_size, c.psm_n_neighbors, c.psm_accept_a, c.psm_accept_b, c.psm_variant,
+            c.psm_aa) == (0.99, 16384, 5, 0.5, 0.0, "release", 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +397,9 @@ def _losses(q, q_pre, keep, gather, offset):
     soft = psm_soft_loss(q, q_pre, keep, temperature=0.5, row_offset=offset, generator=torch.Generator().manual_seed(3))
     hard = psm_hard_loss(q, keep[:, 0][offset:offset + q.shape[0]], temperature=0.5, gather=gather,
                          generator=torch.Generator().manual_seed(4))
-    return soft, hard
+    raw = psm_hard_loss(2 * q, keep[:, 0][offset:offset + q.shape[0]], temperature=0.5, gather=gather,
+                        generator=torch.Generator().manual_seed(4), acceptance_on="raw")  # the release's acceptance
+    return soft, hard, raw
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -408,7 +410,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         q_all, q_pre_all, keep = _global()
         result = {}
-        for which in (0, 1):
+        for which in (0, 1, 2):
             q = q_all[rows].clone().requires_grad_(True)
             q_pre = q_pre_all[rows].clone().requires_grad_(True)
             loss = _losses(q, q_pre, keep, gather, rank * N_LOCAL)[which]
@@ -436,7 +438,7 @@ def ranks(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, out_dir)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["soft", "hard"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["soft", "hard", "hard_raw_acceptance"])
 def test_gathered_loss_and_grads_equal_single_process(ranks, which):
     q, q_pre, keep = _global()
     q.requires_grad_(True)
@@ -457,3 +459,34 @@ def test_bank_is_identical_on_every_rank(ranks):
     assert ptr0 == ptr1 == 3 * WORLD * N_LOCAL
     # filled from the GLOBAL keys in rank order: rank 0's labels (0..2) then rank 1's (+10)
     assert labels0[:WORLD * N_LOCAL].tolist() == [0, 1, 2, 10, 11, 12]
+
+
+def test_hard_loss_acceptance_on_raw_dot_products_as_the_release():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    kw = dict(temperature=0.5, accept_a=0.5, accept_b=0.0)
+
+    def loss(a, b, on):
+        return psm_hard_loss(a, b, acceptance_on=on, generator=torch.Generator().manual_seed(0), **kw)
+
+    unit_q, unit_k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    torch.testing.assert_close(loss(unit_q, unit_k, "raw"), loss(unit_q, unit_k, "cosine"))  # equal on unit vectors
+    torch.testing.assert_close(loss(5 * q, 5 * k, "cosine"), loss(q, k, "cosine"))  # cosines: scale-free
+    # raw: the acceptance reads (s_in - s_i+)^2 on dot products of norm ~sqrt(d) x scale; at scale 30 p ~ 0,
+    # every negative is rejected and the loss is -log(pos / pos) = 0 (the release's inert L_hard)
+    assert loss(30 * q, 30 * k, "raw").item() == pytest.approx(0.0, abs=1e-6)
+    raw = torch.cat([q, k]) @ torch.cat([q, k]).T  # (2n, 2n) the release's raw logits
+    pos = (q * k).sum(dim=1).repeat(2)
+    p = acceptance_probability(raw, pos, 0.5, 0.0)
+    rows = torch.arange(12)
+    accept = counter_uniform(draw_seed(torch.Generator().manual_seed(0)), rows, 12) < p
+    torch.testing.assert_close(loss(q, k, "raw"), psm_hard_loss(q, k, accept=accept, **kw))
+    with pytest.raises(ValueError, match="acceptance_on"):
+        loss(q, k, "dot")
+
+
+def test_variant_release_is_hard_weighting_and_raw_acceptance():
+    from pipeline.losses.psm import VARIANTS
+
+    assert VARIANTS == {"release": ("hard", "raw"), "paper": ("soft", "cosine")}
+    assert config.load(None, ["loss.name=psm"]).loss.psm_variant == "release"

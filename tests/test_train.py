@@ -24,7 +24,7 @@ def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
     cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
                       "train.knn_every_epochs=0")
     result = launch.train_run(cfg)
-    steps = 1497 // 128
+    steps = 1347 // 128
     assert result["step"] == steps and 0.0 <= result["knn_top1"] <= 1.0  # kNN always runs at the end
     state = checkpoint.load(result["checkpoint"])
     assert state["step"] == steps and state["epoch"] == 1
@@ -57,7 +57,7 @@ def test_resume_refuses_a_different_config(tmp_path, digits_shards):
 
 
 def test_preflight_errors_are_one_line(tmp_path, digits_shards):
-    with pytest.raises(HardnegError, match="global_batch_size=4096 exceeds the 1497 samples"):
+    with pytest.raises(HardnegError, match="global_batch_size=4096 exceeds the 1347 samples"):
         launch.train_run(tiny_config(tmp_path, digits_shards, "train.global_batch_size=4096"))
     with pytest.raises(HardnegError, match="data split 'val' not in"):
         launch.train_run(tiny_config(tmp_path, digits_shards, "data.eval_split=val"))
@@ -81,7 +81,7 @@ def test_gpu_path_options_run_on_cpu(tmp_path, digits_shards):
                       "train.knn_every_epochs=0", "augment.where=device", "train.precision=bf16",
                       "train.channels_last=true")
     result = launch.train_run(cfg)
-    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+    assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
     state = checkpoint.load(result["checkpoint"])
     plain = tiny_config(tmp_path, digits_shards)  # fp32, loader augmentation: the same weights load
     from pipeline.objectives import build_objective
@@ -113,7 +113,7 @@ def test_training_reads_ffcv_files(tmp_path):
     cfg = tiny_config(tmp_path, shards, "cluster.launcher=local", "tracking.enabled=false",
                       "train.knn_every_epochs=0", "data.format=ffcv")
     result = launch.train_run(cfg)
-    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+    assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
 
 
 def test_pretraining_reads_several_splits(tmp_path):
@@ -125,9 +125,9 @@ def test_pretraining_reads_several_splits(tmp_path):
 
     out = str(tmp_path / "stl")
     prepare(f"stl10:{synthetic.write_stl10(str(tmp_path / 'raw'), n_train=24, n_unlabeled=40, folder=True)}", out,
-            shard_size=8)
+            shard_size=8, val_fraction=0.25)  # the kNN monitor reads the 6-image holdout
     both = ("train", "unlabeled")
-    assert data.steps_per_epoch(read_manifest(out), both, 16) == (24 + 40) // 16
+    assert data.steps_per_epoch(read_manifest(out), both, 16) == (18 + 40) // 16
     batches = data.train_batches(out, both, lambda image: (torch.zeros(1), torch.zeros(1)), 16, rank=0, seed=0,
                                  shuffle_buffer=0)
     labels = torch.cat([next(batches)[2] for _ in range(20)])
@@ -137,7 +137,7 @@ def test_pretraining_reads_several_splits(tmp_path):
                       "data.pretrain_splits=[train,unlabeled]", "train.global_batch_size=16", "eval.knn_k=5",
                       "data.shuffle_buffer=16")
     result = launch.train_run(cfg)
-    assert result["step"] == (24 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
+    assert result["step"] == (18 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
     with pytest.raises(HardnegError, match=r"data split 'nosuch' not in"):
         launch.train_run(tiny_config(tmp_path, out, "cluster.launcher=local", "data.pretrain_splits=[train,nosuch]",
                                      "train.global_batch_size=16"))
@@ -150,3 +150,47 @@ def test_automatic_run_names_never_collide(tmp_path, digits_shards, monkeypatch)
     assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000"
     checkpoint.write({"step": 1}, str(tmp_path / "runs" / "nt_xent-20261122-120000" / "checkpoint_000001"))
     assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000-2"
+
+
+class _Recorder:
+    """A tracker and hooks that remember what the reporter asked for."""
+
+    run_id = "r"
+
+    def __init__(self):
+        self.artifacts, self.reports, self.metrics = [], [], []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, metrics))
+
+    def log_artifacts(self, directory, path):
+        self.artifacts.append(path)
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(metrics)
+
+
+def test_no_test_set_selection_monitor_reads_the_holdout_and_best_can_follow_the_loss(tmp_path, digits_shards):
+    from data_prep.prep import prepare
+    from pipeline.objectives import build_objective
+    from pipeline.reporting import EpochReporter
+
+    ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.plots=false")
+    rec = _Recorder()
+    reporter = EpochReporter(cfg, ctx, rec, rec, build_objective(cfg), lambda step, epoch: {"step": step})
+    assert reporter.monitor_split == "holdout"  # never the test split
+    reporter.epoch_end(10, 1, False, {"step": 10, "epoch": 1, "loss": 1.0, "epoch_loss": 1.0})
+    assert rec.metrics and rec.artifacts == ["checkpoints/best", "checkpoints/last"]
+
+    plain = prepare("builtin:digits", str(tmp_path / "plain"), val_fraction=0.0)
+    assert "holdout" not in plain["splits"]
+    cfg = tiny_config(tmp_path, str(tmp_path / "plain"), "cluster.launcher=local", "tracking.plots=false",
+                      "train.best_by=loss", "train.checkpoint_every_epochs=5")
+    rec = _Recorder()
+    reporter = EpochReporter(cfg, ctx, rec, rec, build_objective(cfg), lambda step, epoch: {"step": step})
+    assert reporter.monitor_split is None and not reporter._knn_due(1, last=True)  # no kNN on test, ever
+    for epoch, loss in enumerate([3.0, 2.0, 2.5], start=1):
+        reporter.epoch_end(10 * epoch, epoch, False, {"step": 10 * epoch, "epoch": epoch, "epoch_loss": loss})
+    assert rec.metrics == [] and rec.artifacts == ["checkpoints/best", "checkpoints/best"]  # epochs 1, 2 only
+    assert reporter.best_loss == 2.0

@@ -23,6 +23,9 @@ from .functional import Gather, _batch, _check_t
 from .precision import full_precision
 
 WEIGHTINGS = ("soft", "hard")
+ACCEPTANCE_ON = ("cosine", "raw")
+# loss.psm_variant -> (positive weighting, what L_hard's acceptance rule reads)
+VARIANTS = {"release": ("hard", "raw"), "paper": ("soft", "cosine")}
 
 # SplitMix64 constants as signed int64 (multiplication wraps modulo 2^64 either way)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -186,22 +189,31 @@ def psm_soft_loss(q: Tensor, q_pre: Tensor, keep: Tensor, *, temperature: float,
 @full_precision
 def psm_hard_loss(q: Tensor, k: Tensor, *, temperature: float, accept_a: float = 0.5, accept_b: float = 0.0,
                   generator: Optional[torch.Generator] = None, accept: Optional[Tensor] = None,
-                  gather: Optional[Gather] = None) -> Tensor:
+                  gather: Optional[Gather] = None, acceptance_on: str = "cosine") -> Tensor:
     """PSM's L_hard: the in-batch loss between predictor outputs q (n, d) and momentum keys k (n, d).
 
     Rows [q; k] (2n local anchors) against the gathered columns [Q; K] (2B): row i's positive is its
     partner (s_i+ = cos(q_i, k_i) for both), the other 2B - 2 columns are negatives, each kept by the
     acceptance rule; mean_i -log(pos_i / (pos_i + sum_kept neg_in)). k is detached (momentum keys).
-    Deviation from the release: it computes the acceptance on raw (un-normalised) dot products of the
-    BN outputs, which rejects nearly every negative and makes L_hard ~ 0; here it is on cosines
-    (docs/methods.md). ``accept``: an explicit (2n, 2B) bool mask over the raw columns, for tests.
+    ``acceptance_on``: "raw" computes the acceptance on raw (un-normalised) dot products of q and k, as
+    the release does (hard_contrastive in github.com/dhkdhk/PSM src/model/psm.py): with BN outputs of
+    norm ~sqrt(d) it rejects nearly every negative once s_in and s_i+ differ, so L_hard ~ 0; "cosine"
+    (the paper's reading) on cosines. The logits are cosines / t either way. ``accept``: an explicit
+    (2n, 2B) bool mask over the columns, for tests.
     """
+    if acceptance_on not in ACCEPTANCE_ON:
+        raise ValueError(f"acceptance_on={acceptance_on!r}; expected one of {ACCEPTANCE_ON}")
     t = _check_psm(temperature, accept_a, accept_b)
     b = _batch(q, k.detach(), t, gather)
     n_rows, n_cols = b.logits.shape
     pos_ids = (b.row_ids + n_cols // 2) % n_cols  # (R,)
     with torch.no_grad():
         sim = b.sim  # (R, C) cosines, for the acceptance rule
+        if acceptance_on == "raw":  # back to raw dot products: cos x |row| x |column|
+            norms = torch.stack([q.detach().float().norm(dim=1), k.detach().float().norm(dim=1)], dim=1)  # (n, 2)
+            gathered = gather(norms) if gather is not None else norms  # (B, 2)
+            sim = sim * torch.cat([norms[:, 0], norms[:, 1]])[:, None].to(sim.dtype) \
+                * torch.cat([gathered[:, 0], gathered[:, 1]])[None, :].to(sim.dtype)  # (R, C)
         s_pos = sim.gather(1, pos_ids[:, None]).squeeze(1)  # (R,) cosine of the positive pair
         if accept is None:
             p = acceptance_probability(sim, s_pos, accept_a, accept_b)  # (R, C)

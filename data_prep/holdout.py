@@ -1,0 +1,109 @@
+"""A validation split held out of train (`hardneg prep --val-fraction`): stratified, fixed seed, no test-set selection.
+
+``HoldoutSource`` wraps any Source: its ``train`` split is divided, per class, into ``train`` and
+``holdout`` (the kNN monitor and checkpoints/best read the latter; the test split stays for the final
+evaluation only). The division is a pure function of the labels, the fraction and ``HOLDOUT_SEED``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Optional
+
+import numpy as np
+
+from data_prep.sources import Record, Source
+from pipeline.errors import HardnegError
+
+HOLDOUT_SPLIT = "holdout"
+HOLDOUT_SEED = 0  # fixed: the same images are held out whatever --seed shuffles the shards with
+# sources that hold one out by default (a recipe on them selects on it); others: --val-fraction to opt in
+DEFAULT_VAL_FRACTION = {"builtin:digits": 0.1}
+
+
+def default_val_fraction(spec: str) -> float:
+    """The fraction ``hardneg prep`` holds out of ``spec``'s train split when --val-fraction is not given."""
+    return DEFAULT_VAL_FRACTION.get(spec, 0.0)
+
+
+def stratified_holdout(labels: list[int], fraction: float, seed: int = HOLDOUT_SEED) -> list[int]:
+    """Sorted positions to hold out: round(fraction * n_c) of each class c (at least 1 when fraction > 0 and n_c > 1).
+
+    Each class is permuted by a generator seeded with (seed, class), so adding a class changes no other.
+    Labels < 0 (unreadable records) are never held out.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise HardnegError(f"val_fraction={fraction!r}; expected a number in [0, 1)")
+    by_class: dict[int, list[int]] = {}
+    for pos, label in enumerate(labels):
+        if label >= 0:
+            by_class.setdefault(int(label), []).append(pos)
+    held: list[int] = []
+    for label, positions in sorted(by_class.items()):
+        n_out = min(len(positions) - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * len(positions) + 0.5))))
+        rng = np.random.default_rng([int(seed), zlib.crc32(str(label).encode())])
+        held += [positions[i] for i in rng.permutation(len(positions))[:max(n_out, 0)]]
+    return sorted(held)
+
+
+def _labels(source: Source, split: str) -> list[int]:
+    """Every label of ``split`` (-1 where the record cannot be read): the source's own list when it has one."""
+    own = getattr(source, "labels", None)
+    if callable(own):
+        return [int(v) for v in own(split)]
+    labels = []
+    for item in source.load(split, range(source.sizes[split])):
+        labels.append(-1 if isinstance(item, dict) else int(item.label))
+    return labels
+
+
+class HoldoutSource(Source):
+    """``source`` with ``fraction`` of its train split (per class) moved to a ``holdout`` split."""
+
+    def __init__(self, source: Source, fraction: float, seed: int = HOLDOUT_SEED):
+        if "train" not in source.sizes:
+            raise HardnegError(f"--val-fraction needs a 'train' split; {source.spec} has {', '.join(source.sizes)}")
+        if HOLDOUT_SPLIT in source.sizes:
+            raise HardnegError(f"{source.spec} already has a '{HOLDOUT_SPLIT}' split; use --val-fraction 0")
+        self.inner, self.fraction, self.seed = source, float(fraction), int(seed)
+        self.spec, self.classes, self.decodes_files = source.spec, source.classes, source.decodes_files
+        self.info, self.skipped = dict(source.info), list(source.skipped)
+        held = stratified_holdout(_labels(source, "train"), self.fraction, self.seed)
+        held_set = set(held)
+        self.positions = {"train": [i for i in range(source.sizes["train"]) if i not in held_set],
+                          HOLDOUT_SPLIT: held}
+        self.sizes = {**{k: v for k, v in source.sizes.items()}, "train": len(self.positions["train"]),
+                      HOLDOUT_SPLIT: len(held)}
+
+    def signature(self) -> dict:
+        return {**self.inner.signature(), "val_fraction": self.fraction, "val_seed": self.seed}
+
+    def _where(self, split: str, index: int) -> tuple[str, int]:
+        if split in self.positions:
+            return "train", self.positions[split][index]
+        return split, index
+
+    def record(self, split: str, index: int) -> Record:
+        inner_split, inner_index = self._where(split, index)
+        rec = self.inner.record(inner_split, inner_index)
+        return rec if split == inner_split else dataclasses.replace(rec, split=split)
+
+    def load(self, split: str, positions):
+        """Records (or skip entries) of ``positions`` of ``split``, through the inner source's own loader."""
+        positions = list(positions)
+        inner_split = "train" if split in self.positions else split
+        mapped = [self._where(split, i)[1] for i in positions] if split in self.positions else list(positions)
+        for pos, item in zip(positions, self.inner.load(inner_split, mapped)):
+            if isinstance(item, dict):
+                yield dict(item, split=split, index=int(pos))
+            else:
+                yield item if split == inner_split else dataclasses.replace(item, split=split)
+
+
+def with_holdout(source: Source, fraction: Optional[float]) -> Source:
+    """``source`` itself when the fraction (None: the source's default) is 0, else a HoldoutSource."""
+    fraction = default_val_fraction(source.spec) if fraction is None else fraction
+    if not 0.0 <= fraction < 1.0:
+        raise HardnegError(f"--val-fraction={fraction!r}; expected a number in [0, 1)")
+    return HoldoutSource(source, fraction) if fraction > 0 else source

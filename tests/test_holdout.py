@@ -1,0 +1,47 @@
+"""The validation split held out of train (hardneg prep --val-fraction): stratified, fixed seed, in the manifest."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from data_prep.holdout import HoldoutSource, default_val_fraction, stratified_holdout
+from data_prep.manifest import read_manifest
+from data_prep.sources import open_source
+from pipeline.errors import HardnegError
+
+
+def test_stratified_holdout_is_per_class_fixed_and_seeded():
+    labels = [i % 3 for i in range(30)] + [5, 5]  # 10 of each of 0, 1, 2; 2 of class 5
+    held = stratified_holdout(labels, 0.2)
+    assert held == stratified_holdout(labels, 0.2) and held == sorted(set(held))
+    assert Counter(labels[i] for i in held) == {0: 2, 1: 2, 2: 2, 5: 1}  # every class keeps one in train
+    assert stratified_holdout(labels, 0.2, seed=1) != held
+    assert stratified_holdout(labels, 0.0) == [] and stratified_holdout([-1, -1, 0, 0], 0.5) in ([2], [3])
+    with pytest.raises(HardnegError, match="val_fraction"):
+        stratified_holdout(labels, 1.0)
+
+
+def test_digits_source_holds_out_of_train_only():
+    inner = open_source("builtin:digits")
+    src = HoldoutSource(inner, 0.1)
+    assert src.sizes == {"train": 1347, "test": 300, "holdout": 150} and default_val_fraction("builtin:digits") == 0.1
+    train_ids = {src.record("train", i).source_index for i in range(src.sizes["train"])}
+    held = [src.record("holdout", i) for i in range(150)]
+    assert not train_ids & {r.source_index for r in held} and all(r.split == "holdout" for r in held)
+    assert train_ids | {r.source_index for r in held} == {inner.record("train", i).source_index for i in range(1497)}
+    assert Counter(r.label for r in held) == {c: 15 for c in range(10)}
+    assert [r.source_index for r in src.load("holdout", [3, 0])] == [held[3].source_index, held[0].source_index]
+    with pytest.raises(HardnegError, match="already has a 'holdout' split"):
+        HoldoutSource(src, 0.1)
+
+
+def test_prep_records_the_holdout_in_the_manifest(digits_shards, tmp_path):
+    manifest = read_manifest(digits_shards)
+    assert manifest["prep"]["val_fraction"] == 0.1 and manifest["prep"]["val_split"] == "holdout"
+    assert manifest["splits"]["holdout"]["num_samples"] == 150
+    from data_prep.prep import prepare
+
+    plain = prepare("builtin:digits", str(tmp_path / "plain"), val_fraction=0.0)
+    assert "holdout" not in plain["splits"] and "val_fraction" not in plain["prep"]
+    assert plain["splits"]["train"]["num_samples"] == 1497
