@@ -34,10 +34,14 @@ def check_skip_budget(skipped: float, read: float, max_fraction: float, worst: t
 
 def grad_norm(params) -> torch.Tensor:
     """The global 2-norm of the gradients (0-dim, on their device; no host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    return grad_norm_of([p.grad for p in params if p.grad is not None])
+
+
+def grad_norm_of(tensors: list) -> torch.Tensor:
+    """The global 2-norm of ``tensors`` (0-dim; no host sync)."""
+    if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
 class NonfiniteGuard:
@@ -87,8 +91,16 @@ class NonfiniteGuard:
         return False
 
     def bad_flag(self) -> torch.Tensor:
-        """1.0 when a non-finite step was seen (stop mode), as a float for the log-step all-reduce."""
-        return self.seen.float() if self.mode == "stop" else torch.zeros((), device=self.seen.device)
+        """1.0 when a non-finite step was seen (stop mode), as a float for the log-step all-reduce. Also checks
+        the parameters and buffers themselves: a finite gradient times a huge learning rate can still overflow
+        them, and BatchNorm's running statistics with them."""
+        if self.mode != "stop":
+            return torch.zeros((), device=self.seen.device)
+        state = [t.detach() for t in (*self.module.parameters(), *self.module.buffers()) if t.is_floating_point()]
+        params_ok = torch.isfinite(grad_norm_of(state))
+        self.first = torch.where(~self.seen & ~params_ok, self.counter, self.first)
+        self.seen |= ~params_ok
+        return self.seen.float()
 
     def raise_if_seen(self, any_rank_bad: float, lr_of, last_checkpoint: str) -> None:
         """Stop mode: HardnegError naming the first bad step when any rank saw one."""
