@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO    := demo_out
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean soak
 
 demo: $(STAMP)
 	.venv/bin/hardneg demo --out $(DEMO)
@@ -14,6 +14,10 @@ test: $(STAMP)
 	$(PY) scripts/loopback_only.py $(PY) -m pytest -q
 
 setup: $(STAMP)
+
+# Not part of `make test`: one longer demo training with every fault injected (docs/faults.md), ~15 min on 2 cores.
+soak: $(STAMP)
+	$(PY) scripts/soak.py
 
 # Reinstall when the dependency list changes; the stamp makes a second `make` instant.
 $(STAMP): pyproject.toml

@@ -45,6 +45,9 @@ def _local_only(value: str) -> bool:
     return "://" not in value and not value.startswith("/")
 
 
+STOP_WAIT_S = 300  # seconds `hardneg stop` lets a job checkpoint before Ray kills it
+
+
 def job_spec(config_path: Optional[str], overrides: Sequence[str], *, working_dir: Path = PROJECT_ROOT,
              pip: bool = True, resume: bool = False, environ: Mapping[str, str] = os.environ) -> dict:
     """{"entrypoint", "runtime_env"} of the training job; HardnegError on a config that cannot run there."""
@@ -67,12 +70,13 @@ def job_spec(config_path: Optional[str], overrides: Sequence[str], *, working_di
         args += ["--config", path.relative_to(working_dir.resolve()).as_posix()]
     if resume:
         args.append("--resume")
-    runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES}
+    # `hardneg stop` (ray job stop) sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s):
+    # too short for the workers to reach a log step and write a checkpoint. The job supervisor reads it from here.
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_WAIT_S))}
     # The job reaches an authenticated tracking server with the submitter's own account: the variables travel in
     # the job's runtime env (readable only with the cluster's Ray token), never in the config or the entrypoint.
-    credentials = {name: environ[name] for name in CREDENTIAL_VARS if environ.get(name)}
-    if credentials:
-        runtime_env["env_vars"] = credentials
+    env_vars |= {name: environ[name] for name in CREDENTIAL_VARS if environ.get(name)}
+    runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
     if pip:
         runtime_env["pip"] = pip_requirements(working_dir)
     return {"entrypoint": shlex.join(args + overrides), "runtime_env": runtime_env}

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
@@ -24,7 +26,7 @@ import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.connect import init_ray
-from pipeline import checkpoint, dist, train
+from pipeline import checkpoint, dist, faults, train
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.errors import HardnegError
 
@@ -149,9 +151,16 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+def _num_workers(cfg: Config):
+    """ScalingConfig's num_workers: a (min, max) range when elastic (cluster.min_workers), else the count."""
+    low = cfg.cluster.min_workers
+    return (low, cfg.cluster.num_workers) if low is not None and low < cfg.cluster.num_workers else \
+        cfg.cluster.num_workers
+
+
 def missing_resources(cfg: Config, available: Mapping[str, float]) -> Optional[str]:
     """A one-line reason why ``available`` (Ray's cluster_resources) cannot hold the workers, or None."""
-    n = cfg.cluster.num_workers
+    n = cfg.cluster.min_workers or cfg.cluster.num_workers
     for kind, per_worker in worker_resources(cfg).items():
         need, have = n * per_worker, float(available.get(kind, 0))
         if need > have:
@@ -220,6 +229,32 @@ def _failure_summary(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+@contextmanager
+def _stop_checkpoints_first(run_dir: str) -> Iterator[dict]:
+    """While the workers train, SIGTERM (`hardneg stop` -> `ray job stop`) asks them, through a file in the
+    run directory, to checkpoint at their next log step and return; a second SIGTERM interrupts at once.
+    `ray job stop` waits RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s) before SIGKILL: see docs/cluster.md."""
+    state = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state["requested"]:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise KeyboardInterrupt(f"signal {signum}")
+        state["requested"] = True
+        faults.request_stop(run_dir)
+        print("stop requested: the workers checkpoint at their next log step, then the run ends KILLED "
+              "(SIGTERM again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def fit(cfg: Config, run_name: str) -> dict:
     """Run training on Ray Train workers (inside ray_session); rank 0's final metrics + the checkpoint path."""
     cfg = _reachable_from_workers(cfg)
@@ -231,7 +266,7 @@ def fit(cfg: Config, run_name: str) -> dict:
         train_loop_config={"config": to_dict(cfg)},
         torch_config=TorchConfig(backend=backend(cfg)),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=worker_resources(cfg)
+            num_workers=_num_workers(cfg), use_gpu=cfg.cluster.use_gpu, resources_per_worker=worker_resources(cfg)
         ),
         run_config=ray.train.RunConfig(
             # the same (name, storage_path) on a rerun restores Ray's checkpoint manager: get_checkpoint() = latest
@@ -241,13 +276,18 @@ def fit(cfg: Config, run_name: str) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep),
         ),
     )
+    run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}"
     try:
-        result = trainer.fit()
+        with _stop_checkpoints_first(run_dir) as stop:
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise HardnegError(
             f"training failed (cluster.max_failures={cfg.cluster.max_failures} restarts allowed): {_failure_summary(e)}"
         ) from None
     metrics = dict(result.metrics or {})
+    if stop["requested"] or metrics.get("stopped"):
+        faults.clear_stop(run_dir)
+        raise KeyboardInterrupt(f"stopped at step {metrics.get('step')}")  # the launcher marks the run KILLED
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     if metrics["checkpoint"] and "://" in cfg.cluster.storage_path and "://" not in metrics["checkpoint"]:
         # Ray hands back the path inside its pyarrow filesystem; give the URL the config speaks

@@ -65,8 +65,14 @@ def cmd_demo(args) -> None:
 
 
 def cmd_runs(args) -> None:
-    from pipeline.tracking import runs_table
+    from pipeline.tracking import runs_table, sync_spool
 
+    if args.experiment == "sync":  # hardneg runs sync RUN_DIR: upload what a run could not send
+        if not args.run_dir:
+            raise HardnegError("hardneg runs sync RUN_DIR: give the run directory named by the run's warning")
+        done = sync_spool(args.run_dir, args.tracking_uri if args.tracking_uri_given else None)
+        print(f"sent {done['records']} records ({done['metric_steps']} metric steps) to {done['uri']}")
+        return
     rows = runs_table(args.tracking_uri, args.experiment)
     if not rows:
         print(f"experiment '{args.experiment}' has no runs")
@@ -122,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="table of an experiment's runs", description="Run, run id, method, dataset, "
                        "start (UTC), duration, temperature and the method's own settings, best and last kNN top-1, "
                        "linear-probe top-1 and mean training images/s of every run of EXPERIMENT.")
-    p.add_argument("experiment", metavar="EXPERIMENT", nargs="?", default="hardneg")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default sqlite:///mlflow.db")
+    p.add_argument("experiment", metavar="EXPERIMENT", nargs="?", default="hardneg",
+                   help="an experiment name, or `sync RUN_DIR`: upload what a run kept while its server was down")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--tracking-uri", default=None, help="default sqlite:///mlflow.db (sync: the run's own server)")
     p.add_argument("--sort", metavar="COLUMN", help="sort by this column header, e.g. 'best kNN' (numbers: "
                    "highest first); default: newest first")
     p.add_argument("--format", choices=("text", "csv", "md"), default="text", help="aligned text (default), CSV "
@@ -162,6 +170,9 @@ def _interrupt_on_sigterm():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "runs":
+        args.tracking_uri_given = args.tracking_uri is not None
+        args.tracking_uri = args.tracking_uri or "sqlite:///mlflow.db"
     previous = _interrupt_on_sigterm()
     if args.command == "train" and args.resume is not None:
         # `--resume` continues tracking.run_name when one is given

@@ -33,6 +33,8 @@ class DataConfig(_Section):
     pretrain_splits: tuple[str, ...] = ()
     shuffle_buffer: int = Field(1000, ge=0)
     loader_workers: int = Field(0, ge=0)
+    # bad samples skipped before the run stops: a fraction of the samples read so far (after SKIP_WARMUP_SAMPLES)
+    max_skip_fraction: float = Field(0.001, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_beton(self) -> "DataConfig":
@@ -150,6 +152,10 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: int = Field(1, ge=0)  # 0: never during training
     checkpoint_every_epochs: int = Field(1, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: only by epochs (and minutes)
+    checkpoint_every_minutes: float = Field(0.0, ge=0.0)  # 0: off; decided by rank 0's clock at log steps
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm: end the run, or drop the step
+    max_nonfinite_steps: int = Field(10, ge=1)  # with on_nonfinite=skip: this many in a row end the run
     # what picks checkpoints/best: kNN top-1 on data.val_split, or the lowest epoch-mean training loss
     # (PSM's release keeps the lowest-loss checkpoint and evaluates it: github.com/dhkdhk/PSM src/train.py)
     best_by: Literal["knn", "loss"] = "knn"
@@ -164,6 +170,8 @@ class ClusterConfig(_Section):
     launcher: Literal["ray", "local"] = "ray"  # local: one plain process, for debugging
     address: Optional[str] = None  # None: start a private local Ray instance
     num_workers: int = Field(2, ge=1)
+    # elastic: a lost node restarts the run on the workers that still fit, down to this many (None: exactly num_workers)
+    min_workers: Optional[int] = Field(None, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
     gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu; a fraction shares a GPU
@@ -182,6 +190,7 @@ class TrackingConfig(_Section):
     registered_model: Optional[str] = "hardneg-encoder"  # the trained encoder's model-registry name; null: don't register
     log_model: bool = True
     system_metrics_every_s: float = Field(10.0, ge=0.0)  # CPU/memory/GPU sampling; 0 disables
+    flush_timeout_s: float = Field(60.0, ge=0.0)  # at the end, wait this long for an unreachable server, then spool
     plots: bool = True
 
 
@@ -226,6 +235,14 @@ class Config(_Section):
                 f"train.global_batch_size={self.train.global_batch_size} must divide by "
                 f"cluster.num_workers={workers}"
             )
+        low = self.cluster.min_workers
+        if low is not None and self.cluster.launcher == "ray":
+            if low > self.cluster.num_workers:
+                raise ValueError(f"cluster.min_workers={low} exceeds cluster.num_workers={self.cluster.num_workers}")
+            bad = [w for w in range(low, self.cluster.num_workers + 1) if self.train.global_batch_size % w]
+            if bad:
+                raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must divide by every "
+                                 f"worker count from cluster.min_workers={low} to {self.cluster.num_workers}; not by {bad}")
         return self
 
     @property

@@ -1,16 +1,18 @@
 """Loaders over prepared shards: the only reader of WebDataset in the project.
 
-Training reads *resampled* shards (WebDataset's ResampledShards) so every rank yields full batches
-forever and an "epoch" is a fixed number of steps derived from the manifest (OpenCLIP's loader):
+Training reads *resampled* shards (drawn with replacement, as WebDataset's ResampledShards) so every rank yields full
+batches forever and an "epoch" is a fixed number of steps derived from the manifest (OpenCLIP's loader):
 every rank runs the same number of steps, so DDP never hangs on a short rank. Evaluation reads a
 split once, in manifest order. Shards are opened through fsspec, so any URL works.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import random
-from functools import partial
-from typing import Callable, Iterator, Sequence
+import sys
+from typing import Callable, Iterator, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -39,13 +41,6 @@ def _decode_rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def _samples(stream: Iterator[dict]) -> Iterator[tuple[Image.Image, int]]:
-    """Pipeline stage: raw tar members -> (PIL RGB image, label)."""
-    for sample in stream:
-        image = sample[schema.IMAGE_KEY] if schema.IMAGE_KEY in sample else sample[schema.JPEG_KEY]
-        yield _decode_rgb(image), int(sample[schema.LABEL_KEY])
-
-
 def _splits(split: str | Sequence[str]) -> tuple[str, ...]:
     return (split,) if isinstance(split, str) else tuple(split)
 
@@ -62,9 +57,134 @@ def steps_per_epoch(manifest: dict, split: str | Sequence[str], global_batch_siz
     return steps
 
 
-def _rank_worker_seed(rank: int) -> int:
-    info = torch.utils.data.get_worker_info()
-    return rank * 1000 + (info.id if info is not None else 0)
+_NAMED_SHARDS: set = set()  # shards this process has named on stderr (training and evaluation alike)
+
+
+class SkipLedger:
+    """Bad samples skipped on one rank: counts overall and per shard; each shard is named once on stderr."""
+
+    def __init__(self, announce: bool = True):
+        self.read, self.skipped, self.per_shard, self.announce = 0, 0, {}, announce
+
+    def add(self, report: dict) -> None:
+        """Count one batch's report {"read": n, "bad": [(url, reason), ...]}."""
+        self.read += report["read"]
+        for url, reason in report["bad"]:
+            self.skipped += 1
+            self.per_shard[url] = self.per_shard.get(url, 0) + 1
+            if url not in _NAMED_SHARDS and self.announce:
+                _NAMED_SHARDS.add(url)
+                print(f"hardneg: warning: skipping a bad sample in {url} ({reason}); further ones in this shard "
+                      "are counted in the metric data_skipped", file=sys.stderr, flush=True)
+
+    def worst(self) -> tuple[Optional[str], int]:
+        """(url, bad samples) of the shard with the most skips on this rank; (None, 0) when none."""
+        if not self.per_shard:
+            return None, 0
+        url = max(self.per_shard, key=self.per_shard.get)
+        return url, self.per_shard[url]
+
+
+def _decode_sample(sample: dict) -> tuple[Image.Image, int]:
+    """One raw sample -> (PIL RGB image, label); raises on a missing member or an undecodable image."""
+    image = sample[schema.IMAGE_KEY] if schema.IMAGE_KEY in sample else sample[schema.JPEG_KEY]
+    decoded = _decode_rgb(image)
+    decoded.load()  # a truncated image fails here, not later inside the augmentation
+    return decoded, int(sample[schema.LABEL_KEY])
+
+
+def _reason(exn: BaseException) -> str:
+    text = str(exn.args[0]) if exn.args else ""
+    return f"{type(exn).__name__}: {text.splitlines()[0][:120]}" if text else type(exn).__name__
+
+
+class _EpochStreams(torch.utils.data.IterableDataset):
+    """One rank's batches from ``start_step`` on; the batch of step s is a function of (seed, rank, s).
+
+    Steps are dealt to ``readers`` raw streams by s % readers. The stream of (epoch e, residue r) draws
+    shards with replacement from a ``random.Random`` seeded by (seed, rank, e, r), shuffles raw samples
+    in a buffer seeded the same way, and cuts them into windows of ``batch_size``: its k-th window is the
+    k-th batch of that stream. A resume therefore re-opens the stream and skips the earlier windows
+    undecoded. Bad samples of a window are skipped (WebDataset handlers on the tar level, the same
+    handler on decoding) and their slots refilled from the window's good samples, so every batch is
+    full and every rank runs the same steps. The augmentation of step s draws from the global torch RNG
+    seeded by (seed, rank, s) inside ``fork_rng``, so it neither depends on nor moves the caller's RNG.
+    """
+
+    def __init__(self, urls, two_views, batch_size, *, rank, seed, shuffle_buffer, readers, start_step,
+                 steps_per_epoch):
+        super().__init__()
+        self.urls, self.two_views, self.batch_size = list(urls), two_views, batch_size
+        self.rank, self.seed, self.shuffle_buffer, self.readers = rank, seed, shuffle_buffer, readers
+        self.start_step, self.spe = start_step, steps_per_epoch
+
+    def _raw(self, epoch: int, residue: int, bad: list) -> Iterator[dict]:
+        rng = random.Random(f"{self.seed}/{self.rank}/{epoch}/{residue}")
+        current = {"url": None}
+
+        def shards():
+            while True:
+                current["url"] = rng.choice(self.urls)
+                yield {"url": current["url"]}
+
+        def on_error(exn: BaseException) -> bool:  # WebDataset's handler protocol: True = skip and go on
+            bad.append((current["url"], _reason(exn)))
+            return True
+
+        samples = group_by_keys(tar_file_expander(_open_streams(shards()), handler=on_error), handler=on_error)
+        if self.shuffle_buffer:
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+        return samples
+
+    def _batch(self, window: list, step: int, bad: list) -> tuple:
+        good = []
+        for sample in window:
+            try:
+                good.append(_decode_sample(sample))
+            except Exception as exn:  # the same record as the tar-level handler
+                bad.append((sample.get("__url__"), _reason(exn)))
+        if not good:
+            raise HardnegError(f"every sample of a batch of {len(window)} was unreadable (last from "
+                               f"{bad[-1][0]}: {bad[-1][1]}); run `hardneg prep verify` on the data")
+        good += [good[i % len(good)] for i in range(len(window) - len(good))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(self.seed, self.rank, step))
+            views = [(*self.two_views(image), label) for image, label in good]
+        columns = list(zip(*views))
+        tensors = [torch.stack(c) for c in columns[:-1]]
+        return (*tensors, torch.as_tensor(columns[-1]))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        residue = (self.start_step + worker) % self.readers  # the DataLoader deals batches round-robin
+        epoch = self.start_step // self.spe if self.spe else 0
+        while True:
+            first_in_epoch = epoch * self.spe if self.spe else 0
+            end = (epoch + 1) * self.spe if self.spe else None
+            begin = max(self.start_step, first_in_epoch)
+            origin = first_in_epoch + (residue - first_in_epoch) % self.readers  # this stream's first step
+            step = begin + (residue - begin) % self.readers  # this worker's first step in the epoch
+            bad: list = []
+            raw = self._raw(epoch, residue, bad)
+            skip = (step - origin) // self.readers * self.batch_size
+            for _ in itertools.islice(raw, skip):  # windows served before the resume: read, never decoded
+                pass
+            bad.clear()  # counted by the run that read them
+            while end is None or step < end:
+                window = list(itertools.islice(raw, self.batch_size))
+                reads = len(window)
+                batch = self._batch(window, step, bad)
+                yield (*batch, {"read": reads, "bad": list(bad)})
+                bad.clear()
+                step += self.readers
+            epoch += 1
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (sha256): independent streams for (seed, rank, step) tuples."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def train_batches(
@@ -77,40 +197,59 @@ def train_batches(
     seed: int,
     shuffle_buffer: int = 1000,
     loader_workers: int = 0,
+    start_step: int = 0,
+    steps_per_epoch: Optional[int] = None,
+    ledger: Optional[SkipLedger] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, b = batch_size.
 
     ``two_views`` maps an image to a tuple of tensors; a 1-tuple (augment.where=device: the uint8
     image) gives (images, labels) batches instead. Several splits are read as one pool of shards
-    (resampled uniformly, so each split in proportion to its shard count).
+    (resampled uniformly, so each split in proportion to its shard count). The batch of step s is a
+    function of (seed, rank, s, loader_workers) -- see _EpochStreams -- so starting at ``start_step``
+    yields exactly what an uninterrupted stream yields from there. Bad samples are skipped and counted
+    into ``ledger``.
     """
     manifest = read_manifest(data_path)
     urls = [url for name in _splits(split) for url in shard_urls(data_path, manifest, name)]
-    rng = random.Random(seed * 7919 + rank)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=partial(_rank_worker_seed, rank), deterministic=True),
-        _open_streams,
-        tar_file_expander,
-        group_by_keys,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng) if shuffle_buffer else (lambda s: s),
-        _samples,
-        wds.map(lambda pair: (*two_views(pair[0]), pair[1])),
-        wds.batched(batch_size, partial=False),
-        wds.map(lambda batch: (*batch[:-1], torch.as_tensor(batch[-1]))),
-    )
+    ledger = ledger if ledger is not None else SkipLedger()
+    dataset = _EpochStreams(urls, two_views, batch_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
+                            readers=max(1, loader_workers), start_step=start_step, steps_per_epoch=steps_per_epoch)
     if loader_workers == 0:
-        yield from pipeline
-        return
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=loader_workers, persistent_workers=True,
-                                         pin_memory=torch.cuda.is_available())  # pinned: non-blocking H2D copies
-    yield from loader
+        stream = iter(dataset)
+    else:
+        stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=loader_workers,
+                                                  persistent_workers=True,
+                                                  pin_memory=torch.cuda.is_available()))  # non-blocking H2D copies
+    for *batch, report in stream:
+        ledger.add(report)
+        yield tuple(batch)
+
+
+def _readable(urls: Iterator[str], ledger: SkipLedger) -> Iterator[tuple[Image.Image, int]]:
+    """(image, label) of every readable sample of the shards at ``urls``; bad ones are skipped into ``ledger``."""
+    current = {"url": None}
+
+    def named(urls):
+        for url in urls:
+            current["url"] = url
+            yield {"url": url}
+
+    def on_error(exn: BaseException) -> bool:
+        ledger.add({"read": 0, "bad": [(current["url"], _reason(exn))]})
+        return True
+
+    for sample in group_by_keys(tar_file_expander(_open_streams(named(urls)), handler=on_error), handler=on_error):
+        try:
+            yield _decode_sample(sample)
+        except Exception as exn:
+            ledger.add({"read": 0, "bad": [(sample.get("__url__"), _reason(exn))]})
 
 
 def labelled_images(data_path: str, split: str) -> Iterator[tuple[Image.Image, int]]:
-    """Every (image, label) of ``split`` once, in manifest order."""
+    """Every readable (image, label) of ``split`` once, in manifest order (bad samples skipped and named)."""
     urls = shard_urls(data_path, read_manifest(data_path), split)
-    stream = _open_streams({"url": u} for u in urls)
-    yield from _samples(group_by_keys(tar_file_expander(stream)))
+    yield from _readable(iter(urls), SkipLedger())
 
 
 def _batched(pairs: Iterator[tuple[Image.Image, int]], transform: Callable, batch_size: int):
@@ -154,7 +293,7 @@ def labelled_batches(
     urls = shard_urls(data_path, read_manifest(data_path), split)
     rng = random.Random(seed)
     rng.shuffle(urls)
-    stream = _samples(group_by_keys(tar_file_expander(_open_streams({"url": u} for u in urls))))
+    stream = _readable(iter(urls), SkipLedger())
     if shuffle_buffer:
         stream = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)(stream)
     yield from _batched(stream, transform, batch_size)

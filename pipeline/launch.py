@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import fsspec
 
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, config as config_mod, data, dist, train
+from pipeline import checkpoint, config as config_mod, data, dist, faults, train
 from pipeline.config import Config
 from pipeline.errors import HardnegError
 from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, create_run
@@ -181,10 +181,13 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     preflight(cfg, run_name)
     check_server_access(cfg.tracking)  # a tracking server that is down or refuses the credentials: before Ray starts
     run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}"
+    faults.clear_stop(run_dir)  # a stop request answered by the previous attempt
     if cfg.cluster.launcher == "local":
         cfg = _attach_mlflow_run(cfg, resume)
         with _failed_run_marked(cfg):
             result = train.run(cfg, dist.current_context(), train.LocalHooks(run_dir))
+            if result.get("stopped"):  # SIGTERM: checkpointed at the current step, the run ends KILLED
+                raise KeyboardInterrupt(f"stopped at step {result['step']}")
         result["checkpoint"] = checkpoint.latest(run_dir)
     else:
         from cluster.train import fit, ray_session  # Ray is imported only under cluster/

@@ -148,6 +148,21 @@ class EpochReporter:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
+    def checkpoint(self, step: int, epoch: int, metrics: dict) -> None:
+        """A checkpoint between epoch ends (by steps, minutes or a stop request): every rank reports."""
+        if not self.ctx.is_main:
+            self.hooks.report(metrics, None)
+            return
+        directory = checkpoint.write(self.make_state(step, epoch), os.path.join(self.tmp, "checkpoint"))
+        try:
+            self.hooks.report(metrics | {"mlflow_run_id": self.tracker.run_id}, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the temporary files of a run that ends early."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def _note_best(self, value: Optional[float], step: int) -> bool:
         """Log the best-so-far value of ``best_by``; True when ``value`` beats it (then keep the encoder's weights)."""
         if value is None:

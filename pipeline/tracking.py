@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
+import sys
 import time
+from functools import partial
 from importlib import metadata
 from typing import Any, Mapping, Optional, Sequence
 
@@ -16,6 +19,7 @@ import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline import outbox as outbox_mod
 from pipeline.config import TrackingConfig
 from pipeline.errors import HardnegError
 
@@ -98,6 +102,7 @@ class NullTracker:
     run_id: Optional[str] = None
 
     def log_params(self, params: Mapping) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> None: ...
@@ -113,9 +118,11 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     """One MLflow run; attached to when ``run_id`` is given (a resumed or restarted job logs into it)."""
 
-    def __init__(self, cfg: TrackingConfig, run_id: Optional[str] = None, system_metrics: bool = False):
+    def __init__(self, cfg: TrackingConfig, run_id: Optional[str] = None, system_metrics: bool = False,
+                 spool_dir: Optional[str] = None):
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.outbox: Optional[outbox_mod.Outbox] = None
         self.last_steps: dict[str, int] = {}
         self.previous_status: Optional[str] = None  # of an attached run, before we marked it RUNNING
         self._monitor = None
@@ -140,6 +147,10 @@ class MlflowTracker(NullTracker):
             raise HardnegError(f"MLflow store {redact_value('uri', cfg.uri)}: {str(e).splitlines()[0]}") from None
         if system_metrics and cfg.system_metrics_every_s > 0:
             self._start_system_metrics(resume=run_id is not None)
+        if spool_dir is not None:  # training: every write goes through the outbox, never blocking a step
+            self.outbox = outbox_mod.Outbox(partial(send_record, self.client), spool_dir,
+                                            redact_value("uri", cfg.uri))
+            outbox_mod.write_target(spool_dir, redact_value("uri", cfg.uri), self.run_id)
 
     def _start_system_metrics(self, resume: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -155,28 +166,43 @@ class MlflowTracker(NullTracker):
         for start in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[start : start + 100])
 
+    def _post(self, record: dict) -> None:
+        """Send ``record`` (see send_record) through the outbox when there is one, else now."""
+        record = record | {"run_id": self.run_id}
+        if self.outbox is not None:
+            if "local_path" in record:
+                record["staged"] = self.outbox.stage(record.pop("local_path"))
+            self.outbox.put(record)
+        else:
+            send_record(self.client, record)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in redact(tags).items()])
+        self._post({"kind": "batch", "tags": [[k, str(v)] for k, v in redact(tags).items()]})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log at ``step``; a metric's steps at or before the last one an earlier attempt stored are skipped."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.last_steps.get(k, -1)]
+        batch = [[k, float(v), now, step] for k, v in metrics.items() if step > self.last_steps.get(k, -1)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._post({"kind": "batch", "metrics": batch})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._post({"kind": "text", "text": text, "artifact_file": artifact_file})
 
     def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_path)
+        self._post({"kind": "artifact", "local_path": local_path, "artifact_path": artifact_path})
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        self._post({"kind": "artifacts", "local_path": local_dir, "artifact_path": artifact_path})
 
     def history(self, key: str) -> list[tuple[int, float]]:
-        """[(step, value)] of one metric, in step order."""
-        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+        """[(step, value)] of one metric, in step order (what the store holds; [] when it is unreachable)."""
+        try:
+            if self.outbox is not None and not self.outbox.flush(self.cfg.flush_timeout_s):
+                return []
+            return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+        except Exception:  # plots are a nicety: an unreachable store must not end a finished run
+            return []
 
     def describe(self, tags: Mapping[str, str], note: str) -> None:
         """Tags (method, dataset, MLflow's source/git tags ...) and the run's description (MLflow's note)."""
@@ -209,6 +235,10 @@ class MlflowTracker(NullTracker):
             with torch.no_grad():
                 output = module(example)
             signature = infer_signature(example.numpy(), output.numpy())
+            if self.outbox is not None and not self.outbox.flush(self.cfg.flush_timeout_s):
+                print(f"hardneg: warning: the MLflow model was not logged: {redact_value('uri', self.cfg.uri)} is "
+                      "unreachable (the encoder is in the last checkpoint)", file=sys.stderr, flush=True)
+                return
             mlflow.set_tracking_uri(self.cfg.uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
@@ -240,7 +270,68 @@ class MlflowTracker(NullTracker):
     def finish(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
             self._monitor.finish()
-        self.client.set_terminated(self.run_id, status=status)
+            self._monitor = None
+        self._post({"kind": "terminated", "status": status})
+        if self.outbox is not None:
+            box, self.outbox = self.outbox, None
+            kept = box.close(self.cfg.flush_timeout_s)
+            if kept:
+                outbox_mod.warn_spooled(kept, box.describe, os.path.dirname(box.spool_dir.rstrip("/")))
+
+
+def send_record(client: MlflowClient, record: dict) -> None:
+    """Send one outbox record (JSON-able: it may come back from the spool) to the store behind ``client``."""
+    run_id, kind = record["run_id"], record["kind"]
+    if kind == "batch":
+        client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in record.get("metrics", [])],
+                         params=[Param(k, v) for k, v in record.get("params", [])],
+                         tags=[RunTag(k, v) for k, v in record.get("tags", [])])
+    elif kind == "text":
+        client.log_text(run_id, record["text"], record["artifact_file"])
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["staged"], record["artifact_path"])
+    elif kind == "artifacts":
+        client.log_artifacts(run_id, record["staged"], record["artifact_path"])
+    elif kind == "terminated":
+        client.set_terminated(run_id, status=record["status"])
+
+
+def sync_spool(path: str, uri: Optional[str] = None) -> dict:
+    """Upload what a run could not send (``hardneg runs sync RUN_DIR``); metric steps already stored are skipped."""
+    spool = path if os.path.basename(path.rstrip("/")) == outbox_mod.SPOOL_DIR else os.path.join(path, outbox_mod.SPOOL_DIR)
+    target = outbox_mod.read_target(spool)
+    records = outbox_mod.read_spool(spool)
+    if not records:
+        raise HardnegError(f"nothing to upload: no {outbox_mod.SPOOL_DIR}/{outbox_mod.RECORDS_FILE} under {path}")
+    uri = uri or target.get("uri")
+    if not uri or REDACTED in uri:
+        raise HardnegError(f"the spool under {path} does not name a usable tracking URI; pass --tracking-uri")
+    client = MlflowClient(tracking_uri=uri)
+    stored: dict[tuple[str, str], set[int]] = {}
+    sent = {"records": 0, "metric_steps": 0}
+    try:
+        for record in records:
+            if record["kind"] == "batch" and record.get("metrics"):
+                fresh = []
+                for k, v, t, s in record["metrics"]:
+                    key = (record["run_id"], k)
+                    if key not in stored:
+                        stored[key] = {m.step for m in client.get_metric_history(record["run_id"], k)}
+                    if s not in stored[key]:
+                        fresh.append([k, v, t, s])
+                        stored[key].add(s)
+                sent["metric_steps"] += len(fresh)
+                record = record | {"metrics": fresh}
+            send_record(client, record)
+            sent["records"] += 1
+    except mlflow.exceptions.MlflowException as e:
+        raise HardnegError(f"MLflow store {redact_value('uri', uri)}: {str(e).splitlines()[0]}; "
+                           f"{sent['records']} of {len(records)} records sent, rerun to send the rest") from None
+    except Exception as e:  # unreachable server: keep the spool for a rerun
+        raise HardnegError(f"cannot reach {redact_value('uri', uri)} ({type(e).__name__}); "
+                           f"{sent['records']} of {len(records)} records sent, rerun to send the rest") from None
+    shutil.rmtree(spool)
+    return sent | {"uri": redact_value("uri", uri)}
 
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -285,10 +376,12 @@ def create_run(cfg: TrackingConfig) -> str:
     return MlflowTracker(cfg).run_id
 
 
-def make_tracker(cfg: TrackingConfig, is_main: bool, run_id: Optional[str] = None) -> NullTracker:
-    """MlflowTracker (with system metrics) on the main rank when tracking is enabled, else NullTracker."""
+def make_tracker(cfg: TrackingConfig, is_main: bool, run_id: Optional[str] = None,
+                 spool_dir: Optional[str] = None) -> NullTracker:
+    """MlflowTracker (with system metrics; writing through an outbox spooling into ``spool_dir`` when
+    given) on the main rank when tracking is enabled, else NullTracker."""
     if is_main and cfg.enabled:
-        return MlflowTracker(cfg, run_id, system_metrics=True)
+        return MlflowTracker(cfg, run_id, system_metrics=True, spool_dir=spool_dir)
     return NullTracker()
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 from typing import Optional, Protocol
 
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, config as config_mod, data, dist
+from pipeline import augment, checkpoint, config as config_mod, data, dist, faults, outbox
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
 from pipeline.metric_names import grouped
@@ -24,7 +25,9 @@ from pipeline.tracking import make_tracker, redact
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.knn_every_epochs",
-                     "train.checkpoint_every_epochs", "train.threads_per_worker", "train.compile",
+                     "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.checkpoint_every_minutes",
+                     "train.on_nonfinite", "train.max_nonfinite_steps", "data.max_skip_fraction",
+                     "train.threads_per_worker", "train.compile",
                      "train.channels_last", "augment.where", "data.path", "data.loader_workers",
                      "data.format", "data.cache_dir",
                      "cluster.", "tracking.", "eval.")
@@ -89,7 +92,8 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
     ]
 
 
-def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str]) -> dict:
+def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str],
+           counters: Optional[dict] = None) -> dict:
     return {
         "model": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -98,8 +102,29 @@ def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Opt
         "mlflow_run_id": run_id,
         # redacted: checkpoints travel as MLflow artifacts; credentials belong in the environment, not here
         "config": redact(config_mod.to_dict(cfg)),
+        # informational: every RNG stream is re-seeded from (seed, rank, step) at each step, see _seed_step
         "rng": {"torch": torch.get_rng_state()},
+        "counters": dict(counters or {}),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``
     }
+
+
+def _run_dir(cfg: Config) -> str:
+    return f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.tracking.run_name}"
+
+
+def _spool_dir(cfg: Config) -> str:
+    """Where tracking records the server could not take are kept: the run directory when it is local."""
+    run_dir = _run_dir(cfg)
+    if "://" in run_dir:  # object storage: a local directory, named after the run
+        run_dir = os.path.join(os.environ.get("HARDNEG_CACHE_DIR") or os.path.expanduser("~/.cache/hardneg"),
+                               "runs", str(cfg.tracking.run_name))
+    return os.path.join(run_dir, outbox.SPOOL_DIR)
+
+
+def _seed_step(cfg: Config, rank: int, step: int, generator: torch.Generator) -> None:
+    """Every RNG stream of a step is a function of (seed, rank, step), so a resume at any step is exact."""
+    torch.manual_seed(data.hash_seed(cfg.train.seed, rank, step))  # also seeds every CUDA device
+    generator.manual_seed(data.hash_seed(cfg.train.seed, step))  # the same on every rank: SSCL's shared draws
 
 
 def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
@@ -123,52 +148,87 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         objective.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
-    tracker = make_tracker(cfg.tracking, ctx.is_main, run_id)
+    base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0} | (state or {}).get("counters", {})
+    counters = dict(base)
+    tracker = make_tracker(cfg.tracking, ctx.is_main, run_id, spool_dir=_spool_dir(cfg))
     reporter = EpochReporter(cfg, ctx, tracker, hooks, objective,
-                             lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id))
-    reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
+                             lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id,
+                                                        counters))
+    try:
+        with faults.StopRequest(_run_dir(cfg)) as stop:
+            return _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop,
+                         start_step, spe, total_steps, warmup_steps, state, base, counters)
+    except faults.Stopped as stopped:  # checkpointed: the run ends KILLED, resumable from here
+        reporter.discard()
+        tracker.finish("KILLED")
+        return {"step": stopped.step, "epoch": stopped.step // spe, "knn_top1": reporter.knn_top1,
+                "mlflow_run_id": tracker.run_id, "stopped": True}
+    except BaseException as e:  # close the run (sending what is queued) before the launcher reports it
+        reporter.discard()
+        if isinstance(e, HardnegError):
+            tracker.set_tags({"failure_reason": str(e)})
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
-    # Per-rank augmentation streams, re-derived from (seed, rank, step) so a resumed run is reproducible.
-    torch.manual_seed(cfg.train.seed * 100_003 + ctx.rank * 7_919 + start_step)
-    generator.manual_seed(cfg.train.seed + start_step)
-    net = dist.wrap_ddp(objective, ctx)
+
+def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledger: data.SkipLedger):
+    """(endless batches from ``start_step`` on, the on-device view maker or None) for this rank."""
+    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
+        return data.ffcv_train_batches(
+            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.train.global_batch_size // ctx.world_size,  # one split: validated
+            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
+            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device), None
+    if cfg.augment.where == "batch":  # both views made per batch in the loader workers (not seekable: see docs)
+        return data.batched_train_batches(
+            cfg.data.path, cfg.data.pretrain, cfg.augment, cfg.train.global_batch_size // ctx.world_size,
+            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
+            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+        ), None
     if cfg.augment.where == "device":
         device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
         two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
     else:
         device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
+    return data.train_batches(
+        cfg.data.path, cfg.data.pretrain, two_views, cfg.train.global_batch_size // ctx.world_size,
+        rank=ctx.rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        loader_workers=cfg.data.loader_workers, start_step=start_step, steps_per_epoch=spe, ledger=ledger,
+    ), device_views
+
+
+def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop, start_step, spe, total_steps,
+          warmup_steps, state, base, counters) -> dict:
+    reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
+    run_dir = _run_dir(cfg)
+    saved_step = start_step if state is not None else None
+    net = dist.wrap_ddp(objective, ctx)
     if cfg.train.channels_last:
         objective.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         objective.backbone.compile()  # in place: state_dict keys stay those of the plain module
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
-        device_views = None
-        batches = data.ffcv_train_batches(
-            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.per_worker_batch_size,  # one split: validated
-            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
-            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device)
-    elif cfg.augment.where == "batch":  # both views made per batch in the loader workers
-        batches = data.batched_train_batches(
-            cfg.data.path, cfg.data.pretrain, cfg.augment, cfg.per_worker_batch_size,
-            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
-            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
-        )
-    else:
-        batches = data.train_batches(
-            cfg.data.path, cfg.data.pretrain, two_views, cfg.per_worker_batch_size,
-            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
-            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
-        )
+    ledger = data.SkipLedger(announce=True)
+    batches, device_views = _batches(cfg, ctx, start_step, spe, ledger)
+    guard = faults.NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps, objective, ctx.device,
+                                  start_step, count=base["nonfinite_steps"])
+    lr_of = partial(lr_at, base_lr=cfg.scaled_lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                    min_ratio=cfg.optim.min_lr_ratio)
+    every_steps, every_s = cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes * 60
+    saved_at = time.monotonic()
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
+    mean_loss, stop_now = float("nan"), False
     epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
     for step in range(start_step, total_steps):
-        lr = lr_at(step, cfg.scaled_lr, warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+        if stop.requested and ctx.world_size == 1:  # several ranks agree on a stop at a log step (below)
+            _stop(reporter, guard, lr_of, step, spe, run_dir, saved_step)
+        _seed_step(cfg, ctx.rank, step, generator)
+        lr = lr_of(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         done = step + 1
         epoch_end = done % spe == 0
-        log_now = done % cfg.train.log_every_steps == 0 or epoch_end
+        step_save = bool(every_steps) and done % every_steps == 0 and not epoch_end
+        log_now = done % cfg.train.log_every_steps == 0 or epoch_end or step_save
         fetch = time.perf_counter()
         *images, labels = next(batches)
         wait += time.perf_counter() - fetch
@@ -176,38 +236,76 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         x1, x2 = device_views(images[0]) if device_views is not None else images
         if cfg.train.channels_last:
             x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        guard.before_step()
         with autocast:  # the objectives compute their losses in float32 whatever the network ran in
             loss, stats = net(x1, x2, labels.to(ctx.device), with_stats=log_now)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        objective.after_step()
-        loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
-        epoch_loss_sum, epoch_loss_count = epoch_loss_sum + loss.detach(), epoch_loss_count + 1
+        ok = guard.finite(loss)
+        if guard.apply_update(ok, lr, done, faults.describe_checkpoint(saved_step, run_dir)):
+            optimizer.step()
+            objective.after_step()
+            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            epoch_loss_sum, epoch_loss_count = epoch_loss_sum + loss.detach(), epoch_loss_count + 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
         if log_now:
-            # one collective for the loss and every diagnostic the objective reported
+            # one collective for the loss, every diagnostic the objective reported and the fault counters
             names = sorted(stats)
-            values = torch.stack([loss_sum / loss_count] + [stats[k].detach().float() for k in names])
-            values = dist.all_reduce_mean(values).tolist()
+            time_due = ctx.is_main and every_s > 0 and time.monotonic() - saved_at >= every_s
+            mean = loss_sum / loss_count if loss_count else torch.tensor(float("nan"), device=ctx.device)
+            on_device = torch.stack([mean] + [stats[k].detach().float() for k in names] + [guard.bad_flag()]).double()
+            on_host = torch.tensor([ledger.skipped, ledger.read, float(time_due), float(stop.poll())],
+                                   dtype=torch.float64, device=ctx.device)
+            values = dist.all_reduce_mean(torch.cat([on_device, on_host])).tolist()
+            bad = values[-5]
+            skipped, read, time_due, stop_any = (v * ctx.world_size for v in values[-4:])
+            stop_now = stop_any > 0
+            guard.raise_if_seen(bad, lr_of, faults.describe_checkpoint(saved_step, run_dir))
+            counters.update(data_skipped=base["data_skipped"] + skipped, data_read=base["data_read"] + read,
+                            nonfinite_steps=guard.count)
+            faults.check_skip_budget(counters["data_skipped"], counters["data_read"], cfg.data.max_skip_fraction,
+                                     ledger.worst(), cfg.data.path)
             mean_loss = values[0]
             elapsed = max(time.perf_counter() - tick, 1e-9)
             tracker.log_metrics(grouped({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
-                                         "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed}
-                                        | dict(zip(names, values[1:]))), step=done)
+                                         "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
+                                         "data_skipped": counters["data_skipped"], "nonfinite_steps": guard.count}
+                                        | dict(zip(names, values[1:-5]))), step=done)
             loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), done
+            if stop_now and not epoch_end:
+                _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step)
+            if (step_save or time_due > 0) and not epoch_end:
+                reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "loss": mean_loss})
+                saved_step, saved_at = done, time.monotonic()
         if not epoch_end:
             continue
         epoch = done // spe
         last = done == total_steps
-        epoch_loss = dist.all_reduce_mean(torch.as_tensor(epoch_loss_sum / epoch_loss_count).reshape(1).float()).item()
+        mean_epoch = epoch_loss_sum / epoch_loss_count if epoch_loss_count else float("nan")
+        epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
         epoch_loss_sum, epoch_loss_count = 0.0, 0
         reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss,
                                                "epoch_loss": epoch_loss}, batch=(x1, x2, labels))
+        if last or epoch % cfg.train.checkpoint_every_epochs == 0:
+            saved_step, saved_at = done, time.monotonic()
         if ctx.is_main:
             knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
             print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}",
                   flush=True)
+        if stop_now and not last:
+            _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step, saved=saved_step == done)
     reporter.finish()
     return {"step": total_steps, "epoch": cfg.train.epochs, "knn_top1": reporter.knn_top1,
             "mlflow_run_id": tracker.run_id}
+
+
+def _stop(reporter, guard, lr_of, done: int, spe: int, run_dir: str, saved_step, saved: bool = False) -> None:
+    """A stop request: checkpoint at ``done`` (unless a non-finite step makes it bad, or it exists), then end."""
+    if done > 0 and not saved and done != saved_step:
+        guard.raise_if_seen(guard.bad_flag().item(), lr_of, faults.describe_checkpoint(saved_step, run_dir))
+        reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "stopped": True})
+    if reporter.ctx.is_main:
+        print(f"stopped at step {done}: checkpoint saved in {run_dir}", flush=True)
+    raise faults.Stopped(done)

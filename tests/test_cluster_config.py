@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import math
+import os
 import pathlib
 import shlex
 import subprocess
@@ -121,10 +122,12 @@ def test_job_spec_runs_train_in_the_uploaded_repo():
     resumed = job_spec(None, ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=sqlite:////m.db"],
                        working_dir=ROOT, pip=False, resume=True)
     assert "pip" not in resumed["runtime_env"] and "--resume" in shlex.split(resumed["entrypoint"])
-    assert "env_vars" not in env  # no MLflow account in this environment: nothing to pass on
+    # no MLflow account in this environment: only the stop wait travels (hardneg stop checkpoints first)
+    assert env["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "300")}
     authed = job_spec(None, ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=http://10.0.0.1:5000"],
                       working_dir=ROOT, environ={"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1"})
-    assert authed["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1"}
+    assert authed["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1",
+                                                 "RAY_JOB_STOP_WAIT_TIME_S": "300"}
     assert "pw1" not in authed["entrypoint"]
 
 

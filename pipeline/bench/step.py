@@ -16,7 +16,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import augment, config as config_mod, data, dist
+from pipeline import augment, config as config_mod, data, dist, faults
 from pipeline.errors import HardnegError
 from pipeline.objectives import build_objective
 from pipeline.train import build_optimizer
@@ -52,7 +52,8 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
                                  loader_workers=cfg.data.loader_workers)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     totals = {"data_wait": 0.0, "augment_on_device": 0.0, "network_forward": 0.0, "loss_forward": 0.0,
-              "backward_and_step": 0.0}
+              "backward_and_step": 0.0, "nonfinite_check": 0.0}
+    guard = faults.NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps, objective, device, 0)
     for step in range(warmup + steps):
         marks = [time.perf_counter()]
         *images, _ = next(batches)
@@ -72,6 +73,12 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        _sync(device)
+        marks.append(time.perf_counter())
+        guard.before_step()  # skip mode: the buffer copy; the same work, timed after the step
+        ok = guard.finite(loss)  # stop mode: device flags only; skip mode: also the host read below
+        if cfg.train.on_nonfinite == "skip":
+            bool(ok)
         _sync(device)
         marks.append(time.perf_counter())
         if step >= warmup:
@@ -133,7 +140,8 @@ def run(config_path: str, overrides: list[str], steps: int, warmup: int, device:
     result["shares"]["gather (2-proc gloo, estimated)"] = gather_s / (result["step_s"] + gather_s)
     result["config"] = {"loss": cfg.loss.name, "backbone": cfg.model.backbone, "width": cfg.model.width,
                         "image_size": cfg.augment.image_size, "batch": cfg.train.global_batch_size,
-                        "augment.where": cfg.augment.where, "precision": cfg.train.precision}
+                        "augment.where": cfg.augment.where, "precision": cfg.train.precision,
+                        "on_nonfinite": cfg.train.on_nonfinite}
     result["machine"] = machine(dev)
     return result
 
@@ -146,6 +154,8 @@ def print_table(result: dict) -> None:
         print(f"  {key:40s} {seconds:10.4f} {share:8.1%}")
     print(f"  augmented views/s: {result['views_per_s']:.0f}")
     loss_share = result["shares"]["loss_forward"] + result["shares"]["gather (2-proc gloo, estimated)"]
+    print(f"  non-finite check (train.on_nonfinite={result['config']['on_nonfinite']}): "
+          f"{result['shares']['nonfinite_check']:.2%} of the step")
     print(f"  goals (one H100): loss + synthesizer + gather <= 3% (here {loss_share:.1%}); "
           f"data wait <= 5% (here {result['shares']['data_wait']:.1%})")
 
