@@ -3,15 +3,21 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO    := demo_out
 
-.PHONY: demo test setup clean soak
+.PHONY: demo test lint setup clean soak
 
 demo: $(STAMP)
 	.venv/bin/hardneg demo --out $(DEMO)
 
 # The suite runs in a private network namespace with only loopback (when root and unshare allow; else it
 # says so and runs as it is): every server a test starts is on 127.0.0.1 and unreachable from outside.
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) scripts/loopback_only.py $(PY) -m pytest -q
+
+# Lint and types: ruff's rules and formatting on the whole tree, mypy on the modules [tool.mypy] lists.
+lint: $(STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 setup: $(STAMP)
 

@@ -2,6 +2,7 @@
 
 Ray itself is imported inside the handlers (cluster/submit.py), so `hardneg --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -9,14 +10,20 @@ import argparse
 
 def add_cluster_parsers(sub) -> None:
     """Register launch/status/stop on the CLI's subparsers."""
-    p = sub.add_parser("launch", help="submit training to an existing Ray cluster as a Ray Job",
-                       description="Submit `hardneg train` as a Ray Job (working dir + pip runtime env), "
-                                   "stream its logs and print the job id.")
+    p = sub.add_parser(
+        "launch",
+        help="submit training to an existing Ray cluster as a Ray Job",
+        description="Submit `hardneg train` as a Ray Job (working dir + pip runtime env), "
+        "stream its logs and print the job id.",
+    )
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
-    p.add_argument("--no-pip", action="store_true",
-                   help="no pip runtime env: the cluster's Python already has the project's dependencies")
+    p.add_argument(
+        "--no-pip",
+        action="store_true",
+        help="no pip runtime env: the cluster's Python already has the project's dependencies",
+    )
     p.add_argument("--resume", action="store_true", help="continue tracking.run_name (else the latest run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_launch)
@@ -31,8 +38,9 @@ def cmd_launch(args: argparse.Namespace) -> None:
     from cluster.submit import launch_job
 
     try:
-        launch_job(args.address, args.config, args.overrides, wait=not args.no_wait, pip=not args.no_pip,
-                   resume=args.resume)
+        launch_job(
+            args.address, args.config, args.overrides, wait=not args.no_wait, pip=not args.no_pip, resume=args.resume
+        )
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

@@ -4,6 +4,7 @@ ray.init installs a native SIGTERM handler that ends the process on the spot. Th
 SIGTERM (`hardneg stop`, `ray job stop`, a scheduler's preemption) into the Ctrl-C path instead, so the
 MLflow run ends KILLED and temporary files are cleaned up; this puts it back after Ray has started.
 """
+
 from __future__ import annotations
 
 import signal

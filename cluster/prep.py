@@ -4,6 +4,7 @@ The only prep code that knows Ray exists. One task per shard; results come back 
 The opened source goes into the object store once and is fetched once per worker process.
 OUT (and the source PATH) must be reachable from every node: an object store or a shared filesystem.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator

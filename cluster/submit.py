@@ -6,6 +6,7 @@ MLflow stores), with the project's dependencies as a pip runtime env unless told
 config is loaded and checked here first, so a bad key or a path that only exists on this machine
 fails in one line before anything is submitted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,10 +14,10 @@ import os
 import shlex
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import tomllib
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -27,8 +28,25 @@ from pipeline.tracking import CREDENTIAL_VARS
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Never uploaded with the working dir (Ray also honours .gitignore): environments, outputs, stores.
-EXCLUDES = [".git", ".venv", "venv", ".ci", "runs", "data", "demo_out", "mlruns", "mlartifacts", "mlflow.db",
-            "*.egg-info", "__pycache__", ".pytest_cache", "build", "dist", "*.tar", "*.beton"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    ".ci",
+    "runs",
+    "data",
+    "demo_out",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    "build",
+    "dist",
+    "*.tar",
+    "*.beton",
+]
 
 
 def pip_requirements(root: Path = PROJECT_ROOT) -> list[str]:
@@ -48,25 +66,39 @@ def _local_only(value: str) -> bool:
 STOP_WAIT_S = 300  # seconds `hardneg stop` lets a job checkpoint before Ray kills it
 
 
-def job_spec(config_path: Optional[str], overrides: Sequence[str], *, working_dir: Path = PROJECT_ROOT,
-             pip: bool = True, resume: bool = False, environ: Mapping[str, str] = os.environ) -> dict:
+def job_spec(
+    config_path: Optional[str],
+    overrides: Sequence[str],
+    *,
+    working_dir: Path = PROJECT_ROOT,
+    pip: bool = True,
+    resume: bool = False,
+    environ: Mapping[str, str] = os.environ,
+) -> dict:
     """{"entrypoint", "runtime_env"} of the training job; HardnegError on a config that cannot run there."""
     overrides = [*overrides, "cluster.address=auto"]
     cfg = config_mod.load(config_path, overrides)  # the same validation the job will do, but now
     if cfg.cluster.launcher != "ray":
         raise HardnegError("cluster.launcher=local cannot run on a cluster; drop the override")
-    for key, value in (("data.path", cfg.data.path), ("cluster.storage_path", cfg.cluster.storage_path),
-                       ("tracking.uri", cfg.tracking.uri)):
+    for key, value in (
+        ("data.path", cfg.data.path),
+        ("cluster.storage_path", cfg.cluster.storage_path),
+        ("tracking.uri", cfg.tracking.uri),
+    ):
         if _local_only(value):
-            raise HardnegError(f"{key}={value} is relative, so on the cluster it would land in the job's temporary "
-                               f"working dir; give an absolute path on shared storage or a URL (s3://, gs://, "
-                               f"http://MLFLOW:5000 for tracking.uri)")
+            raise HardnegError(
+                f"{key}={value} is relative, so on the cluster it would land in the job's temporary "
+                f"working dir; give an absolute path on shared storage or a URL (s3://, gs://, "
+                f"http://MLFLOW:5000 for tracking.uri)"
+            )
     args = ["python", "-m", "pipeline.cli", "train"]
     if config_path:
         path = Path(config_path).resolve()
         if not path.is_relative_to(working_dir.resolve()):
-            raise HardnegError(f"--config {config_path} lies outside {working_dir}, the directory uploaded to the "
-                               f"cluster; put it under configs/")
+            raise HardnegError(
+                f"--config {config_path} lies outside {working_dir}, the directory uploaded to the "
+                f"cluster; put it under configs/"
+            )
         args += ["--config", path.relative_to(working_dir.resolve()).as_posix()]
     if resume:
         args.append("--resume")
@@ -108,14 +140,18 @@ def client(address: str) -> JobSubmissionClient:
         except AuthenticationError:
             token = local_token()
             if token is None:
-                raise HardnegError(f"the Ray cluster at {address} requires a token: set RAY_AUTH_TOKEN "
-                                   "(`ray get-auth-token` on its head node)") from None
+                raise HardnegError(
+                    f"the Ray cluster at {address} requires a token: set RAY_AUTH_TOKEN "
+                    "(`ray get-auth-token` on its head node)"
+                ) from None
             return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
     except HardnegError:
         raise
     except AuthenticationError:
-        raise HardnegError(f"the Ray cluster at {address} refused this machine's token: set RAY_AUTH_TOKEN to "
-                           "its own (`ray get-auth-token` on its head node)") from None
+        raise HardnegError(
+            f"the Ray cluster at {address} refused this machine's token: set RAY_AUTH_TOKEN to "
+            "its own (`ray get-auth-token` on its head node)"
+        ) from None
     except Exception as e:  # ConnectionError, RuntimeError (version), ValueError (bad address)
         text = str(e).strip()
         reason = text.splitlines()[0] if text else type(e).__name__
@@ -145,18 +181,28 @@ async def _tail(jobs: JobSubmissionClient, job_id: str) -> None:
         sys.stdout.flush()
 
 
-def launch_job(address: str, config_path: Optional[str], overrides: Sequence[str], *, wait: bool = True,
-               pip: bool = True, resume: bool = False, working_dir: Path = PROJECT_ROOT) -> str:
+def launch_job(
+    address: str,
+    config_path: Optional[str],
+    overrides: Sequence[str],
+    *,
+    wait: bool = True,
+    pip: bool = True,
+    resume: bool = False,
+    working_dir: Path = PROJECT_ROOT,
+) -> str:
     """Submit training as a Ray Job, print its id, stream its logs until it ends (unless not ``wait``)."""
     spec = job_spec(config_path, overrides, working_dir=working_dir, pip=pip, resume=resume)
     jobs = client(address)
     try:
-        job_id = jobs.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"],
-                                 metadata={"submitted_by": "hardneg launch"})
+        job_id = jobs.submit_job(
+            entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"], metadata={"submitted_by": "hardneg launch"}
+        )
     except Exception as e:  # runtime env upload refused, server error
         text = str(e).strip()
-        raise HardnegError(f"submitting to {address} failed: {text.splitlines()[-1] if text else type(e).__name__}") \
-            from None
+        raise HardnegError(
+            f"submitting to {address} failed: {text.splitlines()[-1] if text else type(e).__name__}"
+        ) from None
     print(f"submitted job {job_id}", flush=True)
     print(f"  status: hardneg status {job_id} --address {address}", flush=True)
     print(f"  stop:   hardneg stop {job_id} --address {address}", flush=True)

@@ -7,6 +7,7 @@ makes Ray Train restart the whole worker group from the last reported checkpoint
 cluster.max_failures times; the restarted rank 0 attaches to the same MLflow run (its id is in the
 config and in the checkpoint).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,8 +66,10 @@ def _worker_loop(loop_config: dict) -> None:
 def _probe(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at a HOST:PORT address (ray.init retries for long)."""
     if address.startswith(("http://", "https://")):
-        raise HardnegError(f"cluster.address={address} is a dashboard URL; give the GCS address (HOST:6379), "
-                           "'auto', or ray://HOST:10001 (`hardneg launch --address` takes the dashboard URL)")
+        raise HardnegError(
+            f"cluster.address={address} is a dashboard URL; give the GCS address (HOST:6379), "
+            "'auto', or ray://HOST:10001 (`hardneg launch --address` takes the dashboard URL)"
+        )
     host_port = address.removeprefix("ray://")
     if address in ("auto", "local") or ":" not in host_port:
         return
@@ -107,9 +110,11 @@ def require_token_auth(environ: Mapping[str, str] = os.environ) -> None:
     mode = environ.get("RAY_AUTH_MODE")
     if mode is None or mode.lower() == "token" or environ.get(AUTH_OVERRIDE) == "1":
         return
-    raise HardnegError(f"RAY_AUTH_MODE={mode} would start a private Ray without token authentication, open to "
-                       f"anyone who can reach this machine; unset RAY_AUTH_MODE (token auth is Ray's default), "
-                       f"or set {AUTH_OVERRIDE}=1 to start it anyway")
+    raise HardnegError(
+        f"RAY_AUTH_MODE={mode} would start a private Ray without token authentication, open to "
+        f"anyone who can reach this machine; unset RAY_AUTH_MODE (token auth is Ray's default), "
+        f"or set {AUTH_OVERRIDE}=1 to start it anyway"
+    )
 
 
 def _init_local(num_cpus: int) -> None:
@@ -154,8 +159,9 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 def _num_workers(cfg: Config):
     """ScalingConfig's num_workers: a (min, max) range when elastic (cluster.min_workers), else the count."""
     low = cfg.cluster.min_workers
-    return (low, cfg.cluster.num_workers) if low is not None and low < cfg.cluster.num_workers else \
-        cfg.cluster.num_workers
+    return (
+        (low, cfg.cluster.num_workers) if low is not None and low < cfg.cluster.num_workers else cfg.cluster.num_workers
+    )
 
 
 def missing_resources(cfg: Config, available: Mapping[str, float]) -> Optional[str]:
@@ -165,8 +171,9 @@ def missing_resources(cfg: Config, available: Mapping[str, float]) -> Optional[s
         need, have = n * per_worker, float(available.get(kind, 0))
         if need > have:
             key = "cluster.gpus_per_worker" if kind == "GPU" else "cluster.cpus_per_worker"
-            return (f"cluster.num_workers={n} x {key}={per_worker:g} needs {need:g} {kind}s; "
-                    f"the Ray cluster has {have:g}")
+            return (
+                f"cluster.num_workers={n} x {key}={per_worker:g} needs {need:g} {kind}s; the Ray cluster has {have:g}"
+            )
     return None
 
 
@@ -185,11 +192,15 @@ def multi_node_warnings(cfg: Config, alive_nodes: int) -> list[str]:
         return []
     warnings = []
     if "://" not in cfg.cluster.storage_path:
-        warnings.append(f"cluster.storage_path={cfg.cluster.storage_path} is a local path on a {alive_nodes}-node "
-                        "cluster: it must be shared storage (NFS) or checkpoints scatter over nodes; prefer s3:// or gs://")
+        warnings.append(
+            f"cluster.storage_path={cfg.cluster.storage_path} is a local path on a {alive_nodes}-node "
+            "cluster: it must be shared storage (NFS) or checkpoints scatter over nodes; prefer s3:// or gs://"
+        )
     if cfg.tracking.enabled and cfg.tracking.uri.startswith(("sqlite:", "file:", "/")):
-        warnings.append(f"tracking.uri={cfg.tracking.uri} is a file on this node, but rank 0 may run on another; "
-                        "use an MLflow server (http://HOST:5000)")
+        warnings.append(
+            f"tracking.uri={cfg.tracking.uri} is a file on this node, but rank 0 may run on another; "
+            "use an MLflow server (http://HOST:5000)"
+        )
     return warnings
 
 
@@ -245,8 +256,12 @@ def _stop_checkpoints_first(run_dir: str) -> Iterator[dict]:
             raise KeyboardInterrupt(f"signal {signum}")
         state["requested"] = True
         faults.request_stop(run_dir)
-        print("stop requested: the workers checkpoint at their next log step, then the run ends KILLED "
-              "(SIGTERM again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            "stop requested: the workers checkpoint at their next log step, then the run ends KILLED "
+            "(SIGTERM again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -313,8 +328,15 @@ def _run_and_report(loop_config: dict) -> None:
         ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(empty) if rank0 else None)
 
 
-def run_on_workers(fn: Callable[[dict, torch.device], dict], args: dict, *, num_workers: int, use_gpu: bool = False,
-                   cpus_per_worker: int = 1, storage_path: Optional[str] = None) -> dict:
+def run_on_workers(
+    fn: Callable[[dict, torch.device], dict],
+    args: dict,
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+    cpus_per_worker: int = 1,
+    storage_path: Optional[str] = None,
+) -> dict:
     """``fn(args, device)`` on each of ``num_workers`` Ray Train workers (process group set up, Ray started
     privately if needed); returns rank 0's dict. Lets the training benchmark time under Ray Train the
     very step loop it times in a plain process."""
@@ -324,8 +346,9 @@ def run_on_workers(fn: Callable[[dict, torch.device], dict], args: dict, *, num_
             _run_and_report,
             train_loop_config={"fn": fn, "args": args, "use_gpu": use_gpu},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker=resources),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
             run_config=ray.train.RunConfig(storage_path=storage_path),
         )
         return dict(trainer.fit().metrics or {})

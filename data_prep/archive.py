@@ -4,6 +4,7 @@ without extracting anything: members are read into memory, or spooled to files w
 Every member name is checked first: an absolute path, a ``..`` component or a link pointing out of the
 archive makes the whole archive refused (a one-line HardnegError), so nothing can land outside a target.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +49,9 @@ def kind_of(fs, path: str, url: str) -> str:
     except HardnegError:
         raise
     except Exception as e:
-        raise HardnegError(f"cannot read '{url}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise HardnegError(
+            f"cannot read '{url}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return "zip"
     if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or head[257:262] == b"ustar":
@@ -58,6 +61,7 @@ def kind_of(fs, path: str, url: str) -> str:
 
 def safe_member(name: str, archive: str, link: Optional[str] = None) -> str:
     """The normalised relative name of an archive member; HardnegError if it (or its link) escapes."""
+
     def escapes(p: str) -> bool:
         return p.startswith(("/", "\\")) or (len(p) > 1 and p[1] == ":") or ".." in p.replace("\\", "/").split("/")
 
@@ -66,7 +70,9 @@ def safe_member(name: str, archive: str, link: Optional[str] = None) -> str:
     if link is not None:
         target = posixpath.normpath(posixpath.join(posixpath.dirname(name), link))
         if link.startswith("/") or target.startswith("..") or escapes(target):
-            raise HardnegError(f"archive '{archive}' has a link escaping its root: '{name}' -> '{link}'; refusing the archive")
+            raise HardnegError(
+                f"archive '{archive}' has a link escaping its root: '{name}' -> '{link}'; refusing the archive"
+            )
     norm = posixpath.normpath(name)
     return "" if norm == "." else norm
 
@@ -189,8 +195,11 @@ class FolderTree:
         real_root = os.path.realpath(self.root) if local else None
         self.names: dict[str, int] = {}  # relative name -> size
         self.outside: list[str] = []
-        listing = _local_files(self.root) if local else (
-            (p, int(info.get("size") or 0)) for p, info in self.fs.find(self.root, detail=True).items())
+        listing = (
+            _local_files(self.root)
+            if local
+            else ((p, int(info.get("size") or 0)) for p, info in self.fs.find(self.root, detail=True).items())
+        )
         for p, size in sorted(listing):
             rel = posixpath.relpath(p, self.root)
             if local and not (os.path.realpath(p) + os.sep).startswith(real_root + os.sep):

@@ -7,6 +7,7 @@ One synthetic JPEG imagefolder grows through ``--sizes`` (each image a function 
 does not depend on n). Each reports its wall time and the peak RSS of its main process and of its
 largest worker (getrusage). Fits: prep time = a + b n, and the log-log exponent of prep time in n.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,17 @@ def _child(task: str, args: dict) -> None:
         from pipeline.config import AugmentConfig
 
         cfg = AugmentConfig(image_size=args["image_size"])
-        batches = data.batched_train_batches(args["out"], "train", cfg, args["batch"], rank=0, seed=0,
-                                             loader_workers=args["workers"])
+        batches = data.batched_train_batches(
+            args["out"], "train", cfg, args["batch"], rank=0, seed=0, loader_workers=args["workers"]
+        )
         for _ in range(max(args["n"] // args["batch"], 1)):
             next(batches)
         batches.close()  # joins the loader workers, so their peak RSS is counted below
     seconds = time.perf_counter() - start
-    peak = {who: resource.getrusage(kind).ru_maxrss / 1024 for who, kind in
-            (("main_mb", resource.RUSAGE_SELF), ("worker_mb", resource.RUSAGE_CHILDREN))}
+    peak = {
+        who: resource.getrusage(kind).ru_maxrss / 1024
+        for who, kind in (("main_mb", resource.RUSAGE_SELF), ("worker_mb", resource.RUSAGE_CHILDREN))
+    }
     print(json.dumps({"seconds": seconds, **peak}))
 
 
@@ -73,10 +77,14 @@ def run_scale(args) -> int:
         sizes = [300, 600]
     kind = "ImageNet-like JPEGs (300-500 x 250-450 px)" if args.imagenet else "32x32 JPEGs"
     image_size = 224 if args.imagenet else 32
-    print(f"hardneg bench prep --scale: synthetic imagefolder of {kind}, {args.workers} workers, "
-          f"reads of batch {args.batch} at {image_size}px (augment.where=batch)")
-    print(f"{'images':>8} | {'prep ms/img':>11} | {'prep peak RSS MB main / worker':>30} | {'read ms/img':>11} | "
-          f"{'read peak RSS MB main / worker':>30}")
+    print(
+        f"hardneg bench prep --scale: synthetic imagefolder of {kind}, {args.workers} workers, "
+        f"reads of batch {args.batch} at {image_size}px (augment.where=batch)"
+    )
+    print(
+        f"{'images':>8} | {'prep ms/img':>11} | {'prep peak RSS MB main / worker':>30} | {'read ms/img':>11} | "
+        f"{'read peak RSS MB main / worker':>30}"
+    )
     rows, have = [], 0
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         folder = os.path.join(work, "images")
@@ -86,14 +94,17 @@ def run_scale(args) -> int:
             out = os.path.join(work, f"wds-{n}")
             prep = _measure("prep", {"folder": folder, "out": out, "workers": args.workers})
             reads = min(args.read_images, n) if args.read_images > 0 else n
-            read = _measure("read", {"out": out, "workers": args.workers, "batch": args.batch, "n": reads,
-                                     "image_size": image_size})
+            read = _measure(
+                "read", {"out": out, "workers": args.workers, "batch": args.batch, "n": reads, "image_size": image_size}
+            )
             read["per_image"] = read["seconds"] / max(reads // args.batch, 1) / args.batch
             rows.append((n, prep, read))
-            print(f"{n:8d} | {1000 * prep['seconds'] / n:11.3f} | {prep['main_mb']:14.0f} / "
-                  f"{prep['worker_mb']:13.0f} | {1000 * read['per_image']:11.3f} | {read['main_mb']:14.0f} / "
-                  f"{read['worker_mb']:13.0f}",
-                  flush=True)
+            print(
+                f"{n:8d} | {1000 * prep['seconds'] / n:11.3f} | {prep['main_mb']:14.0f} / "
+                f"{prep['worker_mb']:13.0f} | {1000 * read['per_image']:11.3f} | {read['main_mb']:14.0f} / "
+                f"{read['worker_mb']:13.0f}",
+                flush=True,
+            )
             shutil.rmtree(out, ignore_errors=True)
     ns = [r[0] for r in rows]
     prep_b = fit_exponent(ns, [r[1]["seconds"] for r in rows])
@@ -101,8 +112,10 @@ def run_scale(args) -> int:
     reads = [1000 * r[2]["per_image"] for r in rows]
     grow = rows[-1][1]["main_mb"] - rows[0][1]["main_mb"]
     per_image = grow * 2**20 / max(ns[-1] - ns[0], 1)
-    print(f"fit: prep time = {pa:.1f} s + {1000 * pb:.3f} ms x n (start-up + per image; log-log exponent "
-          f"{prep_b:.2f}, 1.00 = linear); read {min(reads):.3f}-{max(reads):.3f} ms per image at every size; "
-          f"prep peak RSS {rows[0][1]['main_mb']:.0f} -> {rows[-1][1]['main_mb']:.0f} MB from {ns[0]} to {ns[-1]} "
-          f"images ({per_image:.0f} bytes per extra image: the file listing and the shard plan)")
+    print(
+        f"fit: prep time = {pa:.1f} s + {1000 * pb:.3f} ms x n (start-up + per image; log-log exponent "
+        f"{prep_b:.2f}, 1.00 = linear); read {min(reads):.3f}-{max(reads):.3f} ms per image at every size; "
+        f"prep peak RSS {rows[0][1]['main_mb']:.0f} -> {rows[-1][1]['main_mb']:.0f} MB from {ns[0]} to {ns[-1]} "
+        f"images ({per_image:.0f} bytes per extra image: the file listing and the shard plan)"
+    )
     return 0

@@ -4,6 +4,7 @@ The batches are pickles. They are read with a restricted unpickler that admits o
 reconstruction and the bytes codec -- anything else (a payload that would call ``os.system``...) is
 refused when its name is read, before anything runs.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,7 +52,9 @@ def load_pickle(data: bytes, where: str):
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except RefusedPickle as e:
-        raise HardnegError(f"refusing to unpickle {where}: it names {e}, which a CIFAR batch never holds; nothing was run") from None
+        raise HardnegError(
+            f"refusing to unpickle {where}: it names {e}, which a CIFAR batch never holds; nothing was run"
+        ) from None
     except Exception as e:
         raise HardnegError(f"{where} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     return _str_keys(obj)
@@ -109,7 +112,9 @@ class _CifarSource(Source):
             return base if base in wanted and parent in ("", self.folder) else None
 
         if self.kind == "tar":
-            found = {member_of(n): data for n, data in archive.tar_read(self.url, lambda n: member_of(n) is not None).items()}
+            found = {
+                member_of(n): data for n, data in archive.tar_read(self.url, lambda n: member_of(n) is not None).items()
+            }
         elif self.kind == "dir":
             tree = archive.FolderTree(self.url)
             found = {member_of(n): tree.read(n) for n in tree.names if member_of(n) is not None}
@@ -162,8 +167,15 @@ class _CifarSource(Source):
         image = x[index].reshape(3, 32, 32).transpose(1, 2, 0)
         batch, row = origin[index]
         extra = {"coarse": int(coarse[index])} if coarse[index] >= 0 else None
-        return Record(split, index, int(y[index]), np.ascontiguousarray(image), f"{self.folder}/{batch}:{row}",
-                      self.spec, extra=extra)
+        return Record(
+            split,
+            index,
+            int(y[index]),
+            np.ascontiguousarray(image),
+            f"{self.folder}/{batch}:{row}",
+            self.spec,
+            extra=extra,
+        )
 
 
 class Cifar10Source(_CifarSource):
@@ -192,5 +204,7 @@ class Cifar100Source(_CifarSource):
         fine_to_coarse = {}
         for f, c in zip(fine.tolist(), coarse.tolist()):
             fine_to_coarse.setdefault(f, c)
-        return {"coarse_classes": coarse_names,
-                "fine_to_coarse": [fine_to_coarse.get(i, -1) for i in range(self.n_classes)]}
+        return {
+            "coarse_classes": coarse_names,
+            "fine_to_coarse": [fine_to_coarse.get(i, -1) for i in range(self.n_classes)],
+        }

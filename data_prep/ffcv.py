@@ -5,6 +5,7 @@ multi-process writer races for pages, so its bytes would differ run to run, and 
 leaves it waiting forever). It goes to a local temp file, is hashed, then renamed into place or, when
 OUT is remote, uploaded under a temp name and renamed there: it appears whole or not at all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,13 +50,15 @@ def require() -> None:
 def _fields(image_format: str) -> dict:
     from ffcv.fields import IntField, RGBImageField
 
-    image = RGBImageField(write_mode=_WRITE_MODES[image_format], smart_threshold=AUTO_PNG_MAX_PIXELS * 3,
-                          jpeg_quality=JPEG_QUALITY)
+    image = RGBImageField(
+        write_mode=_WRITE_MODES[image_format], smart_threshold=AUTO_PNG_MAX_PIXELS * 3, jpeg_quality=JPEG_QUALITY
+    )
     return {FFCV_IMAGE_FIELD: image, FFCV_LABEL_FIELD: IntField()}
 
 
-def write_beton(items: Iterable, max_samples: int, path: str, image_format: str = "auto",
-                page_size: int = PAGE_SIZE) -> dict:
+def write_beton(
+    items: Iterable, max_samples: int, path: str, image_format: str = "auto", page_size: int = PAGE_SIZE
+) -> dict:
     """Write the records of ``items`` (skip entries, dicts, pass through) to the local file ``path``.
 
     Returns {"num_samples", "skipped": [...], "image_size": [h, w] or None}; nothing is written for
@@ -82,8 +85,9 @@ def write_beton(items: Iterable, max_samples: int, path: str, image_format: str 
                 try:
                     handle_sample((item.image, int(item.label)), n, names, metadata, allocator, fields)
                 except ValueError as e:  # a raw image larger than a page
-                    raise HardnegError(f"{item.file or item.source_index}: cannot store in FFCV ({e}); "
-                                       f"try --image-format jpg") from None
+                    raise HardnegError(
+                        f"{item.file or item.source_index}: cannot store in FFCV ({e}); try --image-format jpg"
+                    ) from None
                 sizes.add(item.image.shape[:2])
                 n += 1
         writer.header["num_samples"] = n
@@ -130,8 +134,9 @@ def publish(local: str, url: str) -> dict:
     return {"path": name, "bytes": size, "sha256": digest.hexdigest()}
 
 
-def write_split(items: Iterable, max_samples: int, url: str, image_format: str = "auto",
-                page_size: int = PAGE_SIZE) -> dict:
+def write_split(
+    items: Iterable, max_samples: int, url: str, image_format: str = "auto", page_size: int = PAGE_SIZE
+) -> dict:
     """Write and publish the FFCV file of one split: {"entry" (None if no records), "skipped"}."""
     local = staging_path(url)
     try:
@@ -163,7 +168,7 @@ def header_samples(head: bytes) -> int:
 
     if len(head) < HeaderType.itemsize:
         raise ValueError("too short for an FFCV header")
-    header = np.frombuffer(head[:HeaderType.itemsize], dtype=HeaderType)[0]
+    header = np.frombuffer(head[: HeaderType.itemsize], dtype=HeaderType)[0]
     if header["version"] != CURRENT_VERSION:
         raise ValueError(f"version {header['version']}, expected {CURRENT_VERSION}")
     return int(header["num_samples"])

@@ -4,6 +4,7 @@
 ``holdout`` (the kNN monitor and checkpoints/best read the latter; the test split stays for the final
 evaluation only). The division is a pure function of the labels, the fraction and ``HOLDOUT_SEED``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,7 @@ def stratified_holdout(labels: list[int], fraction: float, seed: int = HOLDOUT_S
     for label, positions in sorted(by_class.items()):
         n_out = min(len(positions) - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * len(positions) + 0.5))))
         rng = np.random.default_rng([int(seed), zlib.crc32(str(label).encode())])
-        held += [positions[i] for i in rng.permutation(len(positions))[:max(n_out, 0)]]
+        held += [positions[i] for i in rng.permutation(len(positions))[: max(n_out, 0)]]
     return sorted(held)
 
 
@@ -71,10 +72,12 @@ class HoldoutSource(Source):
         self.info, self.skipped = dict(source.info), list(source.skipped)
         held = stratified_holdout(_labels(source, "train"), self.fraction, self.seed)
         held_set = set(held)
-        self.positions = {"train": [i for i in range(source.sizes["train"]) if i not in held_set],
-                          HOLDOUT_SPLIT: held}
-        self.sizes = {**{k: v for k, v in source.sizes.items()}, "train": len(self.positions["train"]),
-                      HOLDOUT_SPLIT: len(held)}
+        self.positions = {"train": [i for i in range(source.sizes["train"]) if i not in held_set], HOLDOUT_SPLIT: held}
+        self.sizes = {
+            **{k: v for k, v in source.sizes.items()},
+            "train": len(self.positions["train"]),
+            HOLDOUT_SPLIT: len(held),
+        }
 
     def signature(self) -> dict:
         return {**self.inner.signature(), "val_fraction": self.fraction, "val_seed": self.seed}

@@ -5,6 +5,7 @@ previous manifest or by a progress marker that is written right after the shard'
 file there still has that size (and sha256, on a local disk). Only then is it skipped, so a rerun after
 a kill rewrites nothing finished and ends with the same bytes as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,10 @@ def collect(items, strict: bool) -> tuple[list[Record], list[dict]]:
     for item in items:
         if isinstance(item, dict):
             if strict:
-                raise HardnegError(f"cannot use {item['file'] or item['index']} ({item['error']}); "
-                                   f"drop --strict to skip and list such inputs instead")
+                raise HardnegError(
+                    f"cannot use {item['file'] or item['index']} ({item['error']}); "
+                    f"drop --strict to skip and list such inputs instead"
+                )
             skipped.append(item)
         else:
             records.append(item)

@@ -1,4 +1,5 @@
 """The manifest beside the shards: build, write atomically, read, verify, and list shard URLs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -186,8 +187,10 @@ def verify(out: str) -> list[str]:
             problems.append(f"split '{split}': shards hold {total} samples, manifest says {info['num_samples']}")
         if "ffcv" in info:
             if info["ffcv"]["num_samples"] != info["num_samples"]:
-                problems.append(f"split '{split}': FFCV file holds {info['ffcv']['num_samples']} samples, "
-                                f"manifest says {info['num_samples']}")
+                problems.append(
+                    f"split '{split}': FFCV file holds {info['ffcv']['num_samples']} samples, "
+                    f"manifest says {info['num_samples']}"
+                )
             problems.extend(_verify_ffcv(fs, root, info["ffcv"]))
         for shard in info["shards"]:
             name = shard["path"]

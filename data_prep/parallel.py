@@ -4,6 +4,7 @@ A mapper is ``mapper(fn, context, jobs)``: it yields ``fn(context, job)`` for ev
 The ``context`` (the opened source: possibly a long file listing, or arrays) reaches each worker once --
 inherited by forked workers, sent once per worker otherwise -- never once per job.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -32,8 +33,9 @@ def _call(fn: Callable, job):
 
 
 def _pool(workers: int, context) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_set_context,
-                               initargs=(context,))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=_context(), initializer=_set_context, initargs=(context,)
+    )
 
 
 def local_mapper(workers: int) -> Mapper:

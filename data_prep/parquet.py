@@ -7,6 +7,7 @@ options: ``parquet:PATH?image=img&label=fine_label`` (``label=`` with no name: n
 A file's split is a split-named folder (``plain_text/train/0000.parquet``) or its first word
 (``train-00000-of-00002.parquet``), else ``train``. Image bytes are spooled once (data_prep/spool.py).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -92,28 +93,43 @@ class ParquetSource(Source):
                     if image not in columns or (label and label not in columns):
                         missing = image if image not in columns else label
                         key = "image" if missing == image else "label"
-                        raise HardnegError(f"parquet file '{rel}' has no column '{missing}' (columns: "
-                                           f"{', '.join(columns)}); name it with {spec.split('?')[0]}?{key}=COLUMN")
+                        raise HardnegError(
+                            f"parquet file '{rel}' has no column '{missing}' (columns: "
+                            f"{', '.join(columns)}); name it with {spec.split('?')[0]}?{key}=COLUMN"
+                        )
                     kind = schema.field(image).type
-                    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or
-                            (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-                             and (pa.types.is_binary(kind.field("bytes").type)
-                                  or pa.types.is_large_binary(kind.field("bytes").type)))):
-                        raise HardnegError(f"column '{image}' of parquet file '{rel}' is {kind}; expected image bytes "
-                                           f"(binary or a struct with a 'bytes' field)")
+                    if not (
+                        pa.types.is_binary(kind)
+                        or pa.types.is_large_binary(kind)
+                        or (
+                            pa.types.is_struct(kind)
+                            and kind.get_field_index("bytes") >= 0
+                            and (
+                                pa.types.is_binary(kind.field("bytes").type)
+                                or pa.types.is_large_binary(kind.field("bytes").type)
+                            )
+                        )
+                    ):
+                        raise HardnegError(
+                            f"column '{image}' of parquet file '{rel}' is {kind}; expected image bytes "
+                            f"(binary or a struct with a 'bytes' field)"
+                        )
                     values = np.full(rows, -1, dtype=np.int64)
                     if label:
                         kind = schema.field(label).type
                         if not pa.types.is_integer(kind):
-                            raise HardnegError(f"column '{label}' of parquet file '{rel}' is {kind}; expected integer "
-                                               f"labels (or {spec.split('?')[0]}?label= for none)")
+                            raise HardnegError(
+                                f"column '{label}' of parquet file '{rel}' is {kind}; expected integer "
+                                f"labels (or {spec.split('?')[0]}?label= for none)"
+                            )
                         values = pf.read(columns=[label]).column(0).fill_null(-1).to_numpy().astype(np.int64)
                     names = names or (_hf_classes(schema, label) if label else None)
             except HardnegError:
                 raise
             except Exception as e:  # not parquet, truncated, unreachable
-                raise HardnegError(f"cannot read parquet file '{rel}': {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                raise HardnegError(
+                    f"cannot read parquet file '{rel}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                ) from None
             split = split_of(rel)
             start = sum(len(v) for v in labels.get(split, []))
             self.files.append({"path": path, "rel": rel, "split": split, "start": start, "rows": rows})
@@ -145,8 +161,10 @@ class ParquetSource(Source):
                             for value in _image_values(batch.column(0)):
                                 yield value, None
                 except Exception as e:
-                    raise HardnegError(f"cannot read parquet file '{entry['rel']}': {type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                    raise HardnegError(
+                        f"cannot read parquet file '{entry['rel']}': {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}"
+                    ) from None
 
             self._spools[i] = open_spool(key, items)
         return self._spools[i]

@@ -1,4 +1,5 @@
 """Pure: records per split -> shard specs (a seeded shuffle, then chunks of ``shard_size``)."""
+
 from __future__ import annotations
 
 import zlib
@@ -36,5 +37,5 @@ def plan_shards(sizes: Mapping[str, int], shard_size: int, seed: int) -> list[Sh
         rng = np.random.default_rng([int(seed), zlib.crc32(split.encode("utf-8"))])
         order = rng.permutation(n).tolist()
         for index, start in enumerate(range(0, n, shard_size)):
-            specs.append(ShardSpec(split, index, tuple(order[start:start + shard_size])))
+            specs.append(ShardSpec(split, index, tuple(order[start : start + shard_size])))
     return specs

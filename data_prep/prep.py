@@ -4,6 +4,7 @@ Parallelism is a thin map over jobs (``mapper(fn, source, jobs)`` yields results
 source reaches each worker once): in-process, a local process pool (``workers``), or Ray tasks
 (cluster/prep.py passes its own mapper).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,16 @@ from typing import Iterator, Optional
 
 from data_prep import sources
 from data_prep.holdout import HOLDOUT_SPLIT, HoldoutSource, with_holdout
-from data_prep.jobs import PROGRESS_DIR, ShardJob, intact, load_chunk, marker_url, read_marker, run_shard_job, write_marker
+from data_prep.jobs import (
+    PROGRESS_DIR,
+    ShardJob,
+    intact,
+    load_chunk,
+    marker_url,
+    read_marker,
+    run_shard_job,
+    write_marker,
+)
 from data_prep.manifest import build_manifest, join_url, out_fs, write_manifest
 from data_prep.parallel import Mapper, local_mapper, ordered_chunks
 from data_prep.plan import plan_shards
@@ -123,8 +133,13 @@ def estimate_shard_size(source: sources.Source, shard_bytes: int, seed: int, ima
 
 def fingerprint_of(source: sources.Source, settings: dict) -> str:
     """What the written bytes depend on: the source, its content signature and the plan settings."""
-    key = {"version": PREP_VERSION, "source": source.spec, "signature": source.signature(),
-           "sizes": source.sizes, **settings}
+    key = {
+        "version": PREP_VERSION,
+        "source": source.spec,
+        "signature": source.signature(),
+        "sizes": source.sizes,
+        **settings,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -141,8 +156,9 @@ def _remove_temps(fs, root: str) -> None:
 def _bar(progress: bool, total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, smoothing=0.1, disable=not progress,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit="img", unit_scale=True, smoothing=0.1, disable=not progress, dynamic_ncols=True
+    )
 
 
 def _previous(old: Optional[dict], fingerprint: str, split: str, name: str, positions) -> Optional[dict]:
@@ -160,8 +176,19 @@ def _previous(old: Optional[dict], fingerprint: str, split: str, name: str, posi
     return {"entry": entries[0], "skipped": skipped}
 
 
-def _write_ffcv(source, split: str, positions: list, out: str, *, image_format: str, strict: bool,
-                fingerprint: str, previous: Optional[dict], workers: int, bar) -> dict:
+def _write_ffcv(
+    source,
+    split: str,
+    positions: list,
+    out: str,
+    *,
+    image_format: str,
+    strict: bool,
+    fingerprint: str,
+    previous: Optional[dict],
+    workers: int,
+    bar,
+) -> dict:
     """The FFCV file of one split, reused when already done; decoded by ``workers`` processes."""
     from data_prep import ffcv
 
@@ -172,7 +199,7 @@ def _write_ffcv(source, split: str, positions: list, out: str, *, image_format: 
     if done and done.get("entry") and not (strict and done.get("skipped")) and intact(url, done["entry"]):
         bar.update(len(positions))
         return dict(done, reused=True)
-    chunks = [positions[i:i + 256] for i in range(0, len(positions), 256)]
+    chunks = [positions[i : i + 256] for i in range(0, len(positions), 256)]
 
     def items() -> Iterator:
         for chunk in ordered_chunks(load_chunk, source, [(split, c, strict) for c in chunks], workers):
@@ -222,13 +249,19 @@ def prepare(
         ffcv.require()
     check_writable(out)
     if workers > 1 and mapper is None and (out.startswith("memory:") or source.split(":", 1)[-1].startswith("memory:")):
-        raise HardnegError("--workers > 1 needs storage every worker process can reach; memory:// is private to one process")
+        raise HardnegError(
+            "--workers > 1 needs storage every worker process can reach; memory:// is private to one process"
+        )
     src = with_holdout(sources.open_source(source, test_size=test_size), val_fraction)
     if cap is not None:
         shard_size = estimate_shard_size(src, cap, seed, image_format)
     specs = plan_shards(src.sizes, shard_size, seed)
-    settings = {"shard_size": int(shard_size), "seed": int(seed), "test_size": int(test_size),
-                "image_format": image_format}
+    settings = {
+        "shard_size": int(shard_size),
+        "seed": int(seed),
+        "test_size": int(test_size),
+        "image_format": image_format,
+    }
     if isinstance(src, HoldoutSource):  # recorded in the manifest's prep section (and the fingerprint)
         settings |= {"val_fraction": src.fraction, "val_seed": src.seed, "val_split": HOLDOUT_SPLIT}
     fingerprint = fingerprint_of(src, settings)
@@ -244,8 +277,21 @@ def prepare(
         fs.rm(posixpath.join(root, MANIFEST_NAME))
 
     try:
-        manifest = _write_all(source, src, specs, out, old, fingerprint, settings, format=format, workers=workers,
-                              strict=strict, progress=progress, cap=cap, mapper=mapper)
+        manifest = _write_all(
+            source,
+            src,
+            specs,
+            out,
+            old,
+            fingerprint,
+            settings,
+            format=format,
+            workers=workers,
+            strict=strict,
+            progress=progress,
+            cap=cap,
+            mapper=mapper,
+        )
     except BaseException:
         if not existed:  # nothing finished: leave no OUT behind (finished files stay, to resume from)
             _clean_failed(fs, root, existed, fingerprint, only_if_empty=True)
@@ -268,16 +314,40 @@ def prepare(
     return manifest
 
 
-def _write_all(source: str, src, specs, out: str, old, fingerprint: str, settings: dict, *, format: str,
-               workers: int, strict: bool, progress: bool, cap, mapper) -> dict:
+def _write_all(
+    source: str,
+    src,
+    specs,
+    out: str,
+    old,
+    fingerprint: str,
+    settings: dict,
+    *,
+    format: str,
+    workers: int,
+    strict: bool,
+    progress: bool,
+    cap,
+    mapper,
+) -> dict:
     """Run the shard jobs and the FFCV files; the manifest they make (not written yet)."""
     image_format = settings["image_format"]
     results: list[dict] = []
     total = sum(len(spec.records) for spec in specs)
     if format in ("wds", "both"):
-        jobs = [ShardJob(spec.split, spec.index, spec.records, out, image_format, strict, fingerprint,
-                         _previous(old, fingerprint, spec.split, shard_name(spec.split, spec.index), spec.records))
-                for spec in specs]
+        jobs = [
+            ShardJob(
+                spec.split,
+                spec.index,
+                spec.records,
+                out,
+                image_format,
+                strict,
+                fingerprint,
+                _previous(old, fingerprint, spec.split, shard_name(spec.split, spec.index), spec.records),
+            )
+            for spec in specs
+        ]
         with _bar(progress, total, f"shards -> {out}") as bar:
             for result in (mapper or local_mapper(workers))(run_shard_job, src, jobs):
                 results.append(result)
@@ -289,9 +359,17 @@ def _write_all(source: str, src, specs, out: str, old, fingerprint: str, setting
                 positions = [i for spec in specs if spec.split == split for i in spec.records]
                 if positions:
                     betons[split] = _write_ffcv(
-                        src, split, positions, out, image_format=image_format, strict=strict, fingerprint=fingerprint,
+                        src,
+                        split,
+                        positions,
+                        out,
+                        image_format=image_format,
+                        strict=strict,
+                        fingerprint=fingerprint,
                         previous=_previous(old, fingerprint, split, ffcv_name(split), positions),
-                        workers=workers, bar=bar)
+                        workers=workers,
+                        bar=bar,
+                    )
 
     return _assemble(source, src, results, betons, format, settings, fingerprint, workers, cap, strict)
 
@@ -299,8 +377,9 @@ def _write_all(source: str, src, specs, out: str, old, fingerprint: str, setting
 def _clean_failed(fs, root: str, existed: bool, fingerprint: str, only_if_empty: bool = False) -> None:
     """Leave OUT as it was before a run that produced nothing."""
     try:
-        if only_if_empty and any(not posixpath.basename(p.rstrip("/")).startswith(".")
-                                 for p in fs.ls(root, detail=False)):
+        if only_if_empty and any(
+            not posixpath.basename(p.rstrip("/")).startswith(".") for p in fs.ls(root, detail=False)
+        ):
             return
         if not existed:
             fs.rm(root, recursive=True)
@@ -310,8 +389,18 @@ def _clean_failed(fs, root: str, existed: bool, fingerprint: str, only_if_empty:
         pass
 
 
-def _assemble(spec: str, src, results: list, betons: dict, format: str, settings: dict, fingerprint: str,
-              workers: int, cap, strict: bool) -> dict:
+def _assemble(
+    spec: str,
+    src,
+    results: list,
+    betons: dict,
+    format: str,
+    settings: dict,
+    fingerprint: str,
+    workers: int,
+    cap,
+    strict: bool,
+) -> dict:
     """The manifest from the jobs' results: counts, shard and FFCV entries, skipped inputs, image size."""
     skipped = {(s["split"], s["index"], s["file"]): s for s in src.skipped}
     sizes, splits = [], {}
@@ -325,8 +414,10 @@ def _assemble(spec: str, src, results: list, betons: dict, format: str, settings
         if split in betons and betons[split]["entry"] is not None:
             entry = betons[split]["entry"]
             if format == "both" and entry["num_samples"] != info["num_samples"]:
-                raise HardnegError(f"split '{split}': the FFCV file holds {entry['num_samples']} samples but the "
-                                   f"shards {info['num_samples']}; the source changed while it was read")
+                raise HardnegError(
+                    f"split '{split}': the FFCV file holds {entry['num_samples']} samples but the "
+                    f"shards {info['num_samples']}; the source changed while it was read"
+                )
             info["num_samples"] = entry["num_samples"]
             info["ffcv"] = entry
             sizes.append(entry.get("image_size"))

@@ -13,6 +13,7 @@ The manifest ``manifest.json`` sits beside the shards; shard paths in it are rel
 An FFCV file ``{split}.beton`` (fields ``image``: RGBImageField, ``label``: IntField) holds a whole
 split in the planned (shuffled) order; the manifest lists it under ``splits[split]["ffcv"]``.
 """
+
 from __future__ import annotations
 
 MANIFEST_NAME = "manifest.json"

@@ -1,4 +1,5 @@
 """Readers of raw datasets -> records per split, in a deterministic order."""
+
 from __future__ import annotations
 
 import io
@@ -135,7 +136,13 @@ class DigitsSource(Source):
         self.sizes = {name: len(idx) for name, idx in split_idx.items()}
 
     def __getstate__(self):
-        return {"spec": self.spec, "test_size": self.test_size, "classes": self.classes, "sizes": self.sizes, "_data": None}
+        return {
+            "spec": self.spec,
+            "test_size": self.test_size,
+            "classes": self.classes,
+            "sizes": self.sizes,
+            "_data": None,
+        }
 
     def _load(self):
         if self._data is None:
@@ -145,8 +152,14 @@ class DigitsSource(Source):
             digits = load_digits()
             labels = digits.target.astype(np.int64)
             n, n_classes, test_size = len(labels), len(np.unique(labels)), self.test_size
-            if not isinstance(test_size, int) or isinstance(test_size, bool) or not n_classes <= test_size <= n - n_classes:
-                raise HardnegError(f"test_size={test_size!r} for {self.spec}; expected an integer in {n_classes}..{n - n_classes}")
+            if (
+                not isinstance(test_size, int)
+                or isinstance(test_size, bool)
+                or not n_classes <= test_size <= n - n_classes
+            ):
+                raise HardnegError(
+                    f"test_size={test_size!r} for {self.spec}; expected an integer in {n_classes}..{n - n_classes}"
+                )
             train_idx, test_idx = train_test_split(np.arange(n), test_size=test_size, random_state=0, stratify=labels)
             grey = np.rint(digits.images * 255.0 / 16.0).astype(np.uint8)  # (n, 8, 8)
             rgb = np.repeat(grey[..., None], 3, axis=-1)  # (n, 8, 8, 3)
@@ -201,8 +214,8 @@ class ImageFolderSource(Source):
         files: dict[str, list[tuple[str, str]]] = {s: [] for s in prefixes}
         for rel in self.tree.names:
             for split, prefix in prefixes.items():
-                parts = rel[len(prefix):].split("/") if rel.startswith(prefix) else []
-                if len(parts) >= 2 and not parts[0].startswith(".") and is_image_name(rel[len(prefix):]):
+                parts = rel[len(prefix) :].split("/") if rel.startswith(prefix) else []
+                if len(parts) >= 2 and not parts[0].startswith(".") and is_image_name(rel[len(prefix) :]):
                     files[split].append((parts[0], rel))
         self.classes = sorted({c for fl in files.values() for c, _ in fl})
         if not self.classes:
@@ -240,10 +253,12 @@ def read_imagefolder(path: Optional[str], spec: str, test_size: int) -> Dataset:
 
 def _opener(module: str, cls: str) -> Callable[[Optional[str], str, int], Source]:
     """Import a source class on first use (keeps `import data_prep.sources` light)."""
+
     def open_(path, spec, test_size):
         import importlib
 
         return getattr(importlib.import_module(module), cls)(path, spec, test_size)
+
     return open_
 
 
@@ -281,7 +296,7 @@ def _match(spec: str, table: dict):
         if name.endswith(":PATH"):
             prefix = name[: -len("PATH")]
             if spec == prefix[:-1] or spec.startswith(prefix):
-                arg = spec[len(prefix):]
+                arg = spec[len(prefix) :]
                 if not arg:
                     raise HardnegError(f"dataset '{spec}' needs a path: {name}")
                 return entry, arg

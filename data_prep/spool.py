@@ -7,6 +7,7 @@ options, keyed by the file's size and mtime), and an index (offsets, lengths, pe
 written last. A spool whose index exists is whole (both files appear by rename) and is reused by
 reruns, by worker processes and by later runs. Memory stays flat: one image at a time is held.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,8 +93,9 @@ def open_spool(key: str, items: Callable[[], Iterator[Item]], info: Callable[[],
         os.replace(data_tmp, os.path.join(folder, "data.bin"))
         os.replace(index_tmp, os.path.join(folder, "index.json"))
     except OSError as e:
-        raise HardnegError(f"cannot write the spool in {folder}: {type(e).__name__}: {e} "
-                           f"(set HARDNEG_CACHE_DIR)") from None
+        raise HardnegError(
+            f"cannot write the spool in {folder}: {type(e).__name__}: {e} (set HARDNEG_CACHE_DIR)"
+        ) from None
     finally:
         for tmp in (data_tmp, index_tmp):
             if os.path.exists(tmp):

@@ -4,6 +4,7 @@ The ``*_X.bin`` files are fixed-size records (3 x 96 x 96 bytes, column-major), 
 unlabeled split (2.7 GB) is never held in memory. From a tar or a remote folder they are first copied,
 decompressed, into the local cache under names we choose (nothing of the archive's is ever written).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,11 @@ from pipeline.errors import HardnegError
 
 FOLDER = "stl10_binary"
 IMAGE_BYTES = 3 * 96 * 96
-SPLITS = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"), "unlabeled": ("unlabeled_X.bin", None)}
+SPLITS = {
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+    "unlabeled": ("unlabeled_X.bin", None),
+}
 REQUIRED = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")
 
 

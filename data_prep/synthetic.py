@@ -4,6 +4,7 @@ No download is possible here, so these reproduce the layouts byte for byte where
 CIFAR's pickled batches (protocol 2, bytes keys, uint8 (n, 3072) rows, channel-major), STL-10's
 column-major binary records, Tiny ImageNet's zip with ``val/val_annotations.txt``.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,13 +35,28 @@ def cifar_images(n: int, rng: np.random.Generator, classes: int) -> tuple[np.nda
 def write_cifar10(path: str, n_train: int = 50, n_test: int = 10, seed: int = 0, folder: bool = False) -> str:
     """A CIFAR-10 "python version" archive (``cifar-10-python.tar.gz`` layout) or extracted folder."""
     rng = np.random.default_rng(seed)
-    files = {"batches.meta": pickle.dumps({b"num_cases_per_batch": max(n_train // 5, 1), b"num_vis": 3072,
-                                           b"label_names": [f"class{i}".encode() for i in range(10)]}, protocol=2)}
+    files = {
+        "batches.meta": pickle.dumps(
+            {
+                b"num_cases_per_batch": max(n_train // 5, 1),
+                b"num_vis": 3072,
+                b"label_names": [f"class{i}".encode() for i in range(10)],
+            },
+            protocol=2,
+        )
+    }
     per = [n_train // 5 + (1 if i < n_train % 5 else 0) for i in range(5)]
     for name, n in [(f"data_batch_{i + 1}", per[i]) for i in range(5)] + [("test_batch", n_test)]:
         rows, labels = cifar_images(n, rng, 10)
-        files[name] = pickle.dumps({b"batch_label": f"batch {name}".encode(), b"labels": labels.tolist(), b"data": rows,
-                                    b"filenames": [f"img_{name}_{i}.png".encode() for i in range(n)]}, protocol=2)
+        files[name] = pickle.dumps(
+            {
+                b"batch_label": f"batch {name}".encode(),
+                b"labels": labels.tolist(),
+                b"data": rows,
+                b"filenames": [f"img_{name}_{i}.png".encode() for i in range(n)],
+            },
+            protocol=2,
+        )
     return _write_tree(path, "cifar-10-batches-py", files, folder)
 
 
@@ -48,22 +64,36 @@ def write_cifar100(path: str, n_train: int = 50, n_test: int = 10, seed: int = 0
     """A CIFAR-100 "python version" archive: ``train``, ``test``, ``meta`` with fine and coarse labels."""
     rng = np.random.default_rng(seed)
     fine_to_coarse = np.arange(100) // 5
-    files = {"meta": pickle.dumps({b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                                   b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}, protocol=2)}
+    files = {
+        "meta": pickle.dumps(
+            {
+                b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+            },
+            protocol=2,
+        )
+    }
     for name, n in (("train", n_train), ("test", n_test)):
         rows, fine = cifar_images(n, rng, 100)
-        files[name] = pickle.dumps({b"batch_label": name.encode(), b"fine_labels": fine.tolist(),
-                                    b"coarse_labels": fine_to_coarse[fine].tolist(), b"data": rows,
-                                    b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}, protocol=2)
+        files[name] = pickle.dumps(
+            {
+                b"batch_label": name.encode(),
+                b"fine_labels": fine.tolist(),
+                b"coarse_labels": fine_to_coarse[fine].tolist(),
+                b"data": rows,
+                b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+            },
+            protocol=2,
+        )
     return _write_tree(path, "cifar-100-python", files, folder)
 
 
-def write_stl10(path: str, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 15, seed: int = 0,
-                folder: bool = False) -> str:
+def write_stl10(
+    path: str, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 15, seed: int = 0, folder: bool = False
+) -> str:
     """An STL-10 binary archive (``stl10_binary.tar.gz`` layout): column-major 96x96 records, labels 1..10."""
     rng = np.random.default_rng(seed)
-    files = {"class_names.txt": "".join(f"stlclass{i}\n" for i in range(10)).encode(),
-             "fold_indices.txt": b"0 1 2\n"}
+    files = {"class_names.txt": "".join(f"stlclass{i}\n" for i in range(10)).encode(), "fold_indices.txt": b"0 1 2\n"}
     for split, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unlabeled)):
         images = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
         files[f"{split}_X.bin"] = np.ascontiguousarray(images.transpose(0, 3, 2, 1)).tobytes()
@@ -79,13 +109,16 @@ def _jpeg(rng: np.random.Generator, size: int = 64, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def write_tinyimagenet(path: str, classes: int = 3, per_class: int = 4, n_val: int = 6, seed: int = 0,
-                       folder: bool = False) -> str:
+def write_tinyimagenet(
+    path: str, classes: int = 3, per_class: int = 4, n_val: int = 6, seed: int = 0, folder: bool = False
+) -> str:
     """A Tiny ImageNet zip (``tiny-imagenet-200.zip`` layout); one greyscale JPEG among the training images."""
     rng = np.random.default_rng(seed)
     wnids = [f"n{1000 + i:08d}" for i in range(classes)]
-    files = {"wnids.txt": "".join(w + "\n" for w in reversed(wnids)).encode(),
-             "words.txt": "".join(f"{w}\tthing {i}\n" for i, w in enumerate(wnids)).encode()}
+    files = {
+        "wnids.txt": "".join(w + "\n" for w in reversed(wnids)).encode(),
+        "words.txt": "".join(f"{w}\tthing {i}\n" for i, w in enumerate(wnids)).encode(),
+    }
     for c, w in enumerate(wnids):
         for i in range(per_class):
             files[f"train/{w}/images/{w}_{i}.JPEG"] = _jpeg(rng, mode="L" if (c, i) == (0, 0) else "RGB")
@@ -124,8 +157,9 @@ def _write_tree(path: str, root: str, files: dict, folder: bool) -> str:
     return path
 
 
-def write_jpeg_folder(path: str, n: int, start: int = 0, imagenet: bool = False, seed: int = 0,
-                      classes: int = 10) -> str:
+def write_jpeg_folder(
+    path: str, n: int, start: int = 0, imagenet: bool = False, seed: int = 0, classes: int = 10
+) -> str:
     """An imagefolder of JPEGs ``c{label}/img{i}.jpg`` for i in [start, n): 32x32, or ImageNet-like sizes
     (300-500 x 250-450 px, smooth colour fields plus noise); each image a function of (seed, i) only, so a
     folder grows from n1 to n2 images by writing the new ones."""

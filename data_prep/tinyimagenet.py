@@ -3,6 +3,7 @@
 Labels index the sorted WordNet ids of ``wnids.txt``; validation labels come from
 ``val/val_annotations.txt``. Members are read straight from the zip (never extracted).
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -23,8 +24,10 @@ class TinyImageNetSource(Source):
             raise self._wrong("expected the .zip archive or its extracted folder, got a tar")
         self.tree = archive.ZipTree(path) if kind == "zip" else archive.FolderTree(path)
         names = set(self.tree.names)
-        roots = sorted((n[: -len("wnids.txt")] for n in names if posixpath.basename(n) == "wnids.txt" and n.count("/") <= 1),
-                       key=len)
+        roots = sorted(
+            (n[: -len("wnids.txt")] for n in names if posixpath.basename(n) == "wnids.txt" and n.count("/") <= 1),
+            key=len,
+        )
         if not roots:
             raise self._wrong("no wnids.txt (expected tiny-imagenet-200/wnids.txt)")
         top = roots[0]
@@ -43,7 +46,7 @@ class TinyImageNetSource(Source):
 
         train = []
         for n in sorted(names):
-            parts = n[len(top):].split("/") if n.startswith(top + "train/") else []
+            parts = n[len(top) :].split("/") if n.startswith(top + "train/") else []
             if len(parts) == 4 and parts[2] == "images" and is_image_name(parts[3]):
                 if parts[1] not in label_of:
                     raise self._wrong(f"train folder '{parts[1]}' is not in wnids.txt")
@@ -59,7 +62,9 @@ class TinyImageNetSource(Source):
             file, wnid = fields[0].strip(), fields[1].strip()
             if wnid not in label_of:
                 raise self._wrong(f"val_annotations.txt names '{wnid}', which is not in wnids.txt")
-            (val if top + "val/images/" + file in names else missing).append((label_of[wnid], top + "val/images/" + file))
+            (val if top + "val/images/" + file in names else missing).append(
+                (label_of[wnid], top + "val/images/" + file)
+            )
         self.files = {"train": sorted(train, key=lambda t: t[1]), "val": sorted(val, key=lambda t: t[1])}
         self.sizes = {s: len(f) for s, f in self.files.items()}
         self.skipped = [skip_entry("val", -1, f, "listed in val_annotations.txt but missing") for _, f in missing]

@@ -1,4 +1,5 @@
 """Write one WebDataset shard: deterministic bytes, temp name then rename, skipped if already there."""
+
 from __future__ import annotations
 
 import hashlib

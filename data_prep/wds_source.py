@@ -9,6 +9,7 @@ member with an extension of ``image`` (default ``jpg;jpeg;png;webp;ppm;bmp;tif;t
 its split-named folder or first word (``train-000000.tar``), else ``train``. Shards are streamed once
 into a local spool (data_prep/spool.py).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -106,8 +107,9 @@ class WdsSource(Source):
         if not self.sizes:
             raise HardnegError(f"WebDataset shards '{self.url}' hold no samples")
         self.classes = [str(i) for i in range(top + 1)]
-        self._in_split = {s: [i for i, f in enumerate(self.files) if f["split"] == s and f["count"]]
-                          for s in self.sizes}
+        self._in_split = {
+            s: [i for i, f in enumerate(self.files) if f["split"] == s and f["count"]] for s in self.sizes
+        }
         self._starts = {s: [self.files[i]["start"] for i in idx] for s, idx in self._in_split.items()}
 
     def __getstate__(self):
@@ -126,8 +128,14 @@ class WdsSource(Source):
     def _spool(self, i: int) -> Spool:
         if i not in self._spools:
             entry = self.files[i]
-            key = spool_key("wds", self.fs.protocol, entry["path"], self._identity(entry["path"]), self.images,
-                            self.options["label"])
+            key = spool_key(
+                "wds",
+                self.fs.protocol,
+                entry["path"],
+                self._identity(entry["path"]),
+                self.images,
+                self.options["label"],
+            )
 
             def members():
                 with self.fs.open(entry["path"], "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -139,8 +147,9 @@ class WdsSource(Source):
                 try:
                     yield from samples(members(), self.images, self.options["label"])
                 except archive.BROKEN as e:
-                    raise HardnegError(f"cannot read WebDataset shard '{entry['rel']}': truncated or corrupt "
-                                       f"({type(e).__name__}: {e})") from None
+                    raise HardnegError(
+                        f"cannot read WebDataset shard '{entry['rel']}': truncated or corrupt ({type(e).__name__}: {e})"
+                    ) from None
 
             self._spools[i] = open_spool(key, items)
         return self._spools[i]

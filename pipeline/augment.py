@@ -1,4 +1,5 @@
 """Two-view augmentation (SimCLR, Chen et al. 2020) and the plain evaluation transform, torchvision v2."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,9 +16,7 @@ def _to_normalised_tensor(cfg: AugmentConfig) -> list:
 
 def view_transform(cfg: AugmentConfig) -> v2.Compose:
     """One random view: PIL RGB image -> (3, S, S) float tensor, S = cfg.image_size."""
-    steps: list = [
-        v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, cfg.crop_scale_max), antialias=True)
-    ]
+    steps: list = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, cfg.crop_scale_max), antialias=True)]
     if cfg.rotation_degrees > 0:
         steps.append(v2.RandomRotation(cfg.rotation_degrees))
     if cfg.hflip_p > 0:

@@ -4,6 +4,7 @@ Written atomically (temporary directory, then rename) and read from any fsspec U
 the model, optimiser, step, RNG states, MLflow run id and the resolved config, so a run can continue
 exactly and an evaluation needs nothing but the checkpoint.
 """
+
 from __future__ import annotations
 
 import io

@@ -2,6 +2,7 @@
 
 User errors (HardnegError) print one line and exit 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,12 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides, protocol=args.protocol,
-                                         track=args.track), indent=2))
+    print(
+        json.dumps(
+            evaluate_checkpoint(args.checkpoint, args.data, args.overrides, protocol=args.protocol, track=args.track),
+            indent=2,
+        )
+    )
 
 
 def cmd_demo(args) -> None:
@@ -102,54 +107,94 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain an encoder", description="Pretrain per a config (Ray Train or local).")
     _config_args(p)
-    p.add_argument("--resume", action="store_const", const="", default=None,
-                   help="continue a stopped run from its last checkpoint: tracking.run_name, else the latest run")
+    p.add_argument(
+        "--resume",
+        action="store_const",
+        const="",
+        default=None,
+        help="continue a stopped run from its last checkpoint: tracking.run_name, else the latest run",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="kNN / linear-probe top-1 of a checkpoint, as JSON",
-                       description="Weighted kNN on frozen backbone features (memory = train split, queries = "
-                                   "test split) and/or the papers' linear probe.")
+    p = sub.add_parser(
+        "eval",
+        help="kNN / linear-probe top-1 of a checkpoint, as JSON",
+        description="Weighted kNN on frozen backbone features (memory = train split, queries = "
+        "test split) and/or the papers' linear probe.",
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint dir, its state.pt, or a run dir")
     p.add_argument("--data", required=True, metavar="OUT", help="prepared shards (directory with manifest.json)")
-    p.add_argument("--protocol", choices=("knn", "linear", "all"), default="knn",
-                   help="weighted kNN (default), the linear probe, or both")
-    p.add_argument("--track", action="store_true",
-                   help="also log the results into the checkpoint's MLflow run (a new run if it had none)")
+    p.add_argument(
+        "--protocol",
+        choices=("knn", "linear", "all"),
+        default="knn",
+        help="weighted kNN (default), the linear probe, or both",
+    )
+    p.add_argument(
+        "--track",
+        action="store_true",
+        help="also log the results into the checkpoint's MLflow run (a new run if it had none)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.probe_epochs=50")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="prep + train + eval on builtin:digits, with baselines",
-                       description="The whole job on the embedded digits dataset; ends printing kNN top-1.")
+    p = sub.add_parser(
+        "demo",
+        help="prep + train + eval on builtin:digits, with baselines",
+        description="The whole job on the embedded digits dataset; ends printing kNN top-1.",
+    )
     p.add_argument("--config", default="configs/demo.yaml", metavar="FILE", help="default configs/demo.yaml")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="where shards, runs and mlflow.db go")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("runs", help="table of an experiment's runs", description="Run, run id, method, dataset, "
-                       "start (UTC), duration, temperature and the method's own settings, best and last kNN top-1, "
-                       "linear-probe top-1 and mean training images/s of every run of EXPERIMENT.")
-    p.add_argument("experiment", metavar="EXPERIMENT", nargs="?", default="hardneg",
-                   help="an experiment name, or `sync RUN_DIR`: upload what a run kept while its server was down")
+    p = sub.add_parser(
+        "runs",
+        help="table of an experiment's runs",
+        description="Run, run id, method, dataset, "
+        "start (UTC), duration, temperature and the method's own settings, best and last kNN top-1, "
+        "linear-probe top-1 and mean training images/s of every run of EXPERIMENT.",
+    )
+    p.add_argument(
+        "experiment",
+        metavar="EXPERIMENT",
+        nargs="?",
+        default="hardneg",
+        help="an experiment name, or `sync RUN_DIR`: upload what a run kept while its server was down",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--tracking-uri", default=None, help="default sqlite:///mlflow.db (sync: the run's own server)")
-    p.add_argument("--sort", metavar="COLUMN", help="sort by this column header, e.g. 'best kNN' (numbers: "
-                   "highest first); default: newest first")
-    p.add_argument("--format", choices=("text", "csv", "md"), default="text", help="aligned text (default), CSV "
-                   "(raw numbers) or a markdown table")
+    p.add_argument(
+        "--sort",
+        metavar="COLUMN",
+        help="sort by this column header, e.g. 'best kNN' (numbers: highest first); default: newest first",
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "csv", "md"),
+        default="text",
+        help="aligned text (default), CSV (raw numbers) or a markdown table",
+    )
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("reproduce", help="run a method x dataset x seed grid and tabulate it",
-                       description="Pretrain + evaluate every unfinished cell of GRID.yaml (finished cells are "
-                                   "skipped, interrupted ones resumed) and write a markdown table beside the "
-                                   "published numbers.")
+    p = sub.add_parser(
+        "reproduce",
+        help="run a method x dataset x seed grid and tabulate it",
+        description="Pretrain + evaluate every unfinished cell of GRID.yaml (finished cells are "
+        "skipped, interrupted ones resumed) and write a markdown table beside the "
+        "published numbers.",
+    )
     p.add_argument("grid", metavar="GRID.yaml")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many unfinished cells")
     p.set_defaults(func=cmd_reproduce)
 
     add_cluster_parsers(sub)
 
-    p = sub.add_parser("bench", help="benchmarks printing ratios measured in one run",
-                       description="Run a benchmark; arguments after NAME go to it (NAME --help).")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks printing ratios measured in one run",
+        description="Run a benchmark; arguments after NAME go to it (NAME --help).",
+    )
     p.add_argument("name", choices=sorted(BENCHES), metavar="NAME", help=", ".join(sorted(BENCHES)))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
     p.set_defaults(func=cmd_bench)
@@ -159,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupt_on_sigterm():
     """Returns the previous handler. SIGTERM (`hardneg stop`, `ray job stop`, a scheduler's preemption) unwinds like Ctrl-C, so the MLflow
     run is marked KILLED and temp files are cleaned up instead of the process vanishing mid-write."""
+
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise KeyboardInterrupt(f"signal {signum}")
@@ -183,8 +229,10 @@ def main(argv=None) -> int:
         print(f"hardneg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = {"train": "; `hardneg train ... --resume` continues from the last checkpoint",
-                "prep": "; rerunning the same command keeps the finished shards"}.get(args.command, "")
+        hint = {
+            "train": "; `hardneg train ... --resume` continues from the last checkpoint",
+            "prep": "; rerunning the same command keeps the finished shards",
+        }.get(args.command, "")
         print(f"hardneg: interrupted{hint}", file=sys.stderr)
         return 130
     finally:

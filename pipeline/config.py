@@ -5,6 +5,7 @@ dotted ``key=value`` overrides, and returns a frozen ``Config``. Every problem (
 duplicate YAML key, unknown key, wrong type, impossible value) is a one-line ``HardnegError``
 naming the key and what is allowed.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _one_beton(self) -> "DataConfig":
         if self.format == "ffcv" and len(self.pretrain) > 1:
-            raise ValueError(f"data.pretrain_splits={list(self.pretrain_splits)} with data.format=ffcv: FFCV reads "
-                             "one .beton per split; use data.format=wds to pretrain on several splits")
+            raise ValueError(
+                f"data.pretrain_splits={list(self.pretrain_splits)} with data.format=ffcv: FFCV reads "
+                "one .beton per split; use data.format=wds to pretrain on several splits"
+            )
         return self
 
     @property
@@ -77,8 +80,7 @@ class AugmentConfig(_Section):
     def _crop_range(self) -> "AugmentConfig":
         if self.crop_scale_min > self.crop_scale_max:
             raise ValueError(
-                f"augment.crop_scale_min={self.crop_scale_min} must be <= "
-                f"augment.crop_scale_max={self.crop_scale_max}"
+                f"augment.crop_scale_min={self.crop_scale_min} must be <= augment.crop_scale_max={self.crop_scale_max}"
             )
         return self
 
@@ -127,11 +129,13 @@ class LossConfig(_Section):
     @model_validator(mode="after")
     def _bank_holds_what_is_mined(self) -> "LossConfig":
         if self.name == "psm" and self.psm_n_neighbors > self.psm_bank_size:
-            raise ValueError(f"loss.psm_n_neighbors={self.psm_n_neighbors} must be <= "
-                             f"loss.psm_bank_size={self.psm_bank_size}")
+            raise ValueError(
+                f"loss.psm_n_neighbors={self.psm_n_neighbors} must be <= loss.psm_bank_size={self.psm_bank_size}"
+            )
         if self.name == "mochi" and self.mochi_n_hard > self.mochi_queue_size:
-            raise ValueError(f"loss.mochi_n_hard={self.mochi_n_hard} must be <= "
-                             f"loss.mochi_queue_size={self.mochi_queue_size}")
+            raise ValueError(
+                f"loss.mochi_n_hard={self.mochi_n_hard} must be <= loss.mochi_queue_size={self.mochi_queue_size}"
+            )
         return self
 
 
@@ -187,7 +191,9 @@ class TrackingConfig(_Section):
     run_name: Optional[str] = None
     run_id: Optional[str] = None  # attach to this existing MLflow run (set by the launcher)
     artifact_location: Optional[str] = None  # for a new experiment, e.g. s3://bucket/mlflow; default beside the DB
-    registered_model: Optional[str] = "hardneg-encoder"  # the trained encoder's model-registry name; null: don't register
+    registered_model: Optional[str] = (
+        "hardneg-encoder"  # the trained encoder's model-registry name; null: don't register
+    )
     log_model: bool = True
     system_metrics_every_s: float = Field(10.0, ge=0.0)  # CPU/memory/GPU sampling; 0 disables
     flush_timeout_s: float = Field(60.0, ge=0.0)  # at the end, wait this long for an unreachable server, then spool
@@ -232,8 +238,7 @@ class Config(_Section):
         workers = 1 if self.cluster.launcher == "local" else self.cluster.num_workers
         if self.train.global_batch_size % workers:
             raise ValueError(
-                f"train.global_batch_size={self.train.global_batch_size} must divide by "
-                f"cluster.num_workers={workers}"
+                f"train.global_batch_size={self.train.global_batch_size} must divide by cluster.num_workers={workers}"
             )
         low = self.cluster.min_workers
         if low is not None and self.cluster.launcher == "ray":
@@ -241,8 +246,10 @@ class Config(_Section):
                 raise ValueError(f"cluster.min_workers={low} exceeds cluster.num_workers={self.cluster.num_workers}")
             bad = [w for w in range(low, self.cluster.num_workers + 1) if self.train.global_batch_size % w]
             if bad:
-                raise ValueError(f"train.global_batch_size={self.train.global_batch_size} must divide by every "
-                                 f"worker count from cluster.min_workers={low} to {self.cluster.num_workers}; not by {bad}")
+                raise ValueError(
+                    f"train.global_batch_size={self.train.global_batch_size} must divide by every "
+                    f"worker count from cluster.min_workers={low} to {self.cluster.num_workers}; not by {bad}"
+                )
         return self
 
     @property
@@ -269,9 +276,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise HardnegError(
-                f"duplicate key '{key}' in config (line {key_node.start_mark.line + 1})"
-            )
+            raise HardnegError(f"duplicate key '{key}' in config (line {key_node.start_mark.line + 1})")
         seen[key] = loader.construct_object(value_node, deep=deep)
     return seen
 
@@ -374,8 +379,12 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-_METHOD_LOSS_KEYS = {"nt_xent": (), "dcl": ("tau_plus",), "hcl": ("tau_plus", "beta"),
-                     "sscl": ("tau_plus", "beta", "n_hard", "n_synthetic", "mix")}
+_METHOD_LOSS_KEYS = {
+    "nt_xent": (),
+    "dcl": ("tau_plus",),
+    "hcl": ("tau_plus", "beta"),
+    "sscl": ("tau_plus", "beta", "n_hard", "n_synthetic", "mix"),
+}
 
 
 def own_loss_keys(name: str) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ batches forever and an "epoch" is a fixed number of steps derived from the manif
 every rank runs the same number of steps, so DDP never hangs on a short rank. Evaluation reads a
 split once, in manifest order. Shards are opened through fsspec, so any URL works.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,12 @@ class SkipLedger:
             self.per_shard[url] = self.per_shard.get(url, 0) + 1
             if url not in _NAMED_SHARDS and self.announce:
                 _NAMED_SHARDS.add(url)
-                print(f"hardneg: warning: skipping a bad sample in {url} ({reason}); further ones in this shard "
-                      "are counted in the metric data_skipped", file=sys.stderr, flush=True)
+                print(
+                    f"hardneg: warning: skipping a bad sample in {url} ({reason}); further ones in this shard "
+                    "are counted in the metric data_skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def worst(self) -> tuple[Optional[str], int]:
         """(url, bad samples) of the shard with the most skips on this rank; (None, 0) when none."""
@@ -111,8 +116,9 @@ class _EpochStreams(torch.utils.data.IterableDataset):
     seeded by (seed, rank, s) inside ``fork_rng``, so it neither depends on nor moves the caller's RNG.
     """
 
-    def __init__(self, urls, two_views, batch_size, *, rank, seed, shuffle_buffer, readers, start_step,
-                 steps_per_epoch):
+    def __init__(
+        self, urls, two_views, batch_size, *, rank, seed, shuffle_buffer, readers, start_step, steps_per_epoch
+    ):
         super().__init__()
         self.urls, self.two_views, self.batch_size = list(urls), two_views, batch_size
         self.rank, self.seed, self.shuffle_buffer, self.readers = rank, seed, shuffle_buffer, readers
@@ -144,8 +150,10 @@ class _EpochStreams(torch.utils.data.IterableDataset):
             except Exception as exn:  # the same record as the tar-level handler
                 bad.append((sample.get("__url__"), _reason(exn)))
         if not good:
-            raise HardnegError(f"every sample of a batch of {len(window)} was unreadable (last from "
-                               f"{bad[-1][0]}: {bad[-1][1]}); run `hardneg prep verify` on the data")
+            raise HardnegError(
+                f"every sample of a batch of {len(window)} was unreadable (last from "
+                f"{bad[-1][0]}: {bad[-1][1]}); run `hardneg prep verify` on the data"
+            )
         good += [good[i % len(good)] for i in range(len(window) - len(good))]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(self.seed, self.rank, step))
@@ -213,14 +221,29 @@ def train_batches(
     manifest = read_manifest(data_path)
     urls = [url for name in _splits(split) for url in shard_urls(data_path, manifest, name)]
     ledger = ledger if ledger is not None else SkipLedger()
-    dataset = _EpochStreams(urls, two_views, batch_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
-                            readers=max(1, loader_workers), start_step=start_step, steps_per_epoch=steps_per_epoch)
+    dataset = _EpochStreams(
+        urls,
+        two_views,
+        batch_size,
+        rank=rank,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        readers=max(1, loader_workers),
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+    )
     if loader_workers == 0:
         stream = iter(dataset)
     else:
-        stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=loader_workers,
-                                                  persistent_workers=True,
-                                                  pin_memory=torch.cuda.is_available()))  # non-blocking H2D copies
+        stream = iter(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=loader_workers,
+                persistent_workers=True,
+                pin_memory=torch.cuda.is_available(),
+            )
+        )  # non-blocking H2D copies
     for *batch, report in stream:
         ledger.add(report)
         yield tuple(batch)
@@ -313,8 +336,10 @@ def _ffcv_file(data_path: str, manifest: dict, split: str, cache_dir) -> str:
         raise HardnegError(f"unknown split '{split}'; available: {', '.join(splits) or 'none'}")
     entry = splits[split].get("ffcv")
     if not entry:
-        raise HardnegError(f"split '{split}' of {data_path} has no FFCV file; "
-                           f"run `hardneg prep SOURCE OUT --format ffcv` (or both), or set data.format=wds")
+        raise HardnegError(
+            f"split '{split}' of {data_path} has no FFCV file; "
+            f"run `hardneg prep SOURCE OUT --format ffcv` (or both), or set data.format=wds"
+        )
     url = f"{data_path.rstrip('/')}/{entry['path']}"
     fs, path = fsspec.core.url_to_fs(url)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
@@ -322,8 +347,10 @@ def _ffcv_file(data_path: str, manifest: dict, split: str, cache_dir) -> str:
         if not os.path.isfile(path):
             raise HardnegError(f"FFCV file listed in the manifest is missing: {url}")
         return path
-    cache = os.path.join(cache_dir or os.environ.get("HARDNEG_CACHE_DIR")
-                         or os.path.join(os.path.expanduser("~"), ".cache", "hardneg"), "ffcv")
+    cache = os.path.join(
+        cache_dir or os.environ.get("HARDNEG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hardneg"),
+        "ffcv",
+    )
     target = os.path.join(os.path.expanduser(cache), f"{entry['sha256']}.beton")
     if os.path.isfile(target) and os.path.getsize(target) == entry["bytes"]:
         return target  # named by its sha256 and renamed into place whole: what is there is right
@@ -362,8 +389,11 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     s = cr / torch.where(eqc, ones, maxc)
     div = torch.where(eqc, ones, cr)
     rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    h = (
+        (maxc == r) * (bc - gc)
+        + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+        + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    )
     h = torch.fmod(h / 6.0 + 1.0 + shift.view(-1, 1, 1), 1.0)
     i = torch.floor(h * 6.0)
     f, i = h * 6.0 - i, i.long() % 6
@@ -379,16 +409,19 @@ def color_params(n: int, cfg, device: torch.device | str = "cpu") -> dict[str, t
     """Per-sample draws of SimCLR's colour steps, torchvision's distributions: ``jitter`` (n,) bool
     (RandomApply p), ``order`` (n, 4) a uniform permutation of brightness/contrast/saturation/hue (ColorJitter's
     randperm), their factors (n,) uniform in [max(0, 1-a), 1+a] and the hue shift in [-h, h], ``grey`` (n,) bool."""
+
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.empty(n, device=device).uniform_(low, high)
 
-    return {"jitter": torch.rand(n, device=device) < cfg.jitter_p,
-            "order": torch.rand(n, 4, device=device).argsort(1),
-            "brightness": uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
-            "contrast": uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
-            "saturation": uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
-            "hue": uniform(-cfg.hue, cfg.hue),
-            "grey": torch.rand(n, device=device) < cfg.grayscale_p}
+    return {
+        "jitter": torch.rand(n, device=device) < cfg.jitter_p,
+        "order": torch.rand(n, 4, device=device).argsort(1),
+        "brightness": uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
+        "contrast": uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
+        "saturation": uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
+        "hue": uniform(-cfg.hue, cfg.hue),
+        "grey": torch.rand(n, device=device) < cfg.grayscale_p,
+    }
 
 
 def _jitter_op(y: torch.Tensor, op: int, p: dict, rows: torch.Tensor) -> torch.Tensor:
@@ -467,16 +500,20 @@ def ffcv_train_batches(
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
         from ffcv.traversal_order.base import TraversalOrder
     except Exception as e:
-        raise HardnegError(f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                           f"install it with `make setup` or set data.format=wds") from None
+        raise HardnegError(
+            f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"install it with `make setup` or set data.format=wds"
+        ) from None
     if world_size < 1 or not 0 <= rank < world_size:
         raise HardnegError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
     manifest = read_manifest(data_path)
     path = _ffcv_file(data_path, manifest, split, cache_dir)
     per_rank = -(-manifest["splits"][split]["num_samples"] // world_size)
     if per_rank // batch_size < 1:
-        raise HardnegError(f"batch size {batch_size} x {world_size} ranks exceeds the "
-                           f"{manifest['splits'][split]['num_samples']} samples of split '{split}'")
+        raise HardnegError(
+            f"batch size {batch_size} x {world_size} ranks exceeds the "
+            f"{manifest['splits'][split]['num_samples']} samples of split '{split}'"
+        )
 
     class RankRandom(TraversalOrder):
         """FFCV's Random order with distributed=True, for an explicit rank and world (no process group)."""
@@ -497,18 +534,30 @@ def ffcv_train_batches(
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
 
     def view() -> PipelineSpec:
-        crop = RandomResizedCropRGBImageDecoder((size, size), scale=(augment_cfg.crop_scale_min, augment_cfg.crop_scale_max))
+        crop = RandomResizedCropRGBImageDecoder(
+            (size, size), scale=(augment_cfg.crop_scale_min, augment_cfg.crop_scale_max)
+        )
         flips = [RandomHorizontalFlip(augment_cfg.hflip_p)] if augment_cfg.hflip_p > 0 else []
-        return PipelineSpec(schema.FFCV_IMAGE_FIELD, decoder=crop,
-                            transforms=flips + [ToTensor(), *to_device, ToTorchImage()])
+        return PipelineSpec(
+            schema.FFCV_IMAGE_FIELD, decoder=crop, transforms=flips + [ToTensor(), *to_device, ToTorchImage()]
+        )
 
     threads = torch.get_num_threads()  # FFCV sets torch's thread count to its own: put it back each time
     loader = Loader(
-        path, batch_size=batch_size, num_workers=max(1, loader_workers), order=RankRandom(),
-        distributed=world_size > 1, seed=seed % (2**31), drop_last=True, os_cache=True,
-        pipelines={schema.FFCV_IMAGE_FIELD: None,
-                   schema.FFCV_LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
-                   "view1": view(), "view2": view()},
+        path,
+        batch_size=batch_size,
+        num_workers=max(1, loader_workers),
+        order=RankRandom(),
+        distributed=world_size > 1,
+        seed=seed % (2**31),
+        drop_last=True,
+        os_cache=True,
+        pipelines={
+            schema.FFCV_IMAGE_FIELD: None,
+            schema.FFCV_LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
+            "view1": view(),
+            "view2": view(),
+        },
     )
     torch.set_num_threads(threads)
     while True:
@@ -522,7 +571,8 @@ def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size
     """The sample order of one rank in one epoch: exactly torch's DistributedSampler(shuffle=True,
     drop_last=False) -- what FFCV's RANDOM order does with distributed=True -- for an explicit rank."""
     sampler = torch.utils.data.DistributedSampler(
-        indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
     sampler.set_epoch(epoch)
     return indices[np.array(list(sampler), dtype=np.int64)]
 
@@ -540,8 +590,16 @@ class _BatchedViews(torch.utils.data.IterableDataset):
         from pipeline.augment import CropFlipViews
 
         data_path, split, cfg, batch_size, rank, seed, shuffle_buffer = self.args
-        for v1, v2, labels in train_batches(data_path, split, CropFlipViews(cfg), batch_size, rank=rank, seed=seed,
-                                            shuffle_buffer=shuffle_buffer, loader_workers=0):
+        for v1, v2, labels in train_batches(
+            data_path,
+            split,
+            CropFlipViews(cfg),
+            batch_size,
+            rank=rank,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            loader_workers=0,
+        ):
             yield _color_views(v1, cfg), _color_views(v2, cfg), labels
 
 
@@ -563,5 +621,10 @@ def batched_train_batches(
     if loader_workers == 0:
         yield from stream
         return
-    yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers, persistent_workers=True,
-                                           pin_memory=torch.cuda.is_available())
+    yield from torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=loader_workers,
+        persistent_workers=True,
+        pin_memory=torch.cuda.is_available(),
+    )

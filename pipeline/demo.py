@@ -1,4 +1,5 @@
 """The demo job: prep builtin:digits, pretrain, evaluate, and compare with two baselines."""
+
 from __future__ import annotations
 
 import os
@@ -28,20 +29,31 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
     start = time.perf_counter()
     out = os.path.abspath(out)
     shards = _shards(out)
-    cfg = config_mod.load(config_path, [
-        f"data.path={shards}", f"cluster.storage_path={os.path.join(out, 'runs')}",
-        f"tracking.uri=sqlite:///{os.path.join(out, 'mlflow.db')}", *overrides,
-    ])
-    print(f"[demo] training {cfg.model.backbone} (width {cfg.model.width}) with {cfg.loss.name} "
-          f"for {cfg.train.epochs} epochs on {cfg.world_size} {cfg.cluster.launcher} worker(s)", flush=True)
+    cfg = config_mod.load(
+        config_path,
+        [
+            f"data.path={shards}",
+            f"cluster.storage_path={os.path.join(out, 'runs')}",
+            f"tracking.uri=sqlite:///{os.path.join(out, 'mlflow.db')}",
+            *overrides,
+        ],
+    )
+    print(
+        f"[demo] training {cfg.model.backbone} (width {cfg.model.width}) with {cfg.loss.name} "
+        f"for {cfg.train.epochs} epochs on {cfg.world_size} {cfg.cluster.launcher} worker(s)",
+        flush=True,
+    )
     result = train_run(cfg)
     trained = evaluate_checkpoint(result["checkpoint"], shards)["knn_top1"]
     random_init = random_init_knn(cfg, shards)
-    pixels = raw_pixel_knn(shards, cfg.data.train_split, cfg.data.eval_split,
-                           k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    pixels = raw_pixel_knn(
+        shards, cfg.data.train_split, cfg.data.eval_split, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
+    )
     n_test = read_manifest(shards)["splits"][cfg.data.eval_split]["num_samples"]
-    print(f"\nkNN top-1 on the builtin:digits {cfg.data.eval_split} split ({n_test} images, "
-          f"k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}):")
+    print(
+        f"\nkNN top-1 on the builtin:digits {cfg.data.eval_split} split ({n_test} images, "
+        f"k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}):"
+    )
     print(f"  trained encoder ({cfg.loss.name})  {trained:.4f}")
     print(f"  same network, random init  {random_init:.4f}")
     print(f"  raw pixels                 {pixels:.4f}")

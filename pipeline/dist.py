@@ -3,11 +3,13 @@
 Everything here is the identity on a single process (not initialised, or world size 1), so the same
 training code runs as one CPU process, under torchrun, or inside a Ray Train worker.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -66,8 +68,7 @@ def init_process_group(
     if _initialized():
         raise RuntimeError("init_process_group: the default process group is already initialised")
     timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timeout)
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
     device = None
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", rank)) % max(torch.cuda.device_count(), 1)

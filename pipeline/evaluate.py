@@ -1,4 +1,5 @@
 """Evaluation: the weighted kNN monitor of InstDisc/SimCLR/HCL (Wu et al. 2018) on frozen features."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -90,7 +91,8 @@ def raw_pixel_knn(data_path: str, bank_split: str, query_split: str, *, k: int, 
 
 def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object", dict]:
     """(backbone with trained weights, its resolved config incl. overrides, the checkpoint state)."""
-    from pipeline import checkpoint, config as config_mod
+    from pipeline import checkpoint
+    from pipeline import config as config_mod
     from pipeline.objectives import build_objective
 
     state = checkpoint.load(path)
@@ -117,26 +119,37 @@ def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str =
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
     backbone, cfg, state = encoder_from_checkpoint(path, overrides)
-    result = {"checkpoint": path, "step": state["step"], "bank_split": cfg.data.train_split,
-              "query_split": cfg.data.eval_split}
+    result = {
+        "checkpoint": path,
+        "step": state["step"],
+        "bank_split": cfg.data.train_split,
+        "query_split": cfg.data.eval_split,
+    }
     if protocol in ("knn", "all"):
         result["knn_top1"] = knn_eval(
-            backbone, data_path, cfg.data.train_split, cfg.data.eval_split,
+            backbone,
+            data_path,
+            cfg.data.train_split,
+            cfg.data.eval_split,
             augment.eval_transform(cfg.augment, cfg.eval.eval_image_size),
-            k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+            batch_size=cfg.eval.batch_size,
         )
         result |= {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
     if protocol in ("linear", "all"):
-        result |= linear_probe(backbone, data_path, cfg.data.train_split, cfg.data.eval_split, cfg.eval,
-                               cfg.augment, seed=cfg.train.seed)
+        result |= linear_probe(
+            backbone, data_path, cfg.data.train_split, cfg.data.eval_split, cfg.eval, cfg.augment, seed=cfg.train.seed
+        )
     if track and cfg.tracking.enabled:
         from pipeline.metric_names import grouped
         from pipeline.tracking import MlflowTracker
 
         tracker = MlflowTracker(cfg.tracking, state.get("mlflow_run_id"))
         metrics = {k: result[k] for k in ("knn_top1", "linear_top1") if k in result}
-        tracker.log_metrics(grouped({("eval_knn_top1" if k == "knn_top1" else k): v for k, v in metrics.items()}),
-                            step=state["step"])
+        tracker.log_metrics(
+            grouped({("eval_knn_top1" if k == "knn_top1" else k): v for k, v in metrics.items()}), step=state["step"]
+        )
         tracker.finish(status=tracker.previous_status or "FINISHED")  # evaluating does not reopen a run
         result["mlflow_run_id"] = tracker.run_id
     return result
@@ -150,7 +163,12 @@ def random_init_knn(cfg, data_path: str) -> float:
     torch.manual_seed(cfg.train.seed)
     backbone = build_objective(cfg).backbone
     return knn_eval(
-        backbone, data_path, cfg.data.train_split, cfg.data.eval_split,
+        backbone,
+        data_path,
+        cfg.data.train_split,
+        cfg.data.eval_split,
         augment.eval_transform(cfg.augment, cfg.eval.eval_image_size),
-        k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.eval.batch_size,
+        k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature,
+        batch_size=cfg.eval.batch_size,
     )

@@ -4,6 +4,7 @@ Every decision that ends or changes a step is taken identically on every rank: t
 loop through the one all-reduce at log steps (see train.run), and a skipped step is agreed on with a
 one-element all-reduce, so no rank waits in a collective the others have left.
 """
+
 from __future__ import annotations
 
 import signal
@@ -20,16 +21,19 @@ from pipeline.errors import HardnegError
 SKIP_WARMUP_SAMPLES = 500  # the skip budget applies once this many samples were read (all ranks)
 
 
-def check_skip_budget(skipped: float, read: float, max_fraction: float, worst: tuple[Optional[str], int],
-                      data_path: str) -> None:
+def check_skip_budget(
+    skipped: float, read: float, max_fraction: float, worst: tuple[Optional[str], int], data_path: str
+) -> None:
     """HardnegError naming the worst shard when ``skipped`` of ``read`` samples exceed the budget."""
     if read < SKIP_WARMUP_SAMPLES or skipped <= max_fraction * read:
         return
     url, count = worst
     where = f"worst shard {url} ({count} skipped on this rank)" if url else "the bad shards were read by another rank"
-    raise HardnegError(f"bad samples: {int(skipped)} of {int(read)} read ({skipped / read:.2%}) exceed "
-                       f"data.max_skip_fraction={max_fraction:g}; {where}; check the data with "
-                       f"`hardneg prep verify {data_path}`")
+    raise HardnegError(
+        f"bad samples: {int(skipped)} of {int(read)} read ({skipped / read:.2%}) exceed "
+        f"data.max_skip_fraction={max_fraction:g}; {where}; check the data with "
+        f"`hardneg prep verify {data_path}`"
+    )
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -53,8 +57,9 @@ class NonfiniteGuard:
     be dropped; train.max_nonfinite_steps bad steps in a row end the run.
     """
 
-    def __init__(self, mode: str, max_in_row: int, module: torch.nn.Module, device: torch.device, done: int,
-                 count: int = 0):
+    def __init__(
+        self, mode: str, max_in_row: int, module: torch.nn.Module, device: torch.device, done: int, count: int = 0
+    ):
         self.mode, self.max_in_row, self.module = mode, max_in_row, module
         self.seen = torch.zeros((), dtype=torch.bool, device=device)
         self.first = torch.zeros((), dtype=torch.long, device=device)
@@ -86,8 +91,10 @@ class NonfiniteGuard:
             buffer.copy_(saved)
         self.count, self.in_row = self.count + 1, self.in_row + 1
         if self.in_row >= self.max_in_row:
-            raise HardnegError(f"non-finite loss or gradient norm in {self.in_row} steps in a row up to step {step} "
-                               f"(lr {lr:.4g}; train.max_nonfinite_steps={self.max_in_row}); {last_checkpoint}")
+            raise HardnegError(
+                f"non-finite loss or gradient norm in {self.in_row} steps in a row up to step {step} "
+                f"(lr {lr:.4g}; train.max_nonfinite_steps={self.max_in_row}); {last_checkpoint}"
+            )
         return False
 
     def bad_flag(self) -> torch.Tensor:
@@ -108,8 +115,10 @@ class NonfiniteGuard:
             return
         step = int(self.first) if bool(self.seen) else None
         where = f"at step {step} (lr {lr_of(step - 1):.4g})" if step is not None else "on another rank"
-        raise HardnegError(f"non-finite loss or gradient norm {where}: training stopped (train.on_nonfinite=stop; "
-                           f"lower optim.lr or set train.on_nonfinite=skip); {last_checkpoint}")
+        raise HardnegError(
+            f"non-finite loss or gradient norm {where}: training stopped (train.on_nonfinite=stop; "
+            f"lower optim.lr or set train.on_nonfinite=skip); {last_checkpoint}"
+        )
 
 
 def describe_checkpoint(step: Optional[int], run_dir: str) -> str:
@@ -189,4 +198,3 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-

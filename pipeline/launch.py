@@ -6,6 +6,7 @@ too few shards for the readers, a storage path (local or s3:// / gs://) that can
 run name that already exists without --resume, a resume whose checkpoint came from a different
 config, no Ray at cluster.address, more workers than the cluster's CPUs/GPUs.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,8 @@ from typing import Iterator, Optional
 import fsspec
 
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, config as config_mod, data, dist, faults, train
+from pipeline import checkpoint, data, dist, faults, train
+from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.errors import HardnegError
 from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, create_run
@@ -85,6 +87,7 @@ def choose_run_name(cfg: Config, resume: Optional[str]) -> str:
         if checkpoint.latest(f"{storage.rstrip('/')}/{name}") is None:
             raise HardnegError(f"--resume: run '{name}' has no checkpoint under {storage}")
         return name
+
     def taken(candidate: str) -> bool:
         return checkpoint.latest(f"{storage.rstrip('/')}/{candidate}") is not None
 

@@ -2,6 +2,7 @@
 
 Modules hold parameters only; no collectives and no device moves happen in here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,11 @@ def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     The projector and the predictor of PSM (github.com/dhkdhk/PSM `_build_mlp(2, ..., last_bn=True)`).
     """
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+        nn.BatchNorm1d(out_dim, affine=False),
     )
 
 

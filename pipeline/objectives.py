@@ -6,6 +6,7 @@ SimCLR-family, PSM and MoCHi differ only here. ``after_step()`` runs after the o
 With ``with_stats`` the objective also returns its diagnostics (pipeline/losses/diagnostics.py) as
 {name: 0-dim tensor}, the same names on every rank; computing them draws nothing from any generator.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -17,8 +18,8 @@ from torch import nn
 from pipeline.config import Config, LossConfig
 from pipeline.losses import LOSSES, diagnostics
 from pipeline.losses.mochi import draw_mixes, mochi_logits
-from pipeline.losses.synth import synthesize_hard_negatives
 from pipeline.losses.psm import VARIANTS, fifo_enqueue, nearest_neighbors, psm_hard_loss, psm_soft_parts
+from pipeline.losses.synth import synthesize_hard_negatives
 from pipeline.models import bn_mlp, build_backbone, build_model, ema_update_, momentum_copy
 
 
@@ -51,8 +52,9 @@ class InBatchObjective(nn.Module):
     def backbone(self) -> nn.Module:
         return self.model.backbone
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                with_stats: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
+    ) -> tuple[torch.Tensor, dict]:
         # One forward over both views: BN sees both and DDP sees one call per backward.
         z1, z2 = self.model(torch.cat([x1, x2])).chunk(2)  # (n, proj_dim) each
         draws = _fork(self.generator) if with_stats and self.cfg.name == "sscl" else None
@@ -61,17 +63,26 @@ class InBatchObjective(nn.Module):
             return loss, {}
         c = self.cfg
         stats = diagnostics.in_batch_stats(
-            z1, z2, temperature=c.temperature, beta=c.beta if c.name in ("hcl", "sscl") else 0.0, n_hard=c.n_hard,
-            labels=labels, gather=self.gather, n_synthetic=c.n_synthetic if c.name == "sscl" else 0, mix=c.mix,
-            generator=draws)
+            z1,
+            z2,
+            temperature=c.temperature,
+            beta=c.beta if c.name in ("hcl", "sscl") else 0.0,
+            n_hard=c.n_hard,
+            labels=labels,
+            gather=self.gather,
+            n_synthetic=c.n_synthetic if c.name == "sscl" else 0,
+            mix=c.mix,
+            generator=draws,
+        )
         return loss, stats
 
     def after_step(self) -> None:
         """Nothing to update outside the optimiser for the in-batch family."""
 
     @torch.no_grad()
-    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
-                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def similarity_samples(
+        self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
         """Cosines on this batch for the histogram: positives, negatives (split by class where labels are
         known), each anchor's n_hard hardest negatives and (SSCL) the synthetic negatives."""
         z1, z2 = F.normalize(self.model(torch.cat([x1, x2])).float(), dim=1).chunk(2)  # (n, d) each
@@ -93,8 +104,15 @@ class InBatchObjective(nn.Module):
         samples[f"{k} hardest negatives per anchor"] = hardest.ravel()
         if self.cfg.name == "sscl" and self.cfg.n_synthetic > 0:
             synthetic = synthesize_hard_negatives(
-                sim, neg_mask, rows, ids, n_hard=self.cfg.n_hard, n_synthetic=self.cfg.n_synthetic,
-                mix=self.cfg.mix, generator=torch.Generator(device=rows.device).manual_seed(0))  # (2n, k, d)
+                sim,
+                neg_mask,
+                rows,
+                ids,
+                n_hard=self.cfg.n_hard,
+                n_synthetic=self.cfg.n_synthetic,
+                mix=self.cfg.mix,
+                generator=torch.Generator(device=rows.device).manual_seed(0),
+            )  # (2n, k, d)
             samples["synthetic negative"] = (rows[:, None, :] * synthetic).sum(dim=-1).ravel()
         return samples
 
@@ -132,7 +150,11 @@ def _register_key_bank(module: nn.Module, name: str, size: int, dim: int) -> Non
 @torch.no_grad()
 def _push_keys_(module: nn.Module, name: str, keys: torch.Tensor, labels: torch.Tensor) -> None:
     """Enqueue keys (n, d) and their labels (n,) into the bank ``name`` in place (a ring: see fifo_enqueue)."""
-    bank, bank_labels, bank_ptr = getattr(module, name), getattr(module, f"{name}_labels"), getattr(module, f"{name}_ptr")
+    bank, bank_labels, bank_ptr = (
+        getattr(module, name),
+        getattr(module, f"{name}_labels"),
+        getattr(module, f"{name}_ptr"),
+    )
     ptr = int(bank_ptr)
     new_bank, new_ptr = fifo_enqueue(bank, ptr, keys)
     new_labels, _ = fifo_enqueue(bank_labels[:, None], ptr, labels[:, None])
@@ -146,8 +168,14 @@ def _labels_or_unknown(labels: Optional[torch.Tensor], n: int, device) -> torch.
 
 
 @torch.no_grad()
-def _bank_samples(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
-                  labels: Optional[torch.Tensor], n_hard: int) -> dict[str, torch.Tensor]:
+def _bank_samples(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    n_hard: int,
+) -> dict[str, torch.Tensor]:
     """Histogram groups of a queue/bank method: q.k positives, bank negatives by class, the n_hard hardest.
 
     q, k: (n, d) queries and their momentum keys; bank: (M, d) unit keys with labels (M,) (-1: unknown).
@@ -195,8 +223,9 @@ class PSMObjective(nn.Module):
     def backbone(self) -> nn.Module:
         return self.encoder
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                with_stats: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
+    ) -> tuple[torch.Tensor, dict]:
         c, k_nn = self.cfg, self.cfg.psm_n_neighbors
         # The release runs each view through the networks separately (BN statistics per view).
         z1_pre, z2_pre = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))  # (n, d)
@@ -209,22 +238,36 @@ class PSMObjective(nn.Module):
             nn_vals, nn_idx = nearest_neighbors(keys.reshape(2 * n, d), self.bank, k_nn)  # (2n, K, d), (2n, K)
             keep_local = torch.cat([keys[:, :, None], nn_vals.view(n, 2, k_nn, d)], dim=2)  # (n, 2, K+1, d)
             own = _labels_or_unknown(labels, n, q1.device)  # (n,)
-            payload = torch.cat([keep_local.reshape(n, -1), own.float()[:, None],
-                                 self.bank_labels[nn_idx].float().reshape(n, -1)], dim=1)
+            payload = torch.cat(
+                [keep_local.reshape(n, -1), own.float()[:, None], self.bank_labels[nn_idx].float().reshape(n, -1)],
+                dim=1,
+            )
             gathered = self._gather_ng(payload)  # (B, 2 (K+1) d + 1 + 2K): one collective
             n_global, width = gathered.shape[0], 2 * (k_nn + 1) * d
             keep = gathered[:, :width].reshape(n_global, 2, k_nn + 1, d)  # (B, 2, K+1, d)
             all_labels = gathered[:, width].long()  # (B,)
-            nn_labels = gathered[:, width + 1:].long().reshape(n_global, 2, k_nn)  # (B, 2, K)
+            nn_labels = gathered[:, width + 1 :].long().reshape(n_global, 2, k_nn)  # (B, 2, K)
         offset = int(getattr(self.gather, "rank", 0) or 0) * n
         weighting, acceptance_on = VARIANTS[c.psm_variant]
-        soft = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
-                    weighting=weighting, row_offset=offset, generator=self.generator)
+        soft = dict(
+            temperature=c.temperature,
+            accept_a=c.psm_accept_a,
+            accept_b=c.psm_accept_b,
+            weighting=weighting,
+            row_offset=offset,
+            generator=self.generator,
+        )
         parts = [psm_soft_parts(q1, z1_pre, keep[:, 1], **soft), psm_soft_parts(q2, z2_pre, keep[:, 0], **soft)]
         loss = 0.5 * (parts[0].loss + parts[1].loss)
         if c.psm_aa > 0:
-            hard = dict(temperature=c.temperature, accept_a=c.psm_accept_a, accept_b=c.psm_accept_b,
-                        generator=self.generator, gather=self.gather, acceptance_on=acceptance_on)
+            hard = dict(
+                temperature=c.temperature,
+                accept_a=c.psm_accept_a,
+                accept_b=c.psm_accept_b,
+                generator=self.generator,
+                gather=self.gather,
+                acceptance_on=acceptance_on,
+            )
             loss = loss + c.psm_aa * 0.5 * (psm_hard_loss(q1, k2, **hard) + psm_hard_loss(q2, k1, **hard))
         _push_keys_(self, "bank", keep[:, 1, 0], all_labels)  # AFTER the lookup: the global view-2 keys, rank order
         if not with_stats:
@@ -233,8 +276,9 @@ class PSMObjective(nn.Module):
         return loss, _psm_stats(parts, offset, k_nn, own if labels is not None else None, col_labels, c.n_hard)
 
     @torch.no_grad()
-    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
-                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def similarity_samples(
+        self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
         """Histogram groups: q1.k2 positives, bank negatives by class, the hardest, and the mined positives."""
         q = self.predictor(self.projector(self.encoder(x1)))  # (n, d)
         k = F.normalize(self.momentum_projector(self.momentum_encoder(x2)).float(), dim=1)  # (n, d)
@@ -266,8 +310,9 @@ def _psm_stats(parts, offset: int, k_nn: int, labels, col_labels, n_hard: int) -
     stats["sim_neg_hardest"] = diagnostics.hardest_mean(sim, cand)
     stats["accept_rate"] = kept.sum() / cand.sum().clamp(min=1)
     if labels is not None:
-        rates = [diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard)
-                 for p, cl in zip(parts, col_labels)]
+        rates = [
+            diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard) for p, cl in zip(parts, col_labels)
+        ]
         stats["false_neg_rate"] = torch.stack(rates).mean()
         if k_nn > 0:
             mined = torch.stack([cl.view(-1, k_nn + 1)[rows, 1:] for cl in col_labels])  # (2, n, K)
@@ -314,8 +359,9 @@ class MoCHiObjective(nn.Module):
     def backbone(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                with_stats: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
+    ) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         q = torch.cat([self.encoder(part) for part in x1.chunk(self.bn_groups)])  # (n, d): BN per sub-batch
         n, d = q.shape
@@ -324,8 +370,16 @@ class MoCHiObjective(nn.Module):
             own = _labels_or_unknown(labels, n, q.device)
             gathered = self._gather_ng(torch.cat([k, own.float()[:, None]], dim=1))  # (B, d + 1)
         offset = int(getattr(self.gather, "rank", 0) or 0) * n
-        draws = draw_mixes(q, self.queue, n_hard=c.mochi_n_hard, n_mix=c.mochi_s, n_mix_query=c.mochi_s_prime,
-                           generator=self.generator, row_offset=offset, n_rows_global=gathered.shape[0])
+        draws = draw_mixes(
+            q,
+            self.queue,
+            n_hard=c.mochi_n_hard,
+            n_mix=c.mochi_s,
+            n_mix_query=c.mochi_s_prime,
+            generator=self.generator,
+            row_offset=offset,
+            n_rows_global=gathered.shape[0],
+        )
         logits = mochi_logits(q, k, self.queue, draws, temperature=c.temperature)  # (n, 1 + Q + s + s')
         loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
         stats = self._stats(logits.detach() * c.temperature, own if labels is not None else None) if with_stats else {}
@@ -336,28 +390,36 @@ class MoCHiObjective(nn.Module):
     def _stats(self, sims: torch.Tensor, labels: Optional[torch.Tensor]) -> dict:
         """sims: (n, 1 + Q + m) cosines [positive, queue, synthetic]."""
         size = self.queue.shape[0]
-        queue_sims = sims[:, 1:1 + size]
+        queue_sims = sims[:, 1 : 1 + size]
         stats = diagnostics.similarity_summary("pos", sims[:, 0])
         stats |= diagnostics.similarity_summary("neg", queue_sims)
-        stats |= diagnostics.similarity_summary("syn", sims[:, 1 + size:])
+        stats |= diagnostics.similarity_summary("syn", sims[:, 1 + size :])
         stats["sim_neg_hardest"] = diagnostics.hardest_mean(queue_sims)
         if labels is not None:
             every = torch.ones_like(queue_sims, dtype=torch.bool)
-            stats["false_neg_rate"] = diagnostics.false_negative_rate(queue_sims, every, labels, self.queue_labels,
-                                                                      self.cfg.mochi_n_hard)
+            stats["false_neg_rate"] = diagnostics.false_negative_rate(
+                queue_sims, every, labels, self.queue_labels, self.cfg.mochi_n_hard
+            )
         return stats
 
     @torch.no_grad()
-    def similarity_samples(self, x1: torch.Tensor, x2: torch.Tensor,
-                           labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def similarity_samples(
+        self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
         """Histogram groups: q.k positives, queue negatives by class, the hardest, and the synthetic mixes."""
         c = self.cfg
         q, k = self.encoder(x1), self.momentum(x2)  # (n, d)
         samples = _bank_samples(q, k, self.queue, self.queue_labels, labels, c.mochi_n_hard)
-        draws = draw_mixes(q, self.queue, n_hard=c.mochi_n_hard, n_mix=c.mochi_s, n_mix_query=c.mochi_s_prime,
-                           generator=torch.Generator(device=q.device).manual_seed(0))  # not the training stream
+        draws = draw_mixes(
+            q,
+            self.queue,
+            n_hard=c.mochi_n_hard,
+            n_mix=c.mochi_s,
+            n_mix_query=c.mochi_s_prime,
+            generator=torch.Generator(device=q.device).manual_seed(0),
+        )  # not the training stream
         sims = mochi_logits(q, k, self.queue, draws, temperature=c.temperature) * c.temperature  # (n, 1 + Q + m)
-        samples["synthetic negative"] = sims[:, 1 + self.queue.shape[0]:].ravel()
+        samples["synthetic negative"] = sims[:, 1 + self.queue.shape[0] :].ravel()
         return samples
 
     def after_step(self) -> None:
@@ -365,11 +427,18 @@ class MoCHiObjective(nn.Module):
         ema_update_(self.momentum, self.encoder, self.cfg.mochi_momentum)
 
 
-OBJECTIVES = {"nt_xent": InBatchObjective, "dcl": InBatchObjective, "hcl": InBatchObjective,
-              "sscl": InBatchObjective, "psm": PSMObjective, "mochi": MoCHiObjective}
+OBJECTIVES = {
+    "nt_xent": InBatchObjective,
+    "dcl": InBatchObjective,
+    "hcl": InBatchObjective,
+    "sscl": InBatchObjective,
+    "psm": PSMObjective,
+    "mochi": MoCHiObjective,
+}
 
 
-def build_objective(cfg: Config, gather: Optional[Callable] = None,
-                    generator: Optional[torch.Generator] = None) -> nn.Module:
+def build_objective(
+    cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None
+) -> nn.Module:
     """The objective module the config's loss.name selects."""
     return OBJECTIVES[cfg.loss.name](cfg, gather, generator)

@@ -11,6 +11,7 @@ Why not MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``
 batch whose request fails (the exception is only logged), logs no artifacts asynchronously, and keeps
 nothing for later: it cannot serve a 60 s outage, nor a server that never returns.
 """
+
 from __future__ import annotations
 
 import json
@@ -144,6 +145,7 @@ class Outbox:
             f.flush()
             os.fsync(f.fileno())
 
+
 def _discard_staged(record: dict) -> None:
     path = record.get("staged")
     if path:
@@ -182,6 +184,9 @@ def read_spool(spool_dir: str) -> list[dict]:
 
 def warn_spooled(count: int, describe: str, run_dir: str) -> None:
     """The one-line warning of a run that ends with records it could not send."""
-    print(f"hardneg: warning: the tracking server {describe} was unreachable; {count} records are kept in "
-          f"{os.path.join(run_dir, SPOOL_DIR)}; upload them later with `hardneg runs sync {run_dir}`",
-          file=sys.stderr, flush=True)
+    print(
+        f"hardneg: warning: the tracking server {describe} was unreachable; {count} records are kept in "
+        f"{os.path.join(run_dir, SPOOL_DIR)}; upload them later with `hardneg runs sync {run_dir}`",
+        file=sys.stderr,
+        flush=True,
+    )

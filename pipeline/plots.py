@@ -2,6 +2,7 @@
 
 Each function renders to a file path with the non-interactive Agg backend and returns the path.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -24,8 +25,14 @@ def similarity_histogram_png(samples: Mapping[str, torch.Tensor], path: str, tit
     bins = np.linspace(low, 1.0, 81)
     for name, values in groups.items():
         if values.size:
-            ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.6,
-                    label=f"{name} (n={values.size}, mean {values.mean():.2f})")
+            ax.hist(
+                values,
+                bins=bins,
+                density=True,
+                histtype="step",
+                linewidth=1.6,
+                label=f"{name} (n={values.size}, mean {values.mean():.2f})",
+            )
     ax.set_xlabel("cosine similarity to the anchor")
     ax.set_ylabel("density (each curve integrates to 1)")
     ax.set_xlim(low, 1.0)
@@ -50,13 +57,15 @@ def tsne_2d(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
     from sklearn.manifold import TSNE
 
     n = features.shape[0]
-    tsne = TSNE(n_components=2, perplexity=float(min(30, max(2, (n - 1) // 3))), init="pca", metric="cosine",
-                random_state=seed)
+    tsne = TSNE(
+        n_components=2, perplexity=float(min(30, max(2, (n - 1) // 3))), init="pca", metric="cosine", random_state=seed
+    )
     return torch.from_numpy(tsne.fit_transform(features.float().numpy()))
 
 
-def embedding_png(features: torch.Tensor, labels: torch.Tensor, path: str, title: str = "",
-                  max_points: int = 2000, seed: int = 0) -> str:
+def embedding_png(
+    features: torch.Tensor, labels: torch.Tensor, path: str, title: str = "", max_points: int = 2000, seed: int = 0
+) -> str:
     """Scatter of a 2-D projection of L2-normalised features coloured by class: t-SNE of a random subsample of
     at most ``max_points`` (PCA when there are too few points for t-SNE); the title names the projection."""
     features = torch.nn.functional.normalize(features.float().cpu(), dim=1)

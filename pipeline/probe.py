@@ -4,6 +4,7 @@ HCL/DCL: Adam 1e-3, 100 epochs; SSCL/PSM: SGD lr 10, cosine schedule, batch 256 
 ``probe_augment`` the training split is re-augmented every epoch (random crop + flip), so features
 are recomputed each epoch; without it they are computed once and the probe trains in seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,20 +91,23 @@ def linear_probe(
     """Linear top-1 of a frozen ``backbone``: train on ``train_split``, test on ``test_split``."""
     backbone = backbone.to(device).eval()
     test_tf = augment.eval_transform(augment_cfg, eval_cfg.eval_image_size)
-    test_feats, test_y = extract_features(backbone, data.eval_batches(data_path, test_split, test_tf,
-                                                                      eval_cfg.batch_size), device)
+    test_feats, test_y = extract_features(
+        backbone, data.eval_batches(data_path, test_split, test_tf, eval_cfg.batch_size), device
+    )
     if eval_cfg.probe_augment:
         train_tf = probe_transform(augment_cfg, eval_cfg)
 
         def epoch_batches(epoch: int):
-            for x, y in data.labelled_batches(data_path, train_split, train_tf, eval_cfg.probe_batch_size,
-                                              seed=seed * 1000 + epoch):
+            for x, y in data.labelled_batches(
+                data_path, train_split, train_tf, eval_cfg.probe_batch_size, seed=seed * 1000 + epoch
+            ):
                 with torch.no_grad():
                     feats = backbone(x.to(device)).float().cpu()
                 yield feats, y  # outside no_grad: the classifier's step runs while we are suspended
     else:
-        train_feats, train_y = extract_features(backbone, data.eval_batches(data_path, train_split, test_tf,
-                                                                            eval_cfg.batch_size), device)
+        train_feats, train_y = extract_features(
+            backbone, data.eval_batches(data_path, train_split, test_tf, eval_cfg.batch_size), device
+        )
 
         def epoch_batches(epoch: int):
             return _shuffled(train_feats, train_y, eval_cfg.probe_batch_size, seed * 1000 + epoch)
@@ -112,5 +116,9 @@ def linear_probe(
         num_classes = len(data.read_manifest(data_path)["splits"][train_split]["classes"])
     torch.manual_seed(seed)
     classifier = fit_linear(epoch_batches, test_feats.shape[1], num_classes, eval_cfg)
-    return {"linear_top1": accuracy(classifier, test_feats, test_y), "probe_epochs": eval_cfg.probe_epochs,
-            "probe_optimizer": eval_cfg.probe_optimizer, "probe_augment": eval_cfg.probe_augment}
+    return {
+        "linear_top1": accuracy(classifier, test_feats, test_y),
+        "probe_epochs": eval_cfg.probe_epochs,
+        "probe_optimizer": eval_cfg.probe_optimizer,
+        "probe_augment": eval_cfg.probe_augment,
+    }

@@ -8,6 +8,7 @@ best_by=knn, no checkpoints/best: the test split is read only by the final evalu
 Every rank calls ``EpochReporter.epoch_end`` at the same steps, because the launcher's report is a
 barrier; only rank 0 evaluates, plots and writes to the tracker.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,8 @@ import torch
 import yaml
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, config as config_mod, data, evaluate, plots, run_info
+from pipeline import augment, checkpoint, data, evaluate, plots, run_info
+from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.dist import DistContext
 from pipeline.metric_names import LEGACY, grouped, name_of
@@ -31,7 +33,9 @@ from pipeline.tracking import redact
 class EpochReporter:
     """Rank-0 evaluation and artifacts around the launcher's ``hooks.report``."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, tracker, hooks, objective, make_state: Callable[[int, int], dict]):
+    def __init__(
+        self, cfg: Config, ctx: DistContext, tracker, hooks, objective, make_state: Callable[[int, int], dict]
+    ):
         self.cfg, self.ctx, self.tracker, self.hooks = cfg, ctx, tracker, hooks
         self.objective, self.make_state = objective, make_state
         # the internal metric key that chooses checkpoints/best with train.best_by=knn (higher is better);
@@ -46,9 +50,12 @@ class EpochReporter:
         splits = data.read_manifest(cfg.data.path)["splits"]
         self.monitor_split: Optional[str] = cfg.data.val_split if cfg.data.val_split in splits else None
         if self.monitor_split is None and ctx.is_main:
-            print(f"[hardneg] no '{cfg.data.val_split}' split in {cfg.data.path}: no kNN monitor during training"
-                  + (" and no checkpoints/best" if cfg.train.best_by == "knn" else "")
-                  + " (hardneg prep --val-fraction holds one out of train)", flush=True)
+            print(
+                f"[hardneg] no '{cfg.data.val_split}' split in {cfg.data.path}: no kNN monitor during training"
+                + (" and no checkpoints/best" if cfg.train.best_by == "knn" else "")
+                + " (hardneg prep --val-fraction holds one out of train)",
+                flush=True,
+            )
         self.tmp = tempfile.mkdtemp(prefix="hardneg-report-")
 
     def start(self, new_run: bool, extra_params: dict) -> None:
@@ -65,8 +72,9 @@ class EpochReporter:
         self.tracker.log_params(run_info.run_params(self.cfg) | run_context() | extra_params)
         self.tracker.log_text(yaml.safe_dump(redact(config_mod.to_dict(self.cfg)), sort_keys=False), "config.yaml")
         manifest = read_manifest(self.cfg.data.path)
-        self.tracker.describe(run_info.run_tags(self.cfg, manifest, world_size),
-                              run_info.run_note(self.cfg, manifest, world_size))
+        self.tracker.describe(
+            run_info.run_tags(self.cfg, manifest, world_size), run_info.run_note(self.cfg, manifest, world_size)
+        )
         self.tracker.log_dataset(run_info.dataset_input(self.cfg, manifest))
 
     def _restore_best(self) -> None:
@@ -88,16 +96,20 @@ class EpochReporter:
     def _evaluate(self, step: int, last: bool, batch) -> float:
         bank, bank_y = self._features(self.cfg.data.train_split)
         query, query_y = self._features(self.monitor_split)
-        top1 = evaluate.knn_top1(bank, bank_y, query, query_y, k=self.cfg.eval.knn_k,
-                                 temperature=self.cfg.eval.knn_temperature)
+        top1 = evaluate.knn_top1(
+            bank, bank_y, query, query_y, k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature
+        )
         self.tracker.log_metrics(grouped({"knn_top1": top1}), step=step)
         if self.cfg.tracking.plots:
             self._similarity_histogram(step, batch)
             if last:
                 dataset = read_manifest(self.cfg.data.path).get("dataset") or self.cfg.data.path
-                path = plots.embedding_png(query, query_y, os.path.join(self.tmp, "embedding.png"),
-                                           f"{dataset}, {self.monitor_split} split, step {step}, "
-                                           f"kNN top-1 {top1:.3f}")
+                path = plots.embedding_png(
+                    query,
+                    query_y,
+                    os.path.join(self.tmp, "embedding.png"),
+                    f"{dataset}, {self.monitor_split} split, step {step}, kNN top-1 {top1:.3f}",
+                )
                 self.tracker.log_artifact(path, "plots")
         return top1
 
@@ -114,9 +126,11 @@ class EpochReporter:
                 samples = sample(x1.to(self.ctx.device), x2.to(self.ctx.device), labels)
         finally:
             self.objective.train(was_training)
-        path = plots.similarity_histogram_png(samples, os.path.join(self.tmp, f"similarities_step{step:08d}.png"),
-                                              f"{self.cfg.loss.name}: cosine similarities of one training batch, "
-                                              f"epoch {self.epoch}, step {step}")
+        path = plots.similarity_histogram_png(
+            samples,
+            os.path.join(self.tmp, f"similarities_step{step:08d}.png"),
+            f"{self.cfg.loss.name}: cosine similarities of one training batch, epoch {self.epoch}, step {step}",
+        )
         self.tracker.log_artifact(path, "plots/similarities")
 
     def epoch_end(self, step: int, epoch: int, last: bool, metrics: dict, batch=None) -> None:
@@ -198,13 +212,18 @@ class EpochReporter:
 
     def _model_description(self, which: str, step: int) -> str:
         record = self._best_record()
-        best = f"{record['metric']} = {record['value']:.4f} at step {self.best_step}" if record["value"] is not None \
+        best = (
+            f"{record['metric']} = {record['value']:.4f} at step {self.best_step}"
+            if record["value"] is not None
             else "no kNN evaluated"
-        return (f"Backbone (encoder without projection head) of run {self.cfg.tracking.run_name} "
-                f"(MLflow run {self.tracker.run_id}): {self.cfg.loss.name} on "
-                f"{read_manifest(self.cfg.data.path).get('dataset') or self.cfg.data.path}, "
-                f"{which} weights, from step {step}. Best: {best}. Input: (N, 3, {self.cfg.augment.image_size}, "
-                f"{self.cfg.augment.image_size}) float images as the eval transform makes them.")
+        )
+        return (
+            f"Backbone (encoder without projection head) of run {self.cfg.tracking.run_name} "
+            f"(MLflow run {self.tracker.run_id}): {self.cfg.loss.name} on "
+            f"{read_manifest(self.cfg.data.path).get('dataset') or self.cfg.data.path}, "
+            f"{which} weights, from step {step}. Best: {best}. Input: (N, 3, {self.cfg.augment.image_size}, "
+            f"{self.cfg.augment.image_size}) float images as the eval transform makes them."
+        )
 
     def _log_models(self) -> None:
         """The last encoder (alias "last"; MLflow reserves "latest") and, where it is not the last, the best one
@@ -216,16 +235,29 @@ class EpochReporter:
         links = [name_of(self.best_by), name_of(f"{self.best_by}_best")]
         best_is_last = self.best_step is None or self.best_step == self.last_step
         tags = run_info.source_tags()
-        self.tracker.log_model(backbone, "encoder", example, step=self.last_step, link_metrics=links,
-                               description=self._model_description("last" + (" (= best)" if best_is_last else ""),
-                                                                   self.last_step),
-                               aliases=("last", "best") if best_is_last else ("last",), tags=tags)
+        self.tracker.log_model(
+            backbone,
+            "encoder",
+            example,
+            step=self.last_step,
+            link_metrics=links,
+            description=self._model_description("last" + (" (= best)" if best_is_last else ""), self.last_step),
+            aliases=("last", "best") if best_is_last else ("last",),
+            tags=tags,
+        )
         if not best_is_last and self.best_encoder is not None:
             best = copy.deepcopy(backbone).cpu()
             best.load_state_dict(self.best_encoder)
-            self.tracker.log_model(best, "encoder-best", example, step=self.best_step, link_metrics=links,
-                                   description=self._model_description("best", self.best_step), aliases=("best",),
-                                   tags=tags)
+            self.tracker.log_model(
+                best,
+                "encoder-best",
+                example,
+                step=self.best_step,
+                link_metrics=links,
+                description=self._model_description("best", self.best_step),
+                aliases=("best",),
+                tags=tags,
+            )
 
     def finish(self) -> None:
         """The MLflow models of the encoder (last, best), then close the run."""

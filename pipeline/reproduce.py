@@ -11,6 +11,7 @@ first seed) and is scored by kNN top-1 on the validation split (data.val_split, 
 `hardneg prep --val-fraction`); the best one then runs every seed, and only those are evaluated on the
 test split. The choice is stored in cells/<method>-<dataset>-lr.json. No test number picks anything.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, config as config_mod, data
+from pipeline import checkpoint, data
+from pipeline import config as config_mod
 from pipeline.errors import HardnegError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.launch import train_run
@@ -70,14 +72,23 @@ def _cell_name(method: str, dataset: str, seed: int, lr: Optional[float] = None)
     return f"{method}-{dataset}-s{seed}" if lr is None else f"{method}-{dataset}-lr{lr:g}-s{seed}"
 
 
-def _cell_config(grid: Grid, method: str, dataset: str, seed: int, root: str,
-                 lr: Optional[float] = None) -> config_mod.Config:
+def _cell_config(
+    grid: Grid, method: str, dataset: str, seed: int, root: str, lr: Optional[float] = None
+) -> config_mod.Config:
     cell = _cell_name(method, dataset, seed, lr)
-    return config_mod.load(grid.methods[method], [
-        f"data.path={grid.datasets[dataset]}", f"train.seed={seed}", f"tracking.experiment={grid.name}",
-        f"tracking.run_name={cell}", f"cluster.storage_path={os.path.join(root, 'runs')}", *grid.overrides,
-        *grid.method_overrides.get(method, []), *([f"optim.lr={lr}"] if lr is not None else []),
-    ])
+    return config_mod.load(
+        grid.methods[method],
+        [
+            f"data.path={grid.datasets[dataset]}",
+            f"train.seed={seed}",
+            f"tracking.experiment={grid.name}",
+            f"tracking.run_name={cell}",
+            f"cluster.storage_path={os.path.join(root, 'runs')}",
+            *grid.overrides,
+            *grid.method_overrides.get(method, []),
+            *([f"optim.lr={lr}"] if lr is not None else []),
+        ],
+    )
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -91,8 +102,10 @@ def _train_cell(cfg: config_mod.Config, root: str) -> tuple[str, float]:
     """Train (or resume, or skip when trained) one cell; (its final checkpoint, training seconds spent now)."""
     cell = cfg.tracking.run_name
     run_dir = os.path.join(root, "runs", cell)
-    total = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain,
-                                 cfg.train.global_batch_size) * cfg.train.epochs
+    total = (
+        data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain, cfg.train.global_batch_size)
+        * cfg.train.epochs
+    )
     found = checkpoint.latest(run_dir)
     start = time.perf_counter()
     if found is None:
@@ -109,8 +122,14 @@ def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str, lr: Op
     start = time.perf_counter()
     final, _ = _train_cell(cfg, root)
     result = evaluate_checkpoint(final, cfg.data.path, protocol=grid.protocol, track=True)
-    return result | {"method": method, "dataset": dataset, "seed": seed, "cell": cfg.tracking.run_name,
-                     "lr": cfg.optim.lr, "wall_s": round(time.perf_counter() - start, 1)}
+    return result | {
+        "method": method,
+        "dataset": dataset,
+        "seed": seed,
+        "cell": cfg.tracking.run_name,
+        "lr": cfg.optim.lr,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def choose_lr(grid: Grid, method: str, dataset: str, root: str) -> Optional[float]:
@@ -126,16 +145,26 @@ def choose_lr(grid: Grid, method: str, dataset: str, root: str) -> Optional[floa
     for lr in candidates:
         cfg = _cell_config(grid, method, dataset, grid.seeds[0], root, lr)
         if cfg.data.val_split not in read_manifest(cfg.data.path)["splits"]:
-            raise HardnegError(f"grid {grid.name}: choosing {method}'s lr needs a '{cfg.data.val_split}' split in "
-                               f"{cfg.data.path} (hardneg prep --val-fraction)")
+            raise HardnegError(
+                f"grid {grid.name}: choosing {method}'s lr needs a '{cfg.data.val_split}' split in "
+                f"{cfg.data.path} (hardneg prep --val-fraction)"
+            )
         final, _ = _train_cell(cfg, root)
-        scores[lr] = evaluate_checkpoint(final, cfg.data.path, overrides=[f"data.eval_split={cfg.data.val_split}"],
-                                         protocol="knn")["knn_top1"]
+        scores[lr] = evaluate_checkpoint(
+            final, cfg.data.path, overrides=[f"data.eval_split={cfg.data.val_split}"], protocol="knn"
+        )["knn_top1"]
         print(f"[reproduce] {cfg.tracking.run_name}: val kNN top-1 {scores[lr]:.4f}", flush=True)
     chosen = max(candidates, key=lambda lr: (scores[lr], -candidates.index(lr)))
-    _write_json(path, {"method": method, "dataset": dataset, "val_knn_top1": {f"{k:g}": v for k, v in scores.items()},
-                       "chosen_lr": chosen, "chosen_on": "knn_top1 on the validation split, seed "
-                       f"{grid.seeds[0]}"})
+    _write_json(
+        path,
+        {
+            "method": method,
+            "dataset": dataset,
+            "val_knn_top1": {f"{k:g}": v for k, v in scores.items()},
+            "chosen_lr": chosen,
+            "chosen_on": f"knn_top1 on the validation split, seed {grid.seeds[0]}",
+        },
+    )
     return chosen
 
 
@@ -149,9 +178,12 @@ def _mean_std(values: list[float]) -> str:
 
 def table(grid: Grid, results: list[dict]) -> str:
     """Markdown: one row per method x dataset, mean ± std over seeds (in %), beside the published number."""
-    lines = [f"### {grid.name}: top-1 (%) on the test split over seeds {grid.seeds}", "",
-             "| method | dataset | lr | kNN top-1 | linear top-1 | seeds | published | wall s / cell |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {grid.name}: top-1 (%) on the test split over seeds {grid.seeds}",
+        "",
+        "| method | dataset | lr | kNN top-1 | linear top-1 | seeds | published | wall s / cell |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method in grid.methods:
         for dataset in grid.datasets:
             cells = [r for r in results if r["method"] == method and r["dataset"] == dataset]
@@ -160,9 +192,11 @@ def table(grid: Grid, results: list[dict]) -> str:
             published = grid.published.get(method, {}).get(dataset)
             lrs = sorted({f"{r['lr']:g}" for r in cells if "lr" in r})
             wall = [r["wall_s"] for r in cells if "wall_s" in r]
-            lines.append(f"| {method} | {dataset} | {', '.join(lrs) or '–'} | {_mean_std(knn)} | {_mean_std(linear)} | "
-                         f"{len(cells)} | {'–' if published is None else f'{published:.2f}'} | "
-                         f"{f'{statistics.fmean(wall):.0f}' if wall else '–'} |")
+            lines.append(
+                f"| {method} | {dataset} | {', '.join(lrs) or '–'} | {_mean_std(knn)} | {_mean_std(linear)} | "
+                f"{len(cells)} | {'–' if published is None else f'{published:.2f}'} | "
+                f"{f'{statistics.fmean(wall):.0f}' if wall else '–'} |"
+            )
     if grid.published_note:
         lines += ["", grid.published_note]
     return "\n".join(lines) + "\n"
@@ -189,9 +223,12 @@ def reproduce(grid_path: str, only: Optional[int] = None) -> str:
             _write_json(path, result)
             ran += 1
             published = grid.published.get(method, {}).get(dataset)
-            print(f"[reproduce] {result['cell']}: " + ", ".join(
-                f"{k} {result[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in result)
-                + (f" (published {published:.2f})" if published is not None else ""), flush=True)
+            print(
+                f"[reproduce] {result['cell']}: "
+                + ", ".join(f"{k} {result[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in result)
+                + (f" (published {published:.2f})" if published is not None else ""),
+                flush=True,
+            )
     results = []
     for name in sorted(os.listdir(cells_dir)):
         if name.endswith(".json") and not name.endswith("-lr.json"):

@@ -1,6 +1,7 @@
 """What a run is, said once when it starts: params (the chosen method's only), tags, a one-paragraph note,
 and the dataset as MLflow shows it. Pure apart from reading git; the tracker writes what this returns.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -21,8 +22,11 @@ SOURCE_NAME = "hardneg train"  # what MLflow's "Source" shows (not the Ray worke
 def run_params(cfg: Config) -> dict[str, Any]:
     """The flattened resolved config without other methods' loss.* keys and without bookkeeping."""
     own = {f"loss.{k}" for k in config_mod.loss_keys(cfg.loss.name)}
-    return {k: v for k, v in config_mod.flatten(cfg).items()
-            if k not in BOOKKEEPING and (not k.startswith("loss.") or k in own)}
+    return {
+        k: v
+        for k, v in config_mod.flatten(cfg).items()
+        if k not in BOOKKEEPING and (not k.startswith("loss.") or k in own)
+    }
 
 
 def method_settings(cfg: Config) -> str:
@@ -77,33 +81,45 @@ def dataset_input(cfg: Config, manifest: dict) -> dict[str, Any]:
     """Name, digest, source and counts of the training data, for an MLflow dataset input."""
     splits = manifest["splits"]
     first = next(iter(splits.values()))
-    profile = {"num_rows": _count(manifest, cfg.data.pretrain), "pretrain_splits": list(cfg.data.pretrain),
-               "splits": {name: s["num_samples"] for name, s in splits.items()}, "classes": len(first["classes"]),
-               "shards": cfg.data.path, "format": cfg.data.format}
+    profile = {
+        "num_rows": _count(manifest, cfg.data.pretrain),
+        "pretrain_splits": list(cfg.data.pretrain),
+        "splits": {name: s["num_samples"] for name, s in splits.items()},
+        "classes": len(first["classes"]),
+        "shards": cfg.data.path,
+        "format": cfg.data.format,
+    }
     source = str(manifest.get("dataset") or cfg.data.path)
     return {
         "name": source.split("://")[-1].replace("builtin:", "").rstrip("/").rsplit("/", 1)[-1] or source,
         "digest": dataset_digest(manifest),
         "source_type": "http" if source.startswith(("http://", "https://")) else "local",
         "source": json.dumps({"url": source} if source.startswith(("http://", "https://")) else {"uri": source}),
-        "schema": json.dumps({"mlflow_colspec": [{"name": "image", "type": "binary"},
-                                                 {"name": "label", "type": "long"}]}),
+        "schema": json.dumps(
+            {"mlflow_colspec": [{"name": "image", "type": "binary"}, {"name": "label", "type": "long"}]}
+        ),
         "profile": json.dumps(profile),
     }
 
 
 def run_tags(cfg: Config, manifest: dict, world_size: int) -> dict[str, str]:
     """Tags a reader filters and sorts by: method, dataset, world size, and the source tags."""
-    return {"method": cfg.loss.name, "dataset": str(manifest.get("dataset") or cfg.data.path),
-            "world_size": str(world_size), **source_tags()}
+    return {
+        "method": cfg.loss.name,
+        "dataset": str(manifest.get("dataset") or cfg.data.path),
+        "world_size": str(world_size),
+        **source_tags(),
+    }
 
 
 def run_note(cfg: Config, manifest: dict, world_size: int) -> str:
     """Two sentences for MLflow's run description: what was trained on what, and how it is scored."""
     m, t = cfg.model, cfg.train
     dataset = manifest.get("dataset") or cfg.data.path
-    return (f"{cfg.loss.name} ({method_settings(cfg)}) pretraining of a {m.backbone} (width {m.width}) on {dataset}: "
-            f"{_count(manifest, cfg.data.pretrain)} images of split(s) {', '.join(cfg.data.pretrain)}, "
-            f"{t.epochs} epochs of global batch {t.global_batch_size} on {world_size} worker(s). "
-            f"Scored by weighted kNN top-1 (k={cfg.eval.knn_k}) of split {cfg.data.eval_split} "
-            f"against split {cfg.data.train_split}; metrics are grouped as train/, eval/, negatives/, perf/.")
+    return (
+        f"{cfg.loss.name} ({method_settings(cfg)}) pretraining of a {m.backbone} (width {m.width}) on {dataset}: "
+        f"{_count(manifest, cfg.data.pretrain)} images of split(s) {', '.join(cfg.data.pretrain)}, "
+        f"{t.epochs} epochs of global batch {t.global_batch_size} on {world_size} worker(s). "
+        f"Scored by weighted kNN top-1 (k={cfg.eval.knn_k}) of split {cfg.data.eval_split} "
+        f"against split {cfg.data.train_split}; metrics are grouped as train/, eval/, negatives/, perf/."
+    )

@@ -1,4 +1,5 @@
 """``hardneg runs`` output: the rows of tracking.runs_table as an aligned text table, CSV or markdown, sorted."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,23 @@ from typing import Any, Optional, Sequence
 
 from pipeline.errors import HardnegError
 
-COLUMNS = ("run", "run id", "method", "dataset", "started", "duration", "temperature", "settings", "batch", "epochs",
-           "best kNN", "last kNN", "probe top-1", "train images/s (mean)", "status")
+COLUMNS = (
+    "run",
+    "run id",
+    "method",
+    "dataset",
+    "started",
+    "duration",
+    "temperature",
+    "settings",
+    "batch",
+    "epochs",
+    "best kNN",
+    "last kNN",
+    "probe top-1",
+    "train images/s (mean)",
+    "status",
+)
 FORMATS = ("text", "csv", "md")
 _SCORES = ("best kNN", "last kNN", "probe top-1")
 
@@ -59,8 +75,9 @@ def render(rows: list[dict], fmt: str = "text", columns: Sequence[str] = COLUMNS
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(["" if row.get(c) is None else cell(c, row[c]) if c in ("started",) else row[c]
-                             for c in columns])
+            writer.writerow(
+                ["" if row.get(c) is None else cell(c, row[c]) if c in ("started",) else row[c] for c in columns]
+            )
         return out.getvalue()
     table = [list(columns)] + [[cell(c, row.get(c)) for c in columns] for row in rows]
     if fmt == "md":

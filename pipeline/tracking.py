@@ -3,6 +3,7 @@
 Secrets never reach the store as params or tags: values under secret-looking keys, credentials
 inside URLs and access-key-shaped strings are redacted before logging (see ``redact``).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,10 +26,12 @@ from pipeline.errors import HardnegError
 
 _MAX_PARAM_LEN = 6000
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"(secret|token|passw(or)?d|pwd|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth)",
-                         re.IGNORECASE)
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@",
-                              re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(secret|token|passw(or)?d|pwd|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth)", re.IGNORECASE
+)
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@", re.IGNORECASE
+)
 _SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bsk-[A-Za-z0-9_-]{20,}\b")
 _VERSIONED_PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset", "fsspec", "numpy", "pydantic")
 
@@ -56,7 +59,7 @@ def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
 def absolute_uri(uri: str, base_dir: str) -> str:
     """Make a relative ``sqlite:///file.db`` URI absolute against ``base_dir``."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(os.path.join(base_dir, uri[len("sqlite:///"):]))
+        return "sqlite:///" + os.path.abspath(os.path.join(base_dir, uri[len("sqlite:///") :]))
     return uri
 
 
@@ -65,7 +68,7 @@ def default_artifact_location(cfg: TrackingConfig) -> Optional[str]:
     if cfg.artifact_location:
         return cfg.artifact_location
     if cfg.uri.startswith("sqlite:///"):
-        db_dir = os.path.dirname(cfg.uri[len("sqlite:///"):]) or "."
+        db_dir = os.path.dirname(cfg.uri[len("sqlite:///") :]) or "."
         return "file://" + os.path.abspath(os.path.join(db_dir, "mlartifacts", cfg.experiment))
     return None  # a tracking server decides (its --artifacts-destination)
 
@@ -112,14 +115,20 @@ class NullTracker:
     def log_dataset(self, dataset: Mapping[str, str], context: str = "train") -> None: ...
     def history(self, key: str) -> list[tuple[int, float]]:
         return []
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
 class MlflowTracker(NullTracker):
     """One MLflow run; attached to when ``run_id`` is given (a resumed or restarted job logs into it)."""
 
-    def __init__(self, cfg: TrackingConfig, run_id: Optional[str] = None, system_metrics: bool = False,
-                 spool_dir: Optional[str] = None):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_id: Optional[str] = None,
+        system_metrics: bool = False,
+        spool_dir: Optional[str] = None,
+    ):
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.outbox: Optional[outbox_mod.Outbox] = None
@@ -133,30 +142,37 @@ class MlflowTracker(NullTracker):
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
                 # A restart replays the steps after its checkpoint: per metric, log only past what is stored.
-                self.last_steps = {k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1)
-                                   for k in keys}
+                self.last_steps = {
+                    k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1) for k in keys
+                }
             else:
                 experiment = self.client.get_experiment_by_name(cfg.experiment)
                 if experiment is None:
                     experiment_id = self.client.create_experiment(
-                        cfg.experiment, artifact_location=default_artifact_location(cfg))
+                        cfg.experiment, artifact_location=default_artifact_location(cfg)
+                    )
                 else:
                     experiment_id = experiment.experiment_id
-                self.run_id = self.client.create_run(experiment_id, run_name=redact_value("run_name", cfg.run_name)).info.run_id
+                self.run_id = self.client.create_run(
+                    experiment_id, run_name=redact_value("run_name", cfg.run_name)
+                ).info.run_id
         except mlflow.exceptions.MlflowException as e:
             raise HardnegError(f"MLflow store {redact_value('uri', cfg.uri)}: {str(e).splitlines()[0]}") from None
         if system_metrics and cfg.system_metrics_every_s > 0:
             self._start_system_metrics(resume=run_id is not None)
         if spool_dir is not None:  # training: every write goes through the outbox, never blocking a step
-            self.outbox = outbox_mod.Outbox(partial(send_record, self.client), spool_dir,
-                                            redact_value("uri", cfg.uri))
+            self.outbox = outbox_mod.Outbox(partial(send_record, self.client), spool_dir, redact_value("uri", cfg.uri))
             outbox_mod.write_target(spool_dir, redact_value("uri", cfg.uri), self.run_id)
 
     def _start_system_metrics(self, resume: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_every_s,
-                                             resume_logging=resume, tracking_uri=self.cfg.uri)
+        self._monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.cfg.system_metrics_every_s,
+            resume_logging=resume,
+            tracking_uri=self.cfg.uri,
+        )
         self._monitor.start()
 
     def log_params(self, params: Mapping) -> None:
@@ -210,14 +226,27 @@ class MlflowTracker(NullTracker):
 
     def log_dataset(self, dataset: Mapping[str, str], context: str = "train") -> None:
         """The training data as an MLflow dataset input: name, digest, source, schema, profile (counts)."""
-        entity = Dataset(name=dataset["name"], digest=dataset["digest"], source_type=dataset["source_type"],
-                         source=redact_value("source", dataset["source"]), schema=dataset.get("schema"),
-                         profile=dataset.get("profile"))
+        entity = Dataset(
+            name=dataset["name"],
+            digest=dataset["digest"],
+            source_type=dataset["source_type"],
+            source=redact_value("source", dataset["source"]),
+            schema=dataset.get("schema"),
+            profile=dataset.get("profile"),
+        )
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
 
-    def log_model(self, module, name: str, example, step: int = 0, link_metrics: Sequence[str] = (),
-                  description: Optional[str] = None, aliases: Sequence[str] = (),
-                  tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    def log_model(
+        self,
+        module,
+        name: str,
+        example,
+        step: int = 0,
+        link_metrics: Sequence[str] = (),
+        description: Optional[str] = None,
+        aliases: Sequence[str] = (),
+        tags: Optional[Mapping[str, str]] = None,
+    ) -> Optional[str]:
         """Log ``module`` as an MLflow PyTorch model at ``step``; returns the registered version (or None).
 
         The run's values of ``link_metrics`` at ``step`` become the logged model's metrics (re-logged with the
@@ -236,30 +265,49 @@ class MlflowTracker(NullTracker):
                 output = module(example)
             signature = infer_signature(example.numpy(), output.numpy())
             if self.outbox is not None and not self.outbox.flush(self.cfg.flush_timeout_s):
-                print(f"hardneg: warning: the MLflow model was not logged: {redact_value('uri', self.cfg.uri)} is "
-                      "unreachable (the encoder is in the last checkpoint)", file=sys.stderr, flush=True)
+                print(
+                    f"hardneg: warning: the MLflow model was not logged: {redact_value('uri', self.cfg.uri)} is "
+                    "unreachable (the encoder is in the last checkpoint)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
             mlflow.set_tracking_uri(self.cfg.uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
-                    module, name=name, signature=signature, registered_model_name=self.cfg.registered_model,
-                    input_example=example.numpy(), step=step, tags=dict(tags or {}),
-                    pip_requirements=[f"torch=={metadata.version('torch')}",
-                                      f"torchvision=={metadata.version('torchvision')}"],
+                    module,
+                    name=name,
+                    signature=signature,
+                    registered_model_name=self.cfg.registered_model,
+                    input_example=example.numpy(),
+                    step=step,
+                    tags=dict(tags or {}),
+                    pip_requirements=[
+                        f"torch=={metadata.version('torch')}",
+                        f"torchvision=={metadata.version('torchvision')}",
+                    ],
                 )
         finally:
             module.train(with_grad_off)
-        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id)
-                  for key in link_metrics for m in self.client.get_metric_history(self.run_id, key) if m.step == step]
+        linked = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id)
+            for key in link_metrics
+            for m in self.client.get_metric_history(self.run_id, key)
+            if m.step == step
+        ]
         if linked:
             self.client.log_batch(self.run_id, metrics=linked)
         version = getattr(info, "registered_model_version", None)
         if self.cfg.registered_model and version is not None:
             version = str(version)
             if not self.client.get_registered_model(self.cfg.registered_model).description:
-                self.client.update_registered_model(self.cfg.registered_model, description=(
-                    "Backbones pretrained by hardneg. Aliases: best (highest kNN top-1 of its run), last (the end of "
-                    "a run); each version's description names its run, method, dataset and step."))
+                self.client.update_registered_model(
+                    self.cfg.registered_model,
+                    description=(
+                        "Backbones pretrained by hardneg. Aliases: best (highest kNN top-1 of its run), last (the end of "
+                        "a run); each version's description names its run, method, dataset and step."
+                    ),
+                )
             if description:
                 self.client.update_model_version(self.cfg.registered_model, version, description=description)
             for alias in aliases:
@@ -283,9 +331,12 @@ def send_record(client: MlflowClient, record: dict) -> None:
     """Send one outbox record (JSON-able: it may come back from the spool) to the store behind ``client``."""
     run_id, kind = record["run_id"], record["kind"]
     if kind == "batch":
-        client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in record.get("metrics", [])],
-                         params=[Param(k, v) for k, v in record.get("params", [])],
-                         tags=[RunTag(k, v) for k, v in record.get("tags", [])])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, t, s) for k, v, t, s in record.get("metrics", [])],
+            params=[Param(k, v) for k, v in record.get("params", [])],
+            tags=[RunTag(k, v) for k, v in record.get("tags", [])],
+        )
     elif kind == "text":
         client.log_text(run_id, record["text"], record["artifact_file"])
     elif kind == "artifact":
@@ -298,7 +349,9 @@ def send_record(client: MlflowClient, record: dict) -> None:
 
 def sync_spool(path: str, uri: Optional[str] = None) -> dict:
     """Upload what a run could not send (``hardneg runs sync RUN_DIR``); metric steps already stored are skipped."""
-    spool = path if os.path.basename(path.rstrip("/")) == outbox_mod.SPOOL_DIR else os.path.join(path, outbox_mod.SPOOL_DIR)
+    spool = (
+        path if os.path.basename(path.rstrip("/")) == outbox_mod.SPOOL_DIR else os.path.join(path, outbox_mod.SPOOL_DIR)
+    )
     target = outbox_mod.read_target(spool)
     records = outbox_mod.read_spool(spool)
     if not records:
@@ -325,11 +378,15 @@ def sync_spool(path: str, uri: Optional[str] = None) -> dict:
             send_record(client, record)
             sent["records"] += 1
     except mlflow.exceptions.MlflowException as e:
-        raise HardnegError(f"MLflow store {redact_value('uri', uri)}: {str(e).splitlines()[0]}; "
-                           f"{sent['records']} of {len(records)} records sent, rerun to send the rest") from None
+        raise HardnegError(
+            f"MLflow store {redact_value('uri', uri)}: {str(e).splitlines()[0]}; "
+            f"{sent['records']} of {len(records)} records sent, rerun to send the rest"
+        ) from None
     except Exception as e:  # unreachable server: keep the spool for a rerun
-        raise HardnegError(f"cannot reach {redact_value('uri', uri)} ({type(e).__name__}); "
-                           f"{sent['records']} of {len(records)} records sent, rerun to send the rest") from None
+        raise HardnegError(
+            f"cannot reach {redact_value('uri', uri)} ({type(e).__name__}); "
+            f"{sent['records']} of {len(records)} records sent, rerun to send the rest"
+        ) from None
     shutil.rmtree(spool)
     return sent | {"uri": redact_value("uri", uri)}
 
@@ -351,24 +408,37 @@ def check_server_access(cfg: TrackingConfig, environ: Mapping[str, str] = os.env
     user, password = (environ.get(name) for name in CREDENTIAL_VARS)
     auth = (user, password) if user and password else None
     try:
-        response = requests.get(f"{cfg.uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                                params={"max_results": 1}, auth=auth, timeout=timeout_s)
+        response = requests.get(
+            f"{cfg.uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=auth,
+            timeout=timeout_s,
+        )
     except requests.RequestException as e:
-        raise HardnegError(f"tracking.uri={uri}: no MLflow server answers ({type(e).__name__}); start it or fix "
-                           f"the URI") from None
+        raise HardnegError(
+            f"tracking.uri={uri}: no MLflow server answers ({type(e).__name__}); start it or fix the URI"
+        ) from None
     if response.status_code == 401:
         if auth is None:
             missing = " and ".join(name for name in CREDENTIAL_VARS if not environ.get(name))
-            raise HardnegError(f"tracking.uri={uri} asks for credentials (HTTP 401) and {missing} is not set; "
-                               f"export both for your MLflow account")
-        raise HardnegError(f"tracking.uri={uri} refused MLFLOW_TRACKING_USERNAME={user} (HTTP 401): wrong user "
-                           f"name or MLFLOW_TRACKING_PASSWORD")
+            raise HardnegError(
+                f"tracking.uri={uri} asks for credentials (HTTP 401) and {missing} is not set; "
+                f"export both for your MLflow account"
+            )
+        raise HardnegError(
+            f"tracking.uri={uri} refused MLFLOW_TRACKING_USERNAME={user} (HTTP 401): wrong user "
+            f"name or MLFLOW_TRACKING_PASSWORD"
+        )
     if response.status_code == 403:
-        raise HardnegError(f"tracking.uri={uri}: MLFLOW_TRACKING_USERNAME={user} may not read experiments (HTTP 403); "
-                           f"ask the server's admin for access")
+        raise HardnegError(
+            f"tracking.uri={uri}: MLFLOW_TRACKING_USERNAME={user} may not read experiments (HTTP 403); "
+            f"ask the server's admin for access"
+        )
     if not response.ok:
-        raise HardnegError(f"tracking.uri={uri}: the server answered HTTP {response.status_code} to an experiment "
-                           f"search; is it an MLflow tracking server?")
+        raise HardnegError(
+            f"tracking.uri={uri}: the server answered HTTP {response.status_code} to an experiment "
+            f"search; is it an MLflow tracking server?"
+        )
 
 
 def create_run(cfg: TrackingConfig) -> str:
@@ -376,8 +446,9 @@ def create_run(cfg: TrackingConfig) -> str:
     return MlflowTracker(cfg).run_id
 
 
-def make_tracker(cfg: TrackingConfig, is_main: bool, run_id: Optional[str] = None,
-                 spool_dir: Optional[str] = None) -> NullTracker:
+def make_tracker(
+    cfg: TrackingConfig, is_main: bool, run_id: Optional[str] = None, spool_dir: Optional[str] = None
+) -> NullTracker:
     """MlflowTracker (with system metrics; writing through an outbox spooling into ``spool_dir`` when
     given) on the main rank when tracking is enabled, else NullTracker."""
     if is_main and cfg.enabled:
@@ -425,16 +496,23 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
         last_knn = _metric(client, run, "eval/knn_top1")
         best_knn = _metric(client, run, "eval/knn_top1_best")
         best_knn = _metric(client, run, "eval/knn_top1", max) if best_knn is None else best_knn
-        rows.append({
-            "run": info.run_name, "run id": info.run_id, "method": method,
-            "dataset": tags.get("dataset") or os.path.basename(p.get("data.path", "").rstrip("/")) or None,
-            "started": info.start_time / 1000.0 if info.start_time else None,
-            "duration": _duration(info.start_time, info.end_time),
-            "temperature": p.get("loss.temperature"), "settings": " ".join(f"{k}={v}" for k, v in settings) or None,
-            "batch": p.get("train.global_batch_size"), "epochs": p.get("train.epochs"),
-            "best kNN": best_knn, "last kNN": last_knn,
-            "probe top-1": _metric(client, run, "eval/probe_top1"),
-            "train images/s (mean)": _metric(client, run, "perf/images_per_s", _mean),
-            "status": info.status,
-        })
+        rows.append(
+            {
+                "run": info.run_name,
+                "run id": info.run_id,
+                "method": method,
+                "dataset": tags.get("dataset") or os.path.basename(p.get("data.path", "").rstrip("/")) or None,
+                "started": info.start_time / 1000.0 if info.start_time else None,
+                "duration": _duration(info.start_time, info.end_time),
+                "temperature": p.get("loss.temperature"),
+                "settings": " ".join(f"{k}={v}" for k, v in settings) or None,
+                "batch": p.get("train.global_batch_size"),
+                "epochs": p.get("train.epochs"),
+                "best kNN": best_knn,
+                "last kNN": last_knn,
+                "probe top-1": _metric(client, run, "eval/probe_top1"),
+                "train images/s (mean)": _metric(client, run, "perf/images_per_s", _mean),
+                "status": info.status,
+            }
+        )
     return rows

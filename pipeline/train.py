@@ -4,6 +4,7 @@ The launcher supplies ``ctx`` (rank, world, device; see dist.py) and ``hooks`` (
 come from and go to). Everything here is the same on every rank except that rank 0 tracks and
 evaluates; every rank reports at the same steps, because Ray Train's ``report`` is a barrier.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,8 @@ from typing import Optional, Protocol
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, config as config_mod, data, dist, faults, outbox
+from pipeline import augment, checkpoint, data, dist, faults, outbox
+from pipeline import config as config_mod
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
 from pipeline.metric_names import grouped
@@ -24,13 +26,28 @@ from pipeline.reporting import EpochReporter
 from pipeline.tracking import make_tracker, redact
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.knn_every_epochs",
-                     "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.checkpoint_every_minutes",
-                     "train.on_nonfinite", "train.max_nonfinite_steps", "data.max_skip_fraction",
-                     "train.threads_per_worker", "train.compile",
-                     "train.channels_last", "augment.where", "data.path", "data.loader_workers",
-                     "data.format", "data.cache_dir",
-                     "cluster.", "tracking.", "eval.")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.log_every_steps",
+    "train.knn_every_epochs",
+    "train.checkpoint_every_epochs",
+    "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
+    "train.on_nonfinite",
+    "train.max_nonfinite_steps",
+    "data.max_skip_fraction",
+    "train.threads_per_worker",
+    "train.compile",
+    "train.channels_last",
+    "augment.where",
+    "data.path",
+    "data.loader_workers",
+    "data.format",
+    "data.cache_dir",
+    "cluster.",
+    "tracking.",
+    "eval.",
+)
 
 
 class Hooks(Protocol):
@@ -85,15 +102,12 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
     """
     now = config_mod.flatten(config_mod.from_dict(redact(config_mod.to_dict(cfg))))
     then = config_mod.flatten(config_mod.from_dict(saved))
-    return [
-        f"{k}: {then[k]!r} -> {now[k]!r}"
-        for k in now
-        if now[k] != then[k] and not k.startswith(RESUMABLE_CHANGES)
-    ]
+    return [f"{k}: {then[k]!r} -> {now[k]!r}" for k in now if now[k] != then[k] and not k.startswith(RESUMABLE_CHANGES)]
 
 
-def _state(objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str],
-           counters: Optional[dict] = None) -> dict:
+def _state(
+    objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str], counters: Optional[dict] = None
+) -> dict:
     return {
         "model": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -116,8 +130,11 @@ def _spool_dir(cfg: Config) -> str:
     """Where tracking records the server could not take are kept: the run directory when it is local."""
     run_dir = _run_dir(cfg)
     if "://" in run_dir:  # object storage: a local directory, named after the run
-        run_dir = os.path.join(os.environ.get("HARDNEG_CACHE_DIR") or os.path.expanduser("~/.cache/hardneg"),
-                               "runs", str(cfg.tracking.run_name))
+        run_dir = os.path.join(
+            os.environ.get("HARDNEG_CACHE_DIR") or os.path.expanduser("~/.cache/hardneg"),
+            "runs",
+            str(cfg.tracking.run_name),
+        )
     return os.path.join(run_dir, outbox.SPOOL_DIR)
 
 
@@ -151,18 +168,44 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0} | (state or {}).get("counters", {})
     counters = dict(base)
     tracker = make_tracker(cfg.tracking, ctx.is_main, run_id, spool_dir=_spool_dir(cfg))
-    reporter = EpochReporter(cfg, ctx, tracker, hooks, objective,
-                             lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id,
-                                                        counters))
+    reporter = EpochReporter(
+        cfg,
+        ctx,
+        tracker,
+        hooks,
+        objective,
+        lambda step, epoch: _state(objective, optimizer, step, epoch, cfg, tracker.run_id, counters),
+    )
     try:
         with faults.StopRequest(_run_dir(cfg)) as stop:
-            return _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop,
-                         start_step, spe, total_steps, warmup_steps, state, base, counters)
+            return _loop(
+                cfg,
+                ctx,
+                hooks,
+                objective,
+                optimizer,
+                generator,
+                tracker,
+                reporter,
+                stop,
+                start_step,
+                spe,
+                total_steps,
+                warmup_steps,
+                state,
+                base,
+                counters,
+            )
     except faults.Stopped as stopped:  # checkpointed: the run ends KILLED, resumable from here
         reporter.discard()
         tracker.finish("KILLED")
-        return {"step": stopped.step, "epoch": stopped.step // spe, "knn_top1": reporter.knn_top1,
-                "mlflow_run_id": tracker.run_id, "stopped": True}
+        return {
+            "step": stopped.step,
+            "epoch": stopped.step // spe,
+            "knn_top1": reporter.knn_top1,
+            "mlflow_run_id": tracker.run_id,
+            "stopped": True,
+        }
     except BaseException as e:  # close the run (sending what is queued) before the launcher reports it
         reporter.discard()
         if isinstance(e, HardnegError):
@@ -175,14 +218,27 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
     """(endless batches from ``start_step`` on, the on-device view maker or None) for this rank."""
     if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
         return data.ffcv_train_batches(
-            cfg.data.path, cfg.data.pretrain[0], cfg.augment, cfg.train.global_batch_size // ctx.world_size,  # one split: validated
-            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed * 1_000_003 + start_step,
-            loader_workers=cfg.data.loader_workers, cache_dir=cfg.data.cache_dir, device=ctx.device), None
+            cfg.data.path,
+            cfg.data.pretrain[0],
+            cfg.augment,
+            cfg.train.global_batch_size // ctx.world_size,  # one split: validated
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=cfg.train.seed * 1_000_003 + start_step,
+            loader_workers=cfg.data.loader_workers,
+            cache_dir=cfg.data.cache_dir,
+            device=ctx.device,
+        ), None
     if cfg.augment.where == "batch":  # both views made per batch in the loader workers (not seekable: see docs)
         return data.batched_train_batches(
-            cfg.data.path, cfg.data.pretrain, cfg.augment, cfg.train.global_batch_size // ctx.world_size,
-            rank=ctx.rank, seed=cfg.train.seed * 1_000_003 + start_step,
-            shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+            cfg.data.path,
+            cfg.data.pretrain,
+            cfg.augment,
+            cfg.train.global_batch_size // ctx.world_size,
+            rank=ctx.rank,
+            seed=cfg.train.seed * 1_000_003 + start_step,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            loader_workers=cfg.data.loader_workers,
         ), None
     if cfg.augment.where == "device":
         device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
@@ -190,14 +246,38 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
     else:
         device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
     return data.train_batches(
-        cfg.data.path, cfg.data.pretrain, two_views, cfg.train.global_batch_size // ctx.world_size,
-        rank=ctx.rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        loader_workers=cfg.data.loader_workers, start_step=start_step, steps_per_epoch=spe, ledger=ledger,
+        cfg.data.path,
+        cfg.data.pretrain,
+        two_views,
+        cfg.train.global_batch_size // ctx.world_size,
+        rank=ctx.rank,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        loader_workers=cfg.data.loader_workers,
+        start_step=start_step,
+        steps_per_epoch=spe,
+        ledger=ledger,
     ), device_views
 
 
-def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, stop, start_step, spe, total_steps,
-          warmup_steps, state, base, counters) -> dict:
+def _loop(
+    cfg,
+    ctx,
+    hooks,
+    objective,
+    optimizer,
+    generator,
+    tracker,
+    reporter,
+    stop,
+    start_step,
+    spe,
+    total_steps,
+    warmup_steps,
+    state,
+    base,
+    counters,
+) -> dict:
     reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
     run_dir = _run_dir(cfg)
     saved_step = start_step if state is not None else None
@@ -209,10 +289,21 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     ledger = data.SkipLedger(announce=True)
     batches, device_views = _batches(cfg, ctx, start_step, spe, ledger)
-    guard = faults.NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps, objective, ctx.device,
-                                  start_step, count=base["nonfinite_steps"])
-    lr_of = partial(lr_at, base_lr=cfg.scaled_lr, warmup_steps=warmup_steps, total_steps=total_steps,
-                    min_ratio=cfg.optim.min_lr_ratio)
+    guard = faults.NonfiniteGuard(
+        cfg.train.on_nonfinite,
+        cfg.train.max_nonfinite_steps,
+        objective,
+        ctx.device,
+        start_step,
+        count=base["nonfinite_steps"],
+    )
+    lr_of = partial(
+        lr_at,
+        base_lr=cfg.scaled_lr,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        min_ratio=cfg.optim.min_lr_ratio,
+    )
     every_steps, every_s = cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes * 60
     saved_at = time.monotonic()
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
@@ -256,23 +347,44 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
             time_due = ctx.is_main and every_s > 0 and time.monotonic() - saved_at >= every_s
             mean = loss_sum / loss_count if loss_count else torch.tensor(float("nan"), device=ctx.device)
             on_device = torch.stack([mean] + [stats[k].detach().float() for k in names] + [guard.bad_flag()]).double()
-            on_host = torch.tensor([ledger.skipped, ledger.read, float(time_due), float(stop.poll())],
-                                   dtype=torch.float64, device=ctx.device)
+            on_host = torch.tensor(
+                [ledger.skipped, ledger.read, float(time_due), float(stop.poll())],
+                dtype=torch.float64,
+                device=ctx.device,
+            )
             values = dist.all_reduce_mean(torch.cat([on_device, on_host])).tolist()
             bad = values[-5]
             skipped, read, time_due, stop_any = (v * ctx.world_size for v in values[-4:])
             stop_now = stop_any > 0
             guard.raise_if_seen(bad, lr_of, faults.describe_checkpoint(saved_step, run_dir))
-            counters.update(data_skipped=base["data_skipped"] + skipped, data_read=base["data_read"] + read,
-                            nonfinite_steps=guard.count)
-            faults.check_skip_budget(counters["data_skipped"], counters["data_read"], cfg.data.max_skip_fraction,
-                                     ledger.worst(), cfg.data.path)
+            counters.update(
+                data_skipped=base["data_skipped"] + skipped,
+                data_read=base["data_read"] + read,
+                nonfinite_steps=guard.count,
+            )
+            faults.check_skip_budget(
+                counters["data_skipped"],
+                counters["data_read"],
+                cfg.data.max_skip_fraction,
+                ledger.worst(),
+                cfg.data.path,
+            )
             mean_loss = values[0]
             elapsed = max(time.perf_counter() - tick, 1e-9)
-            tracker.log_metrics(grouped({"loss": mean_loss, "lr": lr, "data_wait_share": wait / elapsed,
-                                         "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
-                                         "data_skipped": counters["data_skipped"], "nonfinite_steps": guard.count}
-                                        | dict(zip(names, values[1:-5]))), step=done)
+            tracker.log_metrics(
+                grouped(
+                    {
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "data_wait_share": wait / elapsed,
+                        "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
+                        "data_skipped": counters["data_skipped"],
+                        "nonfinite_steps": guard.count,
+                    }
+                    | dict(zip(names, values[1:-5]))
+                ),
+                step=done,
+            )
             loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), done
             if stop_now and not epoch_end:
                 _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step)
@@ -286,19 +398,29 @@ def _loop(cfg, ctx, hooks, objective, optimizer, generator, tracker, reporter, s
         mean_epoch = epoch_loss_sum / epoch_loss_count if epoch_loss_count else float("nan")
         epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
         epoch_loss_sum, epoch_loss_count = 0.0, 0
-        reporter.epoch_end(done, epoch, last, {"step": done, "epoch": epoch, "loss": mean_loss,
-                                               "epoch_loss": epoch_loss}, batch=(x1, x2, labels))
+        reporter.epoch_end(
+            done,
+            epoch,
+            last,
+            {"step": done, "epoch": epoch, "loss": mean_loss, "epoch_loss": epoch_loss},
+            batch=(x1, x2, labels),
+        )
         if last or epoch % cfg.train.checkpoint_every_epochs == 0:
             saved_step, saved_at = done, time.monotonic()
         if ctx.is_main:
             knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
-            print(f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}",
-                  flush=True)
+            print(
+                f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}", flush=True
+            )
         if stop_now and not last:
             _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step, saved=saved_step == done)
     reporter.finish()
-    return {"step": total_steps, "epoch": cfg.train.epochs, "knn_top1": reporter.knn_top1,
-            "mlflow_run_id": tracker.run_id}
+    return {
+        "step": total_steps,
+        "epoch": cfg.train.epochs,
+        "knn_top1": reporter.knn_top1,
+        "mlflow_run_id": tracker.run_id,
+    }
 
 
 def _stop(reporter, guard, lr_of, done: int, spe: int, run_dir: str, saved_step, saved: bool = False) -> None:

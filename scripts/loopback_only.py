@@ -6,6 +6,7 @@ and nothing outside this machine can reach it or be reached. Needs root (or CAP_
 
 usage: python scripts/loopback_only.py COMMAND [ARG ...]
 """
+
 from __future__ import annotations
 
 import fcntl

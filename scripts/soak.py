@@ -5,6 +5,7 @@ a corrupt shard within the skip budget, a SIGKILLed training worker, the trackin
 SOAK_OUTAGE_S seconds (60) and restarted, a SIGTERM (`hardneg stop`) and a `--resume`. A clean run of
 the same config gives the reference wall time. Knobs: SOAK_EPOCHS (16), SOAK_OUTAGE_S (60).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,24 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [os.path.join(os.path.dirname(PY), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", f"{self.root}/art"],
-            stdout=open(f"{self.root}/server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                os.path.join(os.path.dirname(PY), "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/server.db",
+                "--artifacts-destination",
+                f"{self.root}/art",
+            ],
+            stdout=open(f"{self.root}/server.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
@@ -124,8 +139,11 @@ def logged(url: str, run_name: str, key: str = "train/loss") -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(url)
-    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if r.info.run_name == run_name]
+    runs = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.info.run_name == run_name
+    ]
     return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)] if runs else []
 
 
@@ -159,15 +177,32 @@ def main() -> int:
     total = EPOCHS * spe
 
     def args(shards: str, name: str) -> list[str]:
-        return ["--config", "configs/demo.yaml", f"data.path={shards}", f"train.epochs={EPOCHS}",
-                "train.log_every_steps=1", "train.knn_every_epochs=8", "train.checkpoint_every_steps=10",
-                "cluster.max_failures=3", "data.max_skip_fraction=0.01", f"cluster.storage_path={work}/runs",
-                f"tracking.uri={server.url}", "tracking.log_model=false", "tracking.system_metrics_every_s=0",
-                "tracking.flush_timeout_s=300", f"tracking.run_name={name}"]
+        return [
+            "--config",
+            "configs/demo.yaml",
+            f"data.path={shards}",
+            f"train.epochs={EPOCHS}",
+            "train.log_every_steps=1",
+            "train.knn_every_epochs=8",
+            "train.checkpoint_every_steps=10",
+            "cluster.max_failures=3",
+            "data.max_skip_fraction=0.01",
+            f"cluster.storage_path={work}/runs",
+            f"tracking.uri={server.url}",
+            "tracking.log_model=false",
+            "tracking.system_metrics_every_s=0",
+            "tracking.flush_timeout_s=300",
+            f"tracking.run_name={name}",
+        ]
 
     def train(shards: str, name: str, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([PY, "-m", "pipeline.cli", "train", *args(shards, name), *extra], cwd=ROOT, env=env,
-                                stdout=open(f"{work}/{name}.log", "a"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [PY, "-m", "pipeline.cli", "train", *args(shards, name), *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=open(f"{work}/{name}.log", "a"),
+            stderr=subprocess.STDOUT,
+        )
 
     start = time.monotonic()
     clean = train(clean_shards, "clean")
@@ -180,8 +215,13 @@ def main() -> int:
     start = time.monotonic()
     proc = train(bad_shards, "soak")
     # 1. a killed training worker, once a checkpoint is registered and steps were logged past it
-    wait_until(lambda: saved_step(run_dir) >= 10 and len(logged(server.url, "soak")) >= 15
-               and len(train_workers(proc.pid)) == 2, proc, "the first checkpoint")
+    wait_until(
+        lambda: (
+            saved_step(run_dir) >= 10 and len(logged(server.url, "soak")) >= 15 and len(train_workers(proc.pid)) == 2
+        ),
+        proc,
+        "the first checkpoint",
+    )
     victim = train_workers(proc.pid)[-1]
     os.kill(victim, signal.SIGKILL)
     print(f"killed training worker {victim}", flush=True)
@@ -215,15 +255,20 @@ def main() -> int:
     duplicated = len(steps) - len(set(steps))
     server.stop()
 
-    rows = [("faults injected", str(len(faults))), ("faults survived", str(sum(faults.values()))),
-            *((f"  {name}", "survived" if ok else "NOT survived") for name, ok in faults.items()),
-            ("final step vs expected", f"{final} / {total}"),
-            ("metric steps missing (loss)", f"{missing} (duplicated: {duplicated})"),
-            ("data skipped", str(data_skipped)),
-            ("wall time vs clean run", f"{wall_s:.0f} s vs {clean_s:.0f} s ({wall_s / clean_s:.2f}x)")]
+    rows = [
+        ("faults injected", str(len(faults))),
+        ("faults survived", str(sum(faults.values()))),
+        *((f"  {name}", "survived" if ok else "NOT survived") for name, ok in faults.items()),
+        ("final step vs expected", f"{final} / {total}"),
+        ("metric steps missing (loss)", f"{missing} (duplicated: {duplicated})"),
+        ("data skipped", str(data_skipped)),
+        ("wall time vs clean run", f"{wall_s:.0f} s vs {clean_s:.0f} s ({wall_s / clean_s:.2f}x)"),
+    ]
     width = max(len(k) for k, _ in rows)
-    print(f"\nsoak {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.platform()}, {os.cpu_count()} CPUs; "
-          f"configs/demo.yaml, {EPOCHS} epochs x {spe} steps, Ray Train 2 CPU workers")
+    print(
+        f"\nsoak {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.platform()}, {os.cpu_count()} CPUs; "
+        f"configs/demo.yaml, {EPOCHS} epochs x {spe} steps, Ray Train 2 CPU workers"
+    )
     print(f"| {'what':{width}s} | result |\n|{'-' * (width + 2)}|--------|")
     for key, value in rows:
         print(f"| {key:{width}s} | {value} |")

@@ -1,4 +1,5 @@
 """Shared fixtures: real digits shards on disk, free ports, a tiny training config."""
+
 from __future__ import annotations
 
 import os
@@ -36,12 +37,21 @@ def digits_shards(tmp_path_factory) -> str:
 def tiny_overrides(tmp_path, shards: str, *overrides: str) -> list[str]:
     """The dotted overrides of tiny_config, for tests that go through the real CLI."""
     return [
-        f"data.path={shards}", "data.shuffle_buffer=200",
-        "augment.image_size=8", "augment.hflip_p=0", "augment.crop_scale_min=0.6",
-        "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
-        "train.global_batch_size=128", "train.log_every_steps=4", "train.epochs=1",
-        "eval.knn_k=20", "optim.lr=0.1",
-        f"cluster.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"data.path={shards}",
+        "data.shuffle_buffer=200",
+        "augment.image_size=8",
+        "augment.hflip_p=0",
+        "augment.crop_scale_min=0.6",
+        "model.width=4",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "train.global_batch_size=128",
+        "train.log_every_steps=4",
+        "train.epochs=1",
+        "eval.knn_k=20",
+        "optim.lr=0.1",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         *overrides,
     ]
 
@@ -58,10 +68,25 @@ def mlflow_server(root, *extra_args: str, env: Optional[dict] = None) -> Iterato
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(os.path.join(root, "server.log"), "w")
     proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{os.path.join(root, 'server.db')}",
-         "--artifacts-destination", os.path.join(root, "art"), *extra_args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | (env or {}),
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{os.path.join(root, 'server.db')}",
+            "--artifacts-destination",
+            os.path.join(root, "art"),
+            *extra_args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=os.environ | (env or {}),
     )
     url = f"http://127.0.0.1:{port}"
     try:

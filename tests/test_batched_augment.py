@@ -1,4 +1,5 @@
 """augment.where=batch: per-sample crops + per-batch colour steps keep SimCLR's (torchvision's) distribution."""
+
 from __future__ import annotations
 
 import math
@@ -82,10 +83,12 @@ def test_batched_colour_is_torchvision_per_sample():
     p = data.color_params(12, cfg)
     assert len({tuple(o.tolist()) for o in p["order"]}) > 1  # orders differ within the batch
     got = data.apply_color(x, p, cfg)
-    ops = [lambda y, i: F.adjust_brightness(y, float(p["brightness"][i])),
-           lambda y, i: F.adjust_contrast(y, float(p["contrast"][i])),
-           lambda y, i: F.adjust_saturation(y, float(p["saturation"][i])),
-           lambda y, i: F.adjust_hue(y, float(p["hue"][i]))]
+    ops = [
+        lambda y, i: F.adjust_brightness(y, float(p["brightness"][i])),
+        lambda y, i: F.adjust_contrast(y, float(p["contrast"][i])),
+        lambda y, i: F.adjust_saturation(y, float(p["saturation"][i])),
+        lambda y, i: F.adjust_hue(y, float(p["hue"][i])),
+    ]
     for i in range(12):
         want = x[i]
         if p["jitter"][i]:
@@ -114,8 +117,7 @@ def test_crop_flip_view_is_torchvisions_resized_crop_on_pil():
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batched_train_batches_reads_real_shards(digits_shards, workers):
     cfg = AugmentConfig(image_size=8)
-    batches = data.batched_train_batches(digits_shards, "train", cfg, 16, rank=0, seed=0,
-                                         loader_workers=workers)
+    batches = data.batched_train_batches(digits_shards, "train", cfg, 16, rank=0, seed=0, loader_workers=workers)
     v1, v2_, labels = next(batches)
     assert v1.shape == v2_.shape == (16, 3, 8, 8) and v1.dtype == torch.float32 and labels.shape == (16,)
     assert torch.isfinite(v1).all() and not torch.equal(v1, v2_)  # two different views
@@ -127,9 +129,16 @@ def test_batched_train_batches_reads_real_shards(digits_shards, workers):
 def test_training_with_augment_where_batch(tmp_path, digits_shards):
     """augment.where=batch drives the step loop (the loader makes both views): finite loss, full epoch."""
     from conftest import tiny_config
+
     from pipeline import launch
 
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
-                      "train.knn_every_epochs=0", "augment.where=batch")
+    cfg = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.knn_every_epochs=0",
+        "augment.where=batch",
+    )
     result = launch.train_run(cfg)
     assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])

@@ -1,4 +1,5 @@
 """`hardneg bench all` runs on CPU at small sizes and writes a JSON report naming the machine."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`hardneg bench losses --quick` runs through the CLI and prints every ratio beside its goal (no timing asserts)."""
+
 from __future__ import annotations
 
 import re
@@ -8,7 +9,6 @@ import torch
 
 from pipeline import cli
 from pipeline.bench import losses as bench
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,8 +30,9 @@ def test_quick_run_prints_every_ratio(capsys):
             assert row, f"no per-worker row for B={b} {name}"
             assert 0.0 < float(row.group(1)) < 0.5  # local rows x global columns: a fraction of replicated
     # every verdict agrees with the ratio printed beside it
-    verdicts = re.findall(r"^\s*\d+ (\S+)\s+[\d.]+\s+([\d.]+)x\s+[\d.]+\s+[\d.]+x\s+time <= ([\d.]+)x: (met|NOT met)$",
-                          out, re.M)
+    verdicts = re.findall(
+        r"^\s*\d+ (\S+)\s+[\d.]+\s+([\d.]+)x\s+[\d.]+\s+[\d.]+x\s+time <= ([\d.]+)x: (met|NOT met)$", out, re.M
+    )
     assert {name for name, *_ in verdicts} == {"hcl", "sscl(32,8)"} and len(verdicts) == 4
     for _, ratio, goal, verdict in verdicts:
         assert verdict == ("met" if float(ratio) <= float(goal) + 0.005 else "NOT met")

@@ -1,4 +1,5 @@
 """One home per heavy dependency (DESIGN.md): a test keeps the house rules true."""
+
 from __future__ import annotations
 
 import ast
@@ -61,8 +62,15 @@ def test_writers_stay_offline():
 
 
 def test_pipeline_imports_only_schema_and_readers_from_data_prep():
-    allowed = {"data_prep", "data_prep.schema", "data_prep.manifest", "data_prep.manifest.read_manifest",
-               "data_prep.manifest.shard_urls", "data_prep.manifest.verify", "data_prep.schema.MANIFEST_NAME"}
+    allowed = {
+        "data_prep",
+        "data_prep.schema",
+        "data_prep.manifest",
+        "data_prep.manifest.read_manifest",
+        "data_prep.manifest.shard_urls",
+        "data_prep.manifest.verify",
+        "data_prep.schema.MANIFEST_NAME",
+    }
     for path in (ROOT / "pipeline").rglob("*.py"):
         rel = path.relative_to(ROOT).as_posix()
         if rel in ("pipeline/demo.py", "pipeline/cli.py") or rel.startswith("pipeline/bench/"):

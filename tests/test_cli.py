@@ -1,4 +1,5 @@
 """The console script as a user runs it: --help, --print-config, and bad input -> one line, exit 2."""
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,12 @@ def test_bad_prep_inputs_leave_nothing_behind(tmp_path):
 
 
 def test_bad_eval_and_train_data(tmp_path, digits_shards):
-    assert_one_line_error(run("eval", "--checkpoint", str(tmp_path / "none"), "--data", digits_shards),
-                          "no checkpoint found")
-    assert_one_line_error(run("train", f"data.path={tmp_path / 'nodata'}", f"cluster.storage_path={tmp_path}"),
-                          "manifest")
+    assert_one_line_error(
+        run("eval", "--checkpoint", str(tmp_path / "none"), "--data", digits_shards), "no checkpoint found"
+    )
+    assert_one_line_error(
+        run("train", f"data.path={tmp_path / 'nodata'}", f"cluster.storage_path={tmp_path}"), "manifest"
+    )
 
 
 def test_prep_then_verify(tmp_path):
@@ -84,13 +87,28 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path, digits_shards):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["train", "cluster.launcher=local", f"data.path={digits_shards}", f"tracking.uri={uri}",
-            f"cluster.storage_path={tmp_path / 'runs'}", "tracking.run_name=term", "augment.image_size=8",
-            "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16", "train.global_batch_size=128",
-            "train.epochs=500", "train.log_every_steps=1", "train.knn_every_epochs=0", "eval.knn_k=20"]
+    args = [
+        "train",
+        "cluster.launcher=local",
+        f"data.path={digits_shards}",
+        f"tracking.uri={uri}",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        "tracking.run_name=term",
+        "augment.image_size=8",
+        "model.width=4",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "train.global_batch_size=128",
+        "train.epochs=500",
+        "train.log_every_steps=1",
+        "train.knn_every_epochs=0",
+        "eval.knn_k=20",
+    ]
     log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: nothing blocks on a full buffer
     out = open(tmp_path / "stdout.txt", "w+")
-    proc = subprocess.Popen([HARDNEG, *args], stdout=out, stderr=log, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [HARDNEG, *args], stdout=out, stderr=log, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
     try:
         client, deadline, run = None, time.monotonic() + 240, None
         while time.monotonic() < deadline and proc.poll() is None:

@@ -1,5 +1,6 @@
 """Cluster launch without starting Ray: scaling from config, LR scaling, resource and shard checks,
 bad addresses and storage, the job spec of `hardneg launch`, and the cluster YAMLs Ray and KubeRay read."""
+
 from __future__ import annotations
 
 import configparser
@@ -11,8 +12,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import free_port, tiny_config
+
 from pipeline import config, launch
 from pipeline.errors import HardnegError
 
@@ -21,13 +22,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # --- scaling, derived in one place -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scaling, expected", [("none", 0.3), ("linear", 0.3 * 4), ("sqrt", 0.3 * 2)])
 def test_scaled_lr_is_relative_to_the_reference_batch(scaling, expected):
     cfg = config.load(None, ["optim.lr=0.3", f"optim.lr_scaling={scaling}", "train.global_batch_size=1024"])
     assert math.isclose(cfg.scaled_lr, expected)
     assert cfg.per_worker_batch_size == 512  # 2 workers by default
-    half = config.load(None, ["optim.lr=0.3", "optim.lr_scaling=linear", "train.global_batch_size=128",
-                              "optim.lr_reference_batch=256"])
+    half = config.load(
+        None, ["optim.lr=0.3", "optim.lr_scaling=linear", "train.global_batch_size=128", "optim.lr_reference_batch=256"]
+    )
     assert math.isclose(half.scaled_lr, 0.15)
 
 
@@ -55,7 +58,8 @@ def test_more_workers_than_the_cluster_holds_is_refused():
     cfg = config.load(None, ["cluster.num_workers=4"])
     assert missing_resources(cfg, {"CPU": 4.0}) is None
     assert missing_resources(cfg, {"CPU": 2.0}) == (
-        "cluster.num_workers=4 x cluster.cpus_per_worker=1 needs 4 CPUs; the Ray cluster has 2")
+        "cluster.num_workers=4 x cluster.cpus_per_worker=1 needs 4 CPUs; the Ray cluster has 2"
+    )
     gpu = config.load(None, ["cluster.num_workers=4", "cluster.use_gpu=true"])
     assert "needs 4 GPUs; the Ray cluster has 0" in missing_resources(gpu, {"CPU": 64.0})
     shared = config.load(None, ["cluster.num_workers=4", "cluster.use_gpu=true", "cluster.gpus_per_worker=0.5"])
@@ -75,17 +79,23 @@ def test_multi_node_warnings_name_local_storage_and_file_stores():
 
 # --- preflight: each a one-line error before any Ray or MLflow run exists -----------------------------------
 
+
 def test_too_few_shards_for_the_readers(tmp_path, digits_shards):
     # digits has 6 train shards: 2 workers x 4 loader workers = 8 readers
     cfg = tiny_config(tmp_path, digits_shards, "data.loader_workers=4")
-    with pytest.raises(HardnegError, match=r"split\(s\) train of .* hold 6 shards, fewer than the 8 readers of "
-                                           r"cluster.num_workers=2 x data.loader_workers=4"):
+    with pytest.raises(
+        HardnegError,
+        match=r"split\(s\) train of .* hold 6 shards, fewer than the 8 readers of "
+        r"cluster.num_workers=2 x data.loader_workers=4",
+    ):
         launch.train_run(cfg)
     manifest = {"splits": {"train": {"shards": [{}] * 6}, "unlabeled": {"shards": [{}] * 2}}}
     launch.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=3"), manifest)
     # pretraining on several splits pools their shards: 6 + 2 = 8 streams for 8 readers
-    launch.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=4",
-                                               "data.pretrain_splits=[train,unlabeled]"), manifest)
+    launch.check_shards_per_reader(
+        tiny_config(tmp_path, digits_shards, "data.loader_workers=4", "data.pretrain_splits=[train,unlabeled]"),
+        manifest,
+    )
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -108,26 +118,42 @@ def test_storage_that_cannot_be_written(tmp_path, digits_shards):
 
 # --- hardneg launch: the job it would submit ---------------------------------------------------------------
 
+
 def test_job_spec_runs_train_in_the_uploaded_repo():
     from cluster.submit import EXCLUDES, job_spec
 
-    spec = job_spec("configs/demo.yaml", ["data.path=s3://b/digits", "cluster.storage_path=s3://b/runs",
-                                          "tracking.uri=http://10.0.0.1:5000"], working_dir=ROOT)
+    spec = job_spec(
+        "configs/demo.yaml",
+        ["data.path=s3://b/digits", "cluster.storage_path=s3://b/runs", "tracking.uri=http://10.0.0.1:5000"],
+        working_dir=ROOT,
+    )
     args = shlex.split(spec["entrypoint"])
     assert args[:6] == ["python", "-m", "pipeline.cli", "train", "--config", "configs/demo.yaml"]
     assert args[-1] == "cluster.address=auto" and "data.path=s3://b/digits" in args
     env = spec["runtime_env"]
     assert env["working_dir"] == str(ROOT) and {".venv", "runs", "data", "mlruns", "mlflow.db"} <= set(EXCLUDES)
     assert any(p.startswith("torch") for p in env["pip"]) and not any(p.startswith("ray") for p in env["pip"])
-    resumed = job_spec(None, ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=sqlite:////m.db"],
-                       working_dir=ROOT, pip=False, resume=True)
+    resumed = job_spec(
+        None,
+        ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=sqlite:////m.db"],
+        working_dir=ROOT,
+        pip=False,
+        resume=True,
+    )
     assert "pip" not in resumed["runtime_env"] and "--resume" in shlex.split(resumed["entrypoint"])
     # no MLflow account in this environment: only the stop wait travels (hardneg stop checkpoints first)
     assert env["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "300")}
-    authed = job_spec(None, ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=http://10.0.0.1:5000"],
-                      working_dir=ROOT, environ={"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1"})
-    assert authed["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1",
-                                                 "RAY_JOB_STOP_WAIT_TIME_S": "300"}
+    authed = job_spec(
+        None,
+        ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=http://10.0.0.1:5000"],
+        working_dir=ROOT,
+        environ={"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw1"},
+    )
+    assert authed["runtime_env"]["env_vars"] == {
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "pw1",
+        "RAY_JOB_STOP_WAIT_TIME_S": "300",
+    }
     assert "pw1" not in authed["entrypoint"]
 
 
@@ -148,26 +174,41 @@ def test_job_spec_refuses_what_cannot_run_on_a_cluster(tmp_path):
         job_spec(None, [*remote, "train.epoch=3"], working_dir=ROOT)
 
 
-@pytest.mark.parametrize("argv", [["launch", "--no-pip", "data.path=/d", "cluster.storage_path=/r",
-                                   "tracking.uri=sqlite:////m.db"], ["status", "raysubmit_x"], ["stop", "raysubmit_x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["launch", "--no-pip", "data.path=/d", "cluster.storage_path=/r", "tracking.uri=sqlite:////m.db"],
+        ["status", "raysubmit_x"],
+        ["stop", "raysubmit_x"],
+    ],
+)
 def test_cli_without_a_cluster_is_one_line(argv):
     from test_cli import HARDNEG, assert_one_line_error
 
     address = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.run([HARDNEG, *argv[:1], "--address", address, *argv[1:]], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [HARDNEG, *argv[:1], "--address", address, *argv[1:]], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert_one_line_error(proc, f"no Ray cluster reachable at --address {address}")
 
 
 # --- the cluster definitions -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name, storage", [("aws.yaml", "s3://"), ("gcp.yaml", "gs://")])
 def test_cluster_launcher_yaml_is_what_ray_up_accepts(name, storage):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load((ROOT / "cluster" / name).read_text())
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in raw, key
     assert raw["provider"]["type"] == name.split(".")[0]
     types = raw["available_node_types"]
@@ -184,7 +225,7 @@ def test_cluster_launcher_yaml_is_what_ray_up_accepts(name, storage):
     assert "mlflow server" in head and "--port 5000" in head and storage in head
     # MLflow asks for an account and listens on the head's private address; the admin password is read from
     # the cloud's secret store at start, so no literal credential sits in the YAML
-    mlflow_start = head[head.index("mlflow server"):]
+    mlflow_start = head[head.index("mlflow server") :]
     assert "--app-name basic-auth" in mlflow_start and '--host "$HEAD_IP"' in mlflow_start
     assert "0.0.0.0" not in mlflow_start and 'MLFLOW_AUTH_ADMIN_PASSWORD="$(' in head
     auth = configparser.ConfigParser()
@@ -221,8 +262,11 @@ def test_the_documented_launch_commands_are_valid():
 
     text = (ROOT / "docs" / "cluster.md").read_text().replace("\\\n", " ")
     commands = [line.split("#")[0] for line in text.splitlines() if line.startswith(".venv/bin/hardneg launch")]
-    commands = [c.replace("$BUCKET", "bucket").replace("$PWD", "/repo").replace("$HEAD_PRIVATE_IP", "10.0.0.1")
-                for c in commands if "..." not in c]
+    commands = [
+        c.replace("$BUCKET", "bucket").replace("$PWD", "/repo").replace("$HEAD_PRIVATE_IP", "10.0.0.1")
+        for c in commands
+        if "..." not in c
+    ]
     assert len(commands) >= 2
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])

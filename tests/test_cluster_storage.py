@@ -1,5 +1,6 @@
 """cluster.storage_path on S3 (a moto server on 127.0.0.1): the driver-side checks of pipeline/launch.py,
 and (slow) a Ray Train run whose checkpoints go to S3 through ray.train.report."""
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from conftest import free_port, tiny_config  # noqa: E402
+
 from pipeline import checkpoint, config, launch  # noqa: E402
 from pipeline.errors import HardnegError  # noqa: E402
 
@@ -51,8 +53,15 @@ def s3(monkeypatch):
 def _put_checkpoint(cfg: config.Config, url: str, step: int) -> None:
     import fsspec
 
-    state = {"model": {}, "optimizer": {}, "step": step, "epoch": 1, "mlflow_run_id": None,
-             "config": config.to_dict(cfg), "rng": {}}
+    state = {
+        "model": {},
+        "optimizer": {},
+        "step": step,
+        "epoch": 1,
+        "mlflow_run_id": None,
+        "config": config.to_dict(cfg),
+        "rng": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         local = checkpoint.write(state, os.path.join(tmp, "ckpt"))
         fs, path = fsspec.core.url_to_fs(url)
@@ -78,8 +87,9 @@ def test_driver_side_checks_on_s3(s3, tmp_path, digits_shards):
         launch.choose_run_name(cfg, "nope")
 
     # the whole driver path, up to (not including) Ray: a resume from a different config is refused
-    other = tiny_config(tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=r2",
-                        "loss.temperature=0.2")
+    other = tiny_config(
+        tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=r2", "loss.temperature=0.2"
+    )
     with pytest.raises(HardnegError, match=r"cannot resume.*loss\.temperature: 0\.5 -> 0\.2"):
         launch.train_run(other, resume="r2")
 
@@ -103,8 +113,9 @@ def test_ray_train_checkpoints_to_s3(s3, tmp_path, digits_shards, monkeypatch, r
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     monkeypatch.setenv("HARDNEG_RAY_TMP", ray_tmp)
     runs = f"{s3}/runs"
-    cfg = tiny_config(tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=s3run",
-                      "train.knn_every_epochs=0")
+    cfg = tiny_config(
+        tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=s3run", "train.knn_every_epochs=0"
+    )
     result = launch.train_run(cfg)  # a private Ray started here inherits AWS_ENDPOINT_URL
     steps = 1347 // 128
     assert result["step"] == steps

@@ -1,4 +1,5 @@
 """Config strictness: unknown keys, wrong types, bad values and duplicate keys each name the key."""
+
 from __future__ import annotations
 
 import pydantic
@@ -77,5 +78,6 @@ def test_missing_and_malformed_files(tmp_path):
 def test_flatten_has_every_leaf():
     flat = config.flatten(config.load())
     assert flat["loss.name"] == "nt_xent" and flat["train.epochs"] == 10
-    assert len(flat) == sum(len(section.model_fields) for section in
-                            (getattr(config.Config(), name) for name in config.Config.model_fields))
+    assert len(flat) == sum(
+        len(section.model_fields) for section in (getattr(config.Config(), name) for name in config.Config.model_fields)
+    )

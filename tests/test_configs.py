@@ -1,4 +1,5 @@
 """Every shipped config loads, names what its file name says, cites its source, and keeps the demo's setup."""
+
 from __future__ import annotations
 
 import pathlib
@@ -13,14 +14,34 @@ DIGITS = ["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi", "moco_v2"]
 LOSS_OF = {"moco_v2": "mochi"}  # MoCo-v2 is MoCHi with s = s' = 0
 # MoCo-v2's head and shuffle-BN are the only model settings a digits config may change from the demo
 MOCO_MODEL = {"proj_hidden_dim", "proj_bn", "shuffle_bn_groups"}
-BASELINES = ["simclr_hcl_stl10", "simclr_hcl_cifar10", "simclr_hcl_cifar100", "simclr_sscl_cifar10",
-             "simclr_sscl_cifar100", "simclr_sscl_tinyimagenet", "mocov2_imagenet100", "mochi_imagenet100"]
-RECIPES = ["hcl_stl10", "hcl_cifar10", "hcl_cifar100", "dcl_stl10", "dcl_cifar10", "dcl_cifar100",
-           "sscl_cifar10", "sscl_cifar100",
-           "sscl_tinyimagenet", "psm_cifar10", "psm_cifar100", "psm_tinyimagenet"]
+BASELINES = [
+    "simclr_hcl_stl10",
+    "simclr_hcl_cifar10",
+    "simclr_hcl_cifar100",
+    "simclr_sscl_cifar10",
+    "simclr_sscl_cifar100",
+    "simclr_sscl_tinyimagenet",
+    "mocov2_imagenet100",
+    "mochi_imagenet100",
+]
+RECIPES = [
+    "hcl_stl10",
+    "hcl_cifar10",
+    "hcl_cifar100",
+    "dcl_stl10",
+    "dcl_cifar10",
+    "dcl_cifar100",
+    "sscl_cifar10",
+    "sscl_cifar100",
+    "sscl_tinyimagenet",
+    "psm_cifar10",
+    "psm_cifar100",
+    "psm_tinyimagenet",
+]
 # Run configs: the demo, the digits methods and the papers' recipes (other folders, e.g. grids/, hold other formats)
-ALL = ["demo.yaml"] + sorted(str(p.relative_to(ROOT)) for sub in ("digits", "recipes")
-                             for p in (ROOT / sub).glob("*.yaml"))
+ALL = ["demo.yaml"] + sorted(
+    str(p.relative_to(ROOT)) for sub in ("digits", "recipes") for p in (ROOT / sub).glob("*.yaml")
+)
 
 
 def test_the_expected_files_exist():
@@ -71,8 +92,14 @@ def test_recipe_hyper_parameters():
     sscl = load("sscl_cifar10")
     assert (sscl.n_hard, sscl.n_synthetic, sscl.beta, sscl.mix) == (32, 8, 1.0, "paper")
     psm = load("psm_cifar10")
-    assert (psm.psm_momentum, psm.psm_bank_size, psm.psm_n_neighbors, psm.psm_accept_a, psm.psm_accept_b,
-            psm.psm_aa) == (0.99, 16384, 5, 0.5, 0.0, 1.0)
+    assert (
+        psm.psm_momentum,
+        psm.psm_bank_size,
+        psm.psm_n_neighbors,
+        psm.psm_accept_a,
+        psm.psm_accept_b,
+        psm.psm_aa,
+    ) == (0.99, 16384, 5, 0.5, 0.0, 1.0)
 
 
 def test_demo_trains_sscl_with_n_hard_within_the_negatives():
@@ -101,8 +128,11 @@ def test_recipes_follow_their_release_protocol(name):
     cfg = config.load(str(ROOT / "recipes" / f"{name}.yaml"))
     text = (ROOT / "recipes" / f"{name}.yaml").read_text()
     assert "arXiv:" in text and "github.com/" in text
-    family = "moco" if "imagenet100" in name else ("hcl" if name.split("_")[0] in ("hcl", "dcl") or "_hcl_" in name
-                                                  else "sscl")
+    family = (
+        "moco"
+        if "imagenet100" in name
+        else ("hcl" if name.split("_")[0] in ("hcl", "dcl") or "_hcl_" in name else "sscl")
+    )
     if family == "hcl":
         assert (cfg.eval.probe_transform, cfg.eval.probe_batch_size, cfg.train.best_by) == ("train", 512, "knn")
         assert cfg.eval.eval_image_size == (96 if name.endswith("stl10") else None)  # STL-10 tested at native 96 px

@@ -1,4 +1,5 @@
 """Diagnostics: values against brute force, limits, and the objectives' with_stats path (no gradient, no draws)."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 from pipeline import config
 from pipeline.losses import diagnostics, functional
 from pipeline.objectives import build_objective
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,9 +72,12 @@ def test_false_negative_rate_matches_brute_force():
     # anchors of unknown label (unlabeled data) are left out of the mean rather than counted as 0
     partly = torch.cat([row_labels[:3], torch.full((3,), -1)])
     same_known = sum(
-        sum(int(col_labels[j] == row_labels[i] and col_labels[j] >= 0)
-            for j in sorted([j for j in range(10) if mask[i, j]], key=lambda j: -float(sim[i, j]))[:k])
-        for i in range(3))
+        sum(
+            int(col_labels[j] == row_labels[i] and col_labels[j] >= 0)
+            for j in sorted([j for j in range(10) if mask[i, j]], key=lambda j: -float(sim[i, j]))[:k]
+        )
+        for i in range(3)
+    )
     got = diagnostics.false_negative_rate(sim, mask, partly, col_labels, n_hard)
     assert got.item() == pytest.approx(same_known / (3 * k))
     assert diagnostics.false_negative_rate(sim, mask, torch.full((6,), -1), col_labels, n_hard).item() == 0.0
@@ -126,12 +129,14 @@ def test_labels_are_gathered_to_match_the_global_columns():
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     pairs = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)], 1)
     gather = _Routing(1, [pairs[:4], pairs[4:]], [labels[:4, None], labels[4:, None]])
-    got = diagnostics.in_batch_stats(z1[4:], z2[4:], temperature=0.5, beta=1.0, n_hard=3, labels=labels[4:],
-                                     gather=gather)
+    got = diagnostics.in_batch_stats(
+        z1[4:], z2[4:], temperature=0.5, beta=1.0, n_hard=3, labels=labels[4:], gather=gather
+    )
     b = functional._batch(z1, z2, 0.5, None)
     rows = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])
-    want = diagnostics.false_negative_rate(b.sim[rows], b.neg_mask[rows], torch.cat([labels, labels])[rows],
-                                           torch.cat([labels, labels]), 3)
+    want = diagnostics.false_negative_rate(
+        b.sim[rows], b.neg_mask[rows], torch.cat([labels, labels])[rows], torch.cat([labels, labels]), 3
+    )
     torch.testing.assert_close(got["false_neg_rate"], want)
 
 
@@ -181,8 +186,15 @@ def test_in_batch_objective_stats_leave_loss_and_generator_alone(name, monkeypat
     (loss0, state0, stats0, rng0), (loss1, state1, stats1, rng1) = runs
     assert stats0 == {} and torch.equal(loss0, loss1)
     assert torch.equal(state0, state1) and torch.equal(rng0, rng1)  # neither RNG moved for the diagnostics
-    expected = {"sim_pos_mean", "sim_pos_max", "sim_neg_mean", "sim_neg_max", "sim_neg_hardest", "eff_negatives",
-                "false_neg_rate"}
+    expected = {
+        "sim_pos_mean",
+        "sim_pos_max",
+        "sim_neg_mean",
+        "sim_neg_max",
+        "sim_neg_hardest",
+        "eff_negatives",
+        "false_neg_rate",
+    }
     assert expected <= set(stats1) and all(v.dim() == 0 and not v.requires_grad for v in stats1.values())
     n_neg = 2 * 8 - 2
     if name in ("nt_xent", "dcl"):
@@ -203,9 +215,16 @@ def test_in_batch_objective_stats_leave_loss_and_generator_alone(name, monkeypat
 
 
 def test_queue_objectives_report_stats():
-    for extra in (["loss.name=psm", "loss.psm_bank_size=16", "loss.psm_n_neighbors=2"],
-                  ["loss.name=mochi", "loss.mochi_queue_size=16", "loss.mochi_n_hard=4", "loss.mochi_s=2",
-                   "loss.mochi_s_prime=2"]):
+    for extra in (
+        ["loss.name=psm", "loss.psm_bank_size=16", "loss.psm_n_neighbors=2"],
+        [
+            "loss.name=mochi",
+            "loss.mochi_queue_size=16",
+            "loss.mochi_n_hard=4",
+            "loss.mochi_s=2",
+            "loss.mochi_s_prime=2",
+        ],
+    ):
         torch.manual_seed(0)
         obj = build_objective(config.load(None, TINY + extra), None, torch.Generator().manual_seed(0))
         loss, stats = obj(*_images(6), with_stats=True)
@@ -229,14 +248,24 @@ def _global_batch():
 
 
 def _stats(z1, z2, labels, gather):
-    return diagnostics.in_batch_stats(z1, z2, temperature=0.5, beta=1.0, n_hard=3, labels=labels, gather=gather,
-                                      n_synthetic=3, generator=torch.Generator().manual_seed(4))
+    return diagnostics.in_batch_stats(
+        z1,
+        z2,
+        temperature=0.5,
+        beta=1.0,
+        n_hard=3,
+        labels=labels,
+        gather=gather,
+        n_synthetic=3,
+        generator=torch.Generator().manual_seed(4),
+    )
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import os
 
     from conftest import save_rank
+
     from pipeline import dist
 
     torch.set_num_threads(1)

@@ -1,11 +1,12 @@
 """Two gloo processes on CPU, different data per rank: gathered losses and gradients equal one process."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
-from conftest import save_rank, spawn_ranks
 import torch
+from conftest import save_rank, spawn_ranks
 
 from pipeline import dist
 from pipeline.losses import dcl, hcl, nt_xent, sscl
@@ -19,11 +20,29 @@ LOSS_CASES = {
     "dcl": lambda a, b, g: dcl(a, b, temperature=0.5, tau_plus=0.1, gather=g),
     "hcl": lambda a, b, g: hcl(a, b, temperature=0.5, tau_plus=0.1, beta=2.0, gather=g),
     "hcl_clamped": lambda a, b, g: hcl(a, b, temperature=0.5, tau_plus=0.6, beta=1.0, gather=g),
-    "sscl": lambda a, b, g: sscl(a, b, temperature=0.5, tau_plus=0.05, beta=1.0, n_hard=5, n_synthetic=3,
-                                 generator=torch.Generator().manual_seed(7), gather=g),
-    "sscl_release": lambda a, b, g: sscl(a, b, temperature=0.5, tau_plus=0.05, beta=1.0, n_hard=32,
-                                         n_synthetic=4, mix="release",
-                                         generator=torch.Generator().manual_seed(8), gather=g),
+    "sscl": lambda a, b, g: sscl(
+        a,
+        b,
+        temperature=0.5,
+        tau_plus=0.05,
+        beta=1.0,
+        n_hard=5,
+        n_synthetic=3,
+        generator=torch.Generator().manual_seed(7),
+        gather=g,
+    ),
+    "sscl_release": lambda a, b, g: sscl(
+        a,
+        b,
+        temperature=0.5,
+        tau_plus=0.05,
+        beta=1.0,
+        n_hard=32,
+        n_synthetic=4,
+        mix="release",
+        generator=torch.Generator().manual_seed(8),
+        gather=g,
+    ),
 }
 
 

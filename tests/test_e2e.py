@@ -1,4 +1,5 @@
 """End to end through a real local Ray instance (2 CPU workers) and a real SQLite MLflow store."""
+
 from __future__ import annotations
 
 import os
@@ -6,9 +7,9 @@ import os
 import mlflow
 import pytest
 import ray
+from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_config
 from pipeline import checkpoint, launch
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
 """Weighted kNN against a brute-force reference, toy clusters, and the eval path on real shards."""
+
 from __future__ import annotations
 
 import math

@@ -4,20 +4,21 @@ restarted run's per-step loss history equals an uninterrupted run's, value for v
 
 Run with -s to see the restart step and the final step.
 """
+
 from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 
 import pytest
+from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_config
 from pipeline import checkpoint, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
@@ -75,9 +76,16 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     monkeypatch.setenv("HARDNEG_RAY_TMP", ray_tmp)
     spe, epochs = 1347 // 128, 4
     total = spe * epochs
-    common = ("cluster.num_workers=2", f"train.epochs={epochs}", "train.knn_every_epochs=0",
-              "train.checkpoint_every_epochs=1", "cluster.max_failures=2", "train.log_every_steps=1",
-              "tracking.plots=false", "tracking.log_model=false")
+    common = (
+        "cluster.num_workers=2",
+        f"train.epochs={epochs}",
+        "train.knn_every_epochs=0",
+        "train.checkpoint_every_epochs=1",
+        "cluster.max_failures=2",
+        "train.log_every_steps=1",
+        "tracking.plots=false",
+        "tracking.log_model=false",
+    )
     cfg = tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=ft")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = str(tmp_path / "runs" / "ft")
@@ -102,11 +110,15 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
             if len(workers) != 2:
                 continue
             victim = workers[-1]
-            killed.update(pid=victim, checkpoint_step=registered, logged_step=max(logged_steps(client)),
-                          workers=workers)
+            killed.update(
+                pid=victim, checkpoint_step=registered, logged_step=max(logged_steps(client)), workers=workers
+            )
             os.kill(victim, signal.SIGKILL)
-            print(f"\n[kill] SIGKILL RayTrainWorker pid {victim} of {workers}: latest registered checkpoint at step "
-                  f"{killed['checkpoint_step']}, MLflow loss logged up to step {killed['logged_step']}", flush=True)
+            print(
+                f"\n[kill] SIGKILL RayTrainWorker pid {victim} of {workers}: latest registered checkpoint at step "
+                f"{killed['checkpoint_step']}, MLflow loss logged up to step {killed['logged_step']}",
+                flush=True,
+            )
             return
 
     killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
@@ -119,8 +131,9 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
 
     assert killed, "the run finished before a worker could be killed"
     restart, final = result["restored_from_step"], result["step"]
-    print(f"[restart] training restarted from the checkpoint at step {restart}; final step {final} of {total}",
-          flush=True)
+    print(
+        f"[restart] training restarted from the checkpoint at step {restart}; final step {final} of {total}", flush=True
+    )
     assert killed["pid"] not in train_workers()
     assert restart is not None and restart % spe == 0 and killed["checkpoint_step"] <= restart < total
     assert final == total and checkpoint.load(result["checkpoint"])["step"] == total
@@ -138,14 +151,27 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
     loss_steps = [step for step, _ in history]
     assert loss_steps == list(range(1, total + 1))  # every step once: before the kill from attempt 1, after from 2
-    print(f"[mlflow] one run {run.info.run_id}, loss logged at {len(loss_steps)} strictly increasing steps "
-          f"{loss_steps[0]}..{loss_steps[-1]}", flush=True)
+    print(
+        f"[mlflow] one run {run.info.run_id}, loss logged at {len(loss_steps)} strictly increasing steps "
+        f"{loss_steps[0]}..{loss_steps[-1]}",
+        flush=True,
+    )
 
     # The same run uninterrupted: the same loss at every step (batches and RNG streams are functions of the step).
-    reference = launch.train_run(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=reference",
-                                             f"tracking.uri=sqlite:///{tmp_path / 'reference.db'}"))
+    reference = launch.train_run(
+        tiny_config(
+            tmp_path,
+            digits_shards,
+            *common,
+            "tracking.run_name=reference",
+            f"tracking.uri=sqlite:///{tmp_path / 'reference.db'}",
+        )
+    )
     ref_client = MlflowClient(f"sqlite:///{tmp_path / 'reference.db'}")
-    ref_history = sorted((m.step, m.value) for m in ref_client.get_metric_history(reference["mlflow_run_id"], "train/loss"))
+    ref_history = sorted(
+        (m.step, m.value) for m in ref_client.get_metric_history(reference["mlflow_run_id"], "train/loss")
+    )
     assert ref_history == history
-    print(f"[history] restarted at step {restart}: all {total} per-step losses equal the uninterrupted run's",
-          flush=True)
+    print(
+        f"[history] restarted at step {restart}: all {total} per-step losses equal the uninterrupted run's", flush=True
+    )

@@ -1,4 +1,5 @@
 """FFCV output (one .beton per split) and the FFCV training loader."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,12 @@ def beton_rows(path) -> tuple[np.ndarray, list[np.ndarray]]:
     assert reader.field_names == ["image", "label"]
     image, label = reader.metadata["f0"], reader.metadata["f1"]  # FFCV names metadata columns by position
     raw = open(path, "rb").read()
-    images = [np.frombuffer(raw, np.uint8, int(m["height"]) * int(m["width"]) * 3, int(m["data_ptr"]))
-              .reshape(int(m["height"]), int(m["width"]), 3) for m in image]
+    images = [
+        np.frombuffer(raw, np.uint8, int(m["height"]) * int(m["width"]) * 3, int(m["data_ptr"])).reshape(
+            int(m["height"]), int(m["width"]), 3
+        )
+        for m in image
+    ]
     assert (image["mode"] == 1).all(), "32x32 images are stored raw (lossless)"
     return np.asarray(label).reshape(-1), images
 
@@ -64,7 +69,9 @@ def test_beton_holds_the_split_in_planned_order(both):
     out, manifest, _ = both
     for split, n in (("train", 300), ("test", 60)):
         entry = manifest["splits"][split]["ffcv"]
-        assert entry["path"] == f"{split}.beton" and entry["num_samples"] == n == manifest["splits"][split]["num_samples"]
+        assert (
+            entry["path"] == f"{split}.beton" and entry["num_samples"] == n == manifest["splits"][split]["num_samples"]
+        )
         assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
         labels, images = beton_rows(out / entry["path"])
         wds_labels, wds_images = shard_rows(out, manifest, split)
@@ -149,7 +156,7 @@ def test_ffcv_loader_batches_follow_the_rank_order(both):
     assert torch.get_num_threads() == threads, "FFCV must not change torch's thread count"
     indices = np.arange(300, dtype=np.uint64)
     order = [data.rank_order(indices, 11, e, 1, 2) for e in (0, 1)]
-    want = [order[0][k * 16:(k + 1) * 16] for k in range(per_epoch)] + [order[1][:16]]
+    want = [order[0][k * 16 : (k + 1) * 16] for k in range(per_epoch)] + [order[1][:16]]
     for (v1, v2, y), idx in zip(got, want):
         assert v1.shape == v2.shape == (16, 3, 32, 32) and v1.dtype == torch.float32 and y.dtype == torch.int64
         assert y.tolist() == labels[idx.astype(np.int64)].tolist()

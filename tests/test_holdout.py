@@ -1,4 +1,5 @@
 """The validation split held out of train (hardneg prep --val-fraction): stratified, fixed seed, in the manifest."""
+
 from __future__ import annotations
 
 from collections import Counter

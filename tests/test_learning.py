@@ -1,4 +1,5 @@
 """Training learns: the demo recipe, shortened to 10 epochs in one process, beats its own random init and chance."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,17 @@ MARGIN = 0.04
 
 
 def test_demo_recipe_beats_random_init_and_chance(tmp_path):
-    result = run_demo("configs/demo.yaml", str(tmp_path / "demo"), [
-        "cluster.launcher=local", "train.epochs=10", "train.knn_every_epochs=0", "tracking.log_model=false",
-        "tracking.plots=false", "train.threads_per_worker=2"])
+    result = run_demo(
+        "configs/demo.yaml",
+        str(tmp_path / "demo"),
+        [
+            "cluster.launcher=local",
+            "train.epochs=10",
+            "train.knn_every_epochs=0",
+            "tracking.log_model=false",
+            "tracking.plots=false",
+            "train.threads_per_worker=2",
+        ],
+    )
     assert result["trained"] >= result["random_init"] + MARGIN, result
     assert result["trained"] > 0.5  # ten balanced classes: chance is 0.1

@@ -1,4 +1,5 @@
 """Losses against slow float64 references transcribed from docs/methods.md, plus every listed property."""
+
 from __future__ import annotations
 
 import math
@@ -140,17 +141,23 @@ def test_nt_xent_is_cross_entropy():
 @pytest.mark.parametrize("t,tau_plus", [(0.5, 0.0), (0.5, 0.1), (0.2, 0.3), (0.5, 0.6)])
 def test_dcl_matches_reference(t, tau_plus):
     z1, z2 = _pair(seed=2)
-    _assert_matches(lambda a, b: dcl(a, b, temperature=t, tau_plus=tau_plus),
-                    lambda a, b: ref_dcl(a, b, t, tau_plus), z1, z2)
+    _assert_matches(
+        lambda a, b: dcl(a, b, temperature=t, tau_plus=tau_plus), lambda a, b: ref_dcl(a, b, t, tau_plus), z1, z2
+    )
 
 
-@pytest.mark.parametrize("t,tau_plus,beta", [(0.5, 0.1, 1.0), (0.5, 0.0, 0.5), (0.2, 0.05, 2.0),
-                                             (0.5, 0.3, 6.0), (0.5, 0.6, 1.0)])
+@pytest.mark.parametrize(
+    "t,tau_plus,beta", [(0.5, 0.1, 1.0), (0.5, 0.0, 0.5), (0.2, 0.05, 2.0), (0.5, 0.3, 6.0), (0.5, 0.6, 1.0)]
+)
 @pytest.mark.parametrize("seed", [3, 4])
 def test_hcl_matches_reference(t, tau_plus, beta, seed):
     z1, z2 = _pair(seed=seed)
-    _assert_matches(lambda a, b: hcl(a, b, temperature=t, tau_plus=tau_plus, beta=beta),
-                    lambda a, b: ref_hcl(a, b, t, tau_plus, beta), z1, z2)
+    _assert_matches(
+        lambda a, b: hcl(a, b, temperature=t, tau_plus=tau_plus, beta=beta),
+        lambda a, b: ref_hcl(a, b, t, tau_plus, beta),
+        z1,
+        z2,
+    )
 
 
 def test_some_rows_clamped_in_reference_settings():
@@ -170,8 +177,17 @@ def test_sscl_matches_reference(mix, n_hard, n_synthetic):
     t, tau_plus, beta, seed = 0.5, 0.05, 1.0, 11
 
     def f(a, b):
-        return sscl(a, b, temperature=t, tau_plus=tau_plus, beta=beta, n_hard=n_hard, n_synthetic=n_synthetic,
-                    mix=mix, generator=torch.Generator().manual_seed(seed))
+        return sscl(
+            a,
+            b,
+            temperature=t,
+            tau_plus=tau_plus,
+            beta=beta,
+            n_hard=n_hard,
+            n_synthetic=n_synthetic,
+            mix=mix,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     _assert_matches(f, lambda a, b: ref_sscl(a, b, t, tau_plus, beta, n_hard, n_synthetic, mix, seed), z1, z2)
 
@@ -217,8 +233,20 @@ def test_hcl_beta0_equals_dcl_exactly(tau_plus):
 
 def test_sscl_without_synthetics_equals_hcl_exactly():
     z1, z2 = _pair(b=16, d=8, seed=8, dtype=torch.float32)
-    a = _grads(lambda x, y: sscl(x, y, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=4, n_synthetic=0,
-                                 generator=torch.Generator().manual_seed(0)), z1, z2)
+    a = _grads(
+        lambda x, y: sscl(
+            x,
+            y,
+            temperature=0.5,
+            tau_plus=0.1,
+            beta=1.0,
+            n_hard=4,
+            n_synthetic=0,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        z1,
+        z2,
+    )
     b = _grads(lambda x, y: hcl(x, y, temperature=0.5, tau_plus=0.1, beta=1.0), z1, z2)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
@@ -235,8 +263,17 @@ def test_identical_embeddings(b, t):
         for beta in (0.0, 1.0, 10.0):
             torch.testing.assert_close(hcl(z, z, temperature=t, tau_plus=tau_plus, beta=beta), torch.tensor(expected))
             for k, mix in ((3, "paper"), (8, "release")):
-                got = sscl(z, z, temperature=t, tau_plus=tau_plus, beta=beta, n_hard=4, n_synthetic=k, mix=mix,
-                           generator=torch.Generator().manual_seed(1))
+                got = sscl(
+                    z,
+                    z,
+                    temperature=t,
+                    tau_plus=tau_plus,
+                    beta=beta,
+                    n_hard=4,
+                    n_synthetic=k,
+                    mix=mix,
+                    generator=torch.Generator().manual_seed(1),
+                )
                 torch.testing.assert_close(got, torch.tensor(math.log(2 * b - 1 + k)))
 
 
@@ -274,10 +311,28 @@ _CASES = {
     "dcl": lambda a, b: dcl(a, b, temperature=0.5, tau_plus=0.1),
     "hcl": lambda a, b: hcl(a, b, temperature=0.5, tau_plus=0.1, beta=2.0),
     # n_hard = 1: every draw is the row's hardest negative, so the draws cannot depend on row order
-    "sscl": lambda a, b: sscl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=1, n_synthetic=4,
-                              mix="release", generator=torch.Generator().manual_seed(3)),
-    "sscl_paper_s1": lambda a, b: sscl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=1, n_synthetic=4,
-                                       mix="paper", generator=torch.Generator().manual_seed(3)),
+    "sscl": lambda a, b: sscl(
+        a,
+        b,
+        temperature=0.5,
+        tau_plus=0.1,
+        beta=1.0,
+        n_hard=1,
+        n_synthetic=4,
+        mix="release",
+        generator=torch.Generator().manual_seed(3),
+    ),
+    "sscl_paper_s1": lambda a, b: sscl(
+        a,
+        b,
+        temperature=0.5,
+        tau_plus=0.1,
+        beta=1.0,
+        n_hard=1,
+        n_synthetic=4,
+        mix="paper",
+        generator=torch.Generator().manual_seed(3),
+    ),
 }
 
 
@@ -302,8 +357,16 @@ def test_sscl_permutation_with_matching_draws_reference():
     """General n_hard: the permuted batch equals the reference fed the same seed on the permuted rows."""
     z1, z2 = _pair(b=6, seed=14)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(1))
-    got = sscl(z1[perm], z2[perm], temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=4, n_synthetic=3,
-               generator=torch.Generator().manual_seed(5))
+    got = sscl(
+        z1[perm],
+        z2[perm],
+        temperature=0.5,
+        tau_plus=0.1,
+        beta=1.0,
+        n_hard=4,
+        n_synthetic=3,
+        generator=torch.Generator().manual_seed(5),
+    )
     torch.testing.assert_close(got, ref_sscl(z1[perm], z2[perm], 0.5, 0.1, 1.0, 4, 3, "paper", 5))
 
 
@@ -347,8 +410,16 @@ def test_low_temperature_large_beta_is_finite_and_exact(dtype):
     }
     got = {
         "hcl": hcl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta),
-        "sscl": sscl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta, n_hard=8, n_synthetic=4,
-                     generator=torch.Generator().manual_seed(2)),
+        "sscl": sscl(
+            z1,
+            z2,
+            temperature=t,
+            tau_plus=tau_plus,
+            beta=beta,
+            n_hard=8,
+            n_synthetic=4,
+            generator=torch.Generator().manual_seed(2),
+        ),
     }
     for name in got:
         assert got[name].dtype == torch.float32
@@ -366,8 +437,16 @@ _GRADCHECK = {
     "nt_xent": lambda a, b: nt_xent(a, b, temperature=0.5),
     "dcl": lambda a, b: dcl(a, b, temperature=0.5, tau_plus=0.1),
     "hcl": lambda a, b: hcl(a, b, temperature=0.5, tau_plus=0.1, beta=1.5),
-    "sscl": lambda a, b: sscl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=3, n_synthetic=2,
-                              generator=torch.Generator().manual_seed(4)),
+    "sscl": lambda a, b: sscl(
+        a,
+        b,
+        temperature=0.5,
+        tau_plus=0.1,
+        beta=1.0,
+        n_hard=3,
+        n_synthetic=2,
+        generator=torch.Generator().manual_seed(4),
+    ),
 }
 
 
@@ -398,9 +477,17 @@ def test_gradcheck(name, monkeypatch):
 def test_every_registered_loss_meets_the_identical_embeddings_limit():
     """Through the registry: with all 2B embeddings equal, each loss is log(2B - 1), SSCL log(2B - 1 + k)."""
     z = torch.randn(1, 8, dtype=torch.float64).expand(6, 8)  # B = 6
-    extra = {"dcl": {"tau_plus": 0.0}, "hcl": {"tau_plus": 0.0, "beta": 1.0},
-             "sscl": {"tau_plus": 0.0, "beta": 1.0, "n_hard": 4, "n_synthetic": 3,
-                      "generator": torch.Generator().manual_seed(0)}}
+    extra = {
+        "dcl": {"tau_plus": 0.0},
+        "hcl": {"tau_plus": 0.0, "beta": 1.0},
+        "sscl": {
+            "tau_plus": 0.0,
+            "beta": 1.0,
+            "n_hard": 4,
+            "n_synthetic": 3,
+            "generator": torch.Generator().manual_seed(0),
+        },
+    }
     assert set(LOSSES) >= {"nt_xent", "dcl", "hcl", "sscl"}
     for name, loss_fn in LOSSES.items():
         k = extra.get(name, {}).get("n_synthetic", 0)
@@ -479,8 +566,9 @@ def test_local_rows_against_global_columns(name):
     z1, z2 = _pair(b=world * n, seed=17)
     pairs = F.normalize(torch.cat([z1, z2], 1).view(world * n, 2, -1), dim=2).view(world * n, -1)
     blocks = list(pairs.split(n))
-    per_rank = [_GATHERED[name](z1[r * n:(r + 1) * n], z2[r * n:(r + 1) * n], _FakeGather(r, blocks))
-                for r in range(world)]
+    per_rank = [
+        _GATHERED[name](z1[r * n : (r + 1) * n], z2[r * n : (r + 1) * n], _FakeGather(r, blocks)) for r in range(world)
+    ]
     torch.testing.assert_close(torch.stack(per_rank).mean(), _GATHERED[name](z1, z2, None), rtol=1e-12, atol=1e-12)
 
 
@@ -488,8 +576,17 @@ _GATHERED = {
     "nt_xent": lambda a, b, g: nt_xent(a, b, temperature=0.5, gather=g),
     "dcl": lambda a, b, g: dcl(a, b, temperature=0.5, tau_plus=0.1, gather=g),
     "hcl": lambda a, b, g: hcl(a, b, temperature=0.5, tau_plus=0.1, beta=1.5, gather=g),
-    "sscl": lambda a, b, g: sscl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=3, n_synthetic=2,
-                                 generator=torch.Generator().manual_seed(4), gather=g),
+    "sscl": lambda a, b, g: sscl(
+        a,
+        b,
+        temperature=0.5,
+        tau_plus=0.1,
+        beta=1.0,
+        n_hard=3,
+        n_synthetic=2,
+        generator=torch.Generator().manual_seed(4),
+        gather=g,
+    ),
 }
 
 

@@ -5,6 +5,7 @@ finishes with the full step count, in one MLflow run, no metric step twice.
 
 Run with -s to see the restart step.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import tempfile
 import threading
 
 import pytest
-
 from conftest import tiny_config
+
 from pipeline import checkpoint, launch
 
 pytestmark = pytest.mark.slow
@@ -39,19 +40,32 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
 
     ray_tmp = tempfile.mkdtemp(prefix="hnln-", dir="/tmp")  # short: Ray's socket paths live under it
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "temp_dir": ray_tmp, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "temp_dir": ray_tmp, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+    )
     request.addfinalizer(cluster.shutdown)
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
 
     epochs = 3
     total = epochs * SPE
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.num_workers=2", "cluster.min_workers=1",
-                      f"cluster.address={cluster.address}", "cluster.max_failures=2", f"train.epochs={epochs}",
-                      "train.knn_every_epochs=0", "train.log_every_steps=1", "train.checkpoint_every_steps=4",
-                      "tracking.plots=false", "tracking.log_model=false", "tracking.system_metrics_every_s=0",
-                      "tracking.run_name=lost")
+    cfg = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.num_workers=2",
+        "cluster.min_workers=1",
+        f"cluster.address={cluster.address}",
+        "cluster.max_failures=2",
+        f"train.epochs={epochs}",
+        "train.knn_every_epochs=0",
+        "train.log_every_steps=1",
+        "train.checkpoint_every_steps=4",
+        "tracking.plots=false",
+        "tracking.log_model=false",
+        "tracking.system_metrics_every_s=0",
+        "tracking.run_name=lost",
+    )
     run_dir = str(tmp_path / "runs" / "lost")
     seen: dict = {}
     done = threading.Event()
@@ -62,15 +76,21 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
             if step is None:
                 continue
             try:
-                workers = [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
-                           if a.class_name.endswith("RayTrainWorker")]
+                workers = [
+                    a
+                    for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+                    if a.class_name.endswith("RayTrainWorker")
+                ]
             except Exception:
                 continue
             seen["nodes"] = {a.node_id for a in workers}
             seen["checkpoint_step"] = step
             cluster.remove_node(second)
-            print(f"\n[node] removed the second node: workers were on {len(seen['nodes'])} nodes, latest "
-                  f"registered checkpoint at step {step}", flush=True)
+            print(
+                f"\n[node] removed the second node: workers were on {len(seen['nodes'])} nodes, latest "
+                f"registered checkpoint at step {step}",
+                flush=True,
+            )
             return
 
     remover = threading.Thread(target=remove_the_second_node, daemon=True)
@@ -84,8 +104,11 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
     assert seen, "the run finished before the node could be removed"
     assert len(seen["nodes"]) == 2  # one training worker per node
     restart = result["restored_from_step"]
-    print(f"[restart] restarted from the checkpoint at step {restart} on the remaining node; final step "
-          f"{result['step']} of {total}", flush=True)
+    print(
+        f"[restart] restarted from the checkpoint at step {restart} on the remaining node; final step "
+        f"{result['step']} of {total}",
+        flush=True,
+    )
     assert restart is not None and seen["checkpoint_step"] <= restart < total
     assert result["step"] == total and checkpoint.load(result["checkpoint"])["step"] == total
 

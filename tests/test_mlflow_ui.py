@@ -7,6 +7,7 @@ test is skipped saying which is missing. The docs' screenshots come from the dem
     HARDNEG_UI_STORE=sqlite:///$PWD/demo_out/mlflow.db HARDNEG_SCREENSHOTS=docs pytest tests/test_mlflow_ui.py
 (HARDNEG_UI_STORE: use that store's newest run instead of training one; HARDNEG_SCREENSHOTS: also save there.)
 """
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,18 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import free_port, tiny_config
 
 CHROMIUM = os.environ.get("HARDNEG_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install -y chromium (make setup "
-                                 "does it as root), or set HARDNEG_CHROMIUM to a Chromium binary")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium: apt-get install -y chromium (make setup "
+        "does it as root), or set HARDNEG_CHROMIUM to a Chromium binary",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +42,34 @@ def ui_run(tmp_path_factory, request):
     if uri:
         from mlflow.tracking import MlflowClient
 
-        newest = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("hardneg").experiment_id],
-                                               order_by=["attributes.start_time DESC"], max_results=1)[0]
+        newest = MlflowClient(uri).search_runs(
+            [MlflowClient(uri).get_experiment_by_name("hardneg").experiment_id],
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )[0]
         result = {"tracking_uri": uri, "mlflow_run_id": newest.info.run_id}
     else:
         digits_shards = request.getfixturevalue("digits_shards")
-        result = launch.train_run(tiny_config(tmp, digits_shards, "cluster.launcher=local", "loss.name=sscl",
-                                              "train.knn_every_epochs=1", "tracking.system_metrics_every_s=0"))
+        result = launch.train_run(
+            tiny_config(
+                tmp,
+                digits_shards,
+                "cluster.launcher=local",
+                "loss.name=sscl",
+                "train.knn_every_epochs=1",
+                "tracking.system_metrics_every_s=0",
+            )
+        )
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
     port = free_port()
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(tmp / "ui.log", "w")
-    proc = subprocess.Popen([mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -76,8 +96,9 @@ def ui_run(tmp_path_factory, request):
 def _open(page, url: str, *needles: str) -> str:
     """Go to ``url`` and wait (up to 90 s: the UI renders client-side) until the page shows every needle."""
     page.goto(url)
-    script = ("needles => needles.every(n => document.body && "
-              "document.body.innerText.replace(/\\u00a0/g, ' ').includes(n))")
+    script = (
+        "needles => needles.every(n => document.body && document.body.innerText.replace(/\\u00a0/g, ' ').includes(n))"
+    )
     try:
         page.wait_for_function(script, arg=list(needles), timeout=90_000)
     except playwright.TimeoutError:
@@ -102,19 +123,31 @@ def test_run_pages_show_the_described_run_grouped_metrics_and_models(ui_run):
     run = MlflowClient(result["tracking_uri"]).get_run(result["mlflow_run_id"])
     experiment, run_id = run.info.experiment_id, run.info.run_id
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             base = f"{url}/#/experiments/{experiment}/runs/{run_id}"
 
             text = _open(page, base, "Description", "Datasets", "method")
-            for needle in ("sscl (temperature=", "builtin:digits", "digits (", "hardneg train",
-                           run.data.tags["mlflow.source.git.commit"][:7], "world_size", "eval/knn_top1_best"):
+            for needle in (
+                "sscl (temperature=",
+                "builtin:digits",
+                "digits (",
+                "hardneg train",
+                run.data.tags["mlflow.source.git.commit"][:7],
+                "world_size",
+                "eval/knn_top1_best",
+            ):
                 assert needle in text, f"run page lacks {needle!r}"
             assert "method\n: sscl" in text or "method: sscl" in text.replace("\n", "")
-            for metric in ("negatives/same_class_share_of_hardest", "negatives/cos_synthetic_mean", "perf/images_per_s",
-                           "train/loss"):
+            for metric in (
+                "negatives/same_class_share_of_hardest",
+                "negatives/cos_synthetic_mean",
+                "perf/images_per_s",
+                "train/loss",
+            ):
                 assert metric in text, metric  # the overview's table lists them (the charts tab renders lazily)
             assert "loss.psm_" not in text and "tracking.run_id" not in text  # only the method's own params
             close = page.locator("button[aria-label=Close]")  # the assistant panel hides half a screenshot

@@ -1,17 +1,17 @@
 """MoCHi: float64 references for the synthetic negatives and the logits, limits, gradcheck, queue, 2 gloo ranks."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
-from conftest import save_rank, spawn_ranks
 import torch
 import torch.nn.functional as F
+from conftest import save_rank, spawn_ranks
 
 from pipeline import config, dist
 from pipeline.losses import draw_mixes, mochi_logits, mochi_loss, mochi_synthesize
 from pipeline.objectives import MoCHiObjective, build_objective
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,10 +38,17 @@ def ref_synthetic(q, queue, n_hard, s, s_prime, seed):
     out = []
     for i in range(b):
         hardest = sorted(range(bank.shape[0]), key=lambda j: -float(q[i] @ bank[j]))[:n]
-        row = [F.normalize(alpha[i, m, 0] * bank[hardest[pairs[0, i, m]]]
-                           + (1 - alpha[i, m, 0]) * bank[hardest[pairs[1, i, m]]], dim=0) for m in range(s)]
-        row += [F.normalize(beta[i, m, 0] * q[i] + (1 - beta[i, m, 0]) * bank[hardest[picks[i, m]]], dim=0)
-                for m in range(s_prime)]
+        row = [
+            F.normalize(
+                alpha[i, m, 0] * bank[hardest[pairs[0, i, m]]] + (1 - alpha[i, m, 0]) * bank[hardest[pairs[1, i, m]]],
+                dim=0,
+            )
+            for m in range(s)
+        ]
+        row += [
+            F.normalize(beta[i, m, 0] * q[i] + (1 - beta[i, m, 0]) * bank[hardest[picks[i, m]]], dim=0)
+            for m in range(s_prime)
+        ]
         out.append(torch.stack(row) if row else torch.zeros(0, q.shape[1], dtype=torch.float64))
     return torch.stack(out)
 
@@ -61,8 +68,9 @@ def ref_loss(q, k, queue, synthetic, t):
 @pytest.mark.parametrize("n_hard,s,s_prime", [(4, 3, 2), (1, 2, 0), (100, 0, 3), (6, 5, 5)])
 def test_synthetic_matches_reference(n_hard, s, s_prime):
     q, _, queue = _data()
-    got = mochi_synthesize(q, queue, n_hard=n_hard, n_mix=s, n_mix_query=s_prime,
-                           generator=torch.Generator().manual_seed(3))
+    got = mochi_synthesize(
+        q, queue, n_hard=n_hard, n_mix=s, n_mix_query=s_prime, generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(got, ref_synthetic(q, queue, n_hard, s, s_prime, 3))
     assert not got.requires_grad and got.shape == (5, s + s_prime, 4)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(5, s + s_prime, dtype=torch.float64))
@@ -130,8 +138,18 @@ def test_rows_split_over_ranks_reproduce_the_draws():
     q, k, queue = _data(n=6, seed=4)
     kw = dict(temperature=0.2, n_hard=5, n_mix=3, n_mix_query=2)
     whole = mochi_loss(q, k, queue, generator=torch.Generator().manual_seed(1), **kw)
-    halves = [mochi_loss(q[r * 3:(r + 1) * 3], k[r * 3:(r + 1) * 3], queue, generator=torch.Generator().manual_seed(1),
-                         row_offset=3 * r, n_rows_global=6, **kw) for r in range(2)]
+    halves = [
+        mochi_loss(
+            q[r * 3 : (r + 1) * 3],
+            k[r * 3 : (r + 1) * 3],
+            queue,
+            generator=torch.Generator().manual_seed(1),
+            row_offset=3 * r,
+            n_rows_global=6,
+            **kw,
+        )
+        for r in range(2)
+    ]
     torch.testing.assert_close(torch.stack(halves).mean(), whole)
 
 
@@ -146,8 +164,16 @@ def test_gradcheck_and_low_temperature():
     # Frozen synthetic vectors: finite differences must not move them (they are detached by design);
     # the closed-form path has the same gradient (test_closed_form_logits_equal_the_explicit_vectors).
     assert torch.autograd.gradcheck(f, (q.clone().requires_grad_(True),), eps=1e-6, atol=1e-5)
-    got = mochi_loss(q.float(), k.float(), queue.float(), temperature=0.02, n_hard=3, n_mix=2, n_mix_query=2,
-                     generator=torch.Generator().manual_seed(0))
+    got = mochi_loss(
+        q.float(),
+        k.float(),
+        queue.float(),
+        temperature=0.02,
+        n_hard=3,
+        n_mix=2,
+        n_mix_query=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert got.dtype == torch.float32 and torch.isfinite(got)
     torch.testing.assert_close(got.double(), ref_loss(q, k, queue, synthetic, 0.02), rtol=1e-4, atol=1e-4)
 
@@ -173,8 +199,17 @@ def test_argument_validation():
         mochi_synthesize(q, queue, n_hard=2, n_mix=1, n_mix_query=1, row_offset=2, n_rows_global=6)
 
 
-TINY = ["model.width=4", "model.proj_hidden_dim=16", "model.proj_dim=8", "loss.name=mochi", "loss.mochi_queue_size=16",
-        "loss.mochi_n_hard=4", "loss.mochi_s=3", "loss.mochi_s_prime=2", "loss.temperature=0.2"]
+TINY = [
+    "model.width=4",
+    "model.proj_hidden_dim=16",
+    "model.proj_dim=8",
+    "loss.name=mochi",
+    "loss.mochi_queue_size=16",
+    "loss.mochi_n_hard=4",
+    "loss.mochi_s=3",
+    "loss.mochi_s_prime=2",
+    "loss.temperature=0.2",
+]
 
 
 def _images(n, seed):
@@ -191,8 +226,9 @@ def test_objective_uses_the_queue_before_enqueue_and_moves_the_key_encoder():
     loss, stats = obj(x1, x2, labels, with_stats=True)
     with torch.no_grad():
         q, k = obj.encoder(x1), F.normalize(obj.momentum(x2), dim=1)
-    expected = mochi_loss(q, k, queue0, temperature=0.2, n_hard=4, n_mix=3, n_mix_query=2,
-                          generator=torch.Generator().manual_seed(0))
+    expected = mochi_loss(
+        q, k, queue0, temperature=0.2, n_hard=4, n_mix=3, n_mix_query=2, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(loss.detach(), expected)  # the loss saw the queue before this step's keys
     torch.testing.assert_close(obj.queue[:5], k)
     assert torch.equal(obj.queue[5:], queue0[5:]) and int(obj.queue_ptr) == 5
@@ -216,8 +252,13 @@ def test_config_defaults_and_validation():
     from pipeline.errors import HardnegError
 
     c = config.load(None, ["loss.name=mochi"]).loss
-    assert (c.mochi_momentum, c.mochi_queue_size, c.mochi_n_hard, c.mochi_s, c.mochi_s_prime) == (0.999, 65536, 1024,
-                                                                                                   1024, 512)
+    assert (c.mochi_momentum, c.mochi_queue_size, c.mochi_n_hard, c.mochi_s, c.mochi_s_prime) == (
+        0.999,
+        65536,
+        1024,
+        1024,
+        512,
+    )
     with pytest.raises(HardnegError, match="mochi_n_hard=64 must be <= loss.mochi_queue_size=32"):
         config.load(None, ["loss.name=mochi", "loss.mochi_queue_size=32", "loss.mochi_n_hard=64"])
 
@@ -236,9 +277,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         q_all, k_all, queue = _data(n=WORLD * N_LOCAL, seed=6)
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         q = q_all[rows].clone().requires_grad_(True)
-        loss = mochi_loss(q, k_all[rows], queue, temperature=0.2, n_hard=5, n_mix=3, n_mix_query=2,
-                          generator=torch.Generator().manual_seed(2), row_offset=rank * N_LOCAL,
-                          n_rows_global=WORLD * N_LOCAL)
+        loss = mochi_loss(
+            q,
+            k_all[rows],
+            queue,
+            temperature=0.2,
+            n_hard=5,
+            n_mix=3,
+            n_mix_query=2,
+            generator=torch.Generator().manual_seed(2),
+            row_offset=rank * N_LOCAL,
+            n_rows_global=WORLD * N_LOCAL,
+        )
         loss.backward()
         result = {"loss": (loss.detach(), q.grad)}
         torch.manual_seed(0)
@@ -266,12 +316,13 @@ def ranks(tmp_path_factory):
 def test_gathered_loss_and_grads_equal_single_process(ranks):
     q, k, queue = _data(n=WORLD * N_LOCAL, seed=6)
     q.requires_grad_(True)
-    loss = mochi_loss(q, k, queue, temperature=0.2, n_hard=5, n_mix=3, n_mix_query=2,
-                      generator=torch.Generator().manual_seed(2))
+    loss = mochi_loss(
+        q, k, queue, temperature=0.2, n_hard=5, n_mix=3, n_mix_query=2, generator=torch.Generator().manual_seed(2)
+    )
     loss.backward()
     torch.testing.assert_close(torch.stack([r["loss"][0] for r in ranks]).mean(), loss.detach())
     for rank, r in enumerate(ranks):
-        torch.testing.assert_close(r["loss"][1] / WORLD, q.grad[rank * N_LOCAL:(rank + 1) * N_LOCAL])
+        torch.testing.assert_close(r["loss"][1] / WORLD, q.grad[rank * N_LOCAL : (rank + 1) * N_LOCAL])
 
 
 def test_queue_is_identical_on_every_rank(ranks):
@@ -297,8 +348,9 @@ def test_shuffle_bn_keys_use_other_sub_batch_statistics_and_return_in_order():
     for part in perm.chunk(2):  # each row normalised with the statistics of its shuffled half
         expected[part] = (x[part] - x[part].mean(0)) / torch.sqrt(x[part].var(0, unbiased=False) + bn.eps)
     torch.testing.assert_close(got, expected)
-    cfg = config.load(None, [*TINY, "model.shuffle_bn_groups=2", "model.proj_bn=false", "loss.mochi_s=0",
-                             "loss.mochi_s_prime=0"])
+    cfg = config.load(
+        None, [*TINY, "model.shuffle_bn_groups=2", "model.proj_bn=false", "loss.mochi_s=0", "loss.mochi_s_prime=0"]
+    )
     obj = build_objective(cfg, None, torch.Generator().manual_seed(0))
     loss, _ = obj(*_images(6, 1))
     assert torch.isfinite(loss) and obj.bn_groups == 2

@@ -1,4 +1,5 @@
 """Backbones: the CIFAR stem, widths, feature sizes; the projector's shape."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """The tracking outbox on its own: put never blocks, order is kept across an outage, leftovers are spooled,
 and `hardneg runs sync` sends a spool into a real SQLite MLflow store (skipping steps it already holds)."""
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,11 @@ def test_runs_sync_uploads_a_spool_once(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "spooled"
     spool = str(run_dir / outbox.SPOOL_DIR)
     outbox.write_target(spool, uri, tracker.run_id)
-    records = [{"kind": "batch", "run_id": tracker.run_id, "metrics": [["loss", float(s), 0, s] for s in (1, 2, 3)]},
-               {"kind": "batch", "run_id": tracker.run_id, "tags": [["failure_reason", "none"]]},
-               {"kind": "terminated", "run_id": tracker.run_id, "status": "FINISHED"}]
+    records = [
+        {"kind": "batch", "run_id": tracker.run_id, "metrics": [["loss", float(s), 0, s] for s in (1, 2, 3)]},
+        {"kind": "batch", "run_id": tracker.run_id, "tags": [["failure_reason", "none"]]},
+        {"kind": "terminated", "run_id": tracker.run_id, "status": "FINISHED"},
+    ]
     box = outbox.Outbox(lambda r: (_ for _ in ()).throw(ConnectionError()), spool, "test")
     box._keep(records)
     box.close(0)

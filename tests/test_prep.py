@@ -1,4 +1,5 @@
 """Round trips, idempotence, verification and bad input for the offline sharding side (data_prep)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,9 @@ import tarfile
 import uuid
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -62,9 +63,19 @@ def test_digits_round_trip(digits_out):
     assert manifest["version"] == 1 and manifest["dataset"] == "builtin:digits"
     prep = dict(manifest["prep"])
     assert len(prep.pop("fingerprint")) == 64
-    assert prep == {"shard_size": 400, "seed": 0, "test_size": 300, "format": "wds", "image_format": "auto",
-                    "strict": False, "workers": 1, "shard_bytes": None,
-                    "val_fraction": 0.1, "val_seed": 0, "val_split": "holdout"}  # digits hold 10% of train out
+    assert prep == {
+        "shard_size": 400,
+        "seed": 0,
+        "test_size": 300,
+        "format": "wds",
+        "image_format": "auto",
+        "strict": False,
+        "workers": 1,
+        "shard_bytes": None,
+        "val_fraction": 0.1,
+        "val_seed": 0,
+        "val_split": "holdout",
+    }  # digits hold 10% of train out
     assert manifest["image"] == {"height": 8, "width": 8, "channels": 3}
     assert manifest["skipped"] == []
     assert read_manifest(out) == manifest
@@ -160,7 +171,10 @@ def test_verify_counts_samples(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     entry = wds.write_shard(records, str(out / "test-000000.tar"))
-    manifest = {"version": 1, "splits": {"test": {"num_samples": 6, "classes": [], "shards": [dict(entry, num_samples=6)]}}}
+    manifest = {
+        "version": 1,
+        "splits": {"test": {"num_samples": 6, "classes": [], "shards": [dict(entry, num_samples=6)]}},
+    }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     problems = verify(str(out))
     assert any("5 samples, manifest says 6" in p for p in problems), problems
@@ -232,7 +246,11 @@ def test_imagefolder_converts_to_rgb_and_skips_corrupt(tmp_path):
     assert (got["dog/e_rgba.png"][0] == 200).all() and got["dog/e_rgba.png"][0].shape == (3, 3, 3)
     assert got["dog/f.jpg"][0].shape == (7, 7, 3)
     assert {f: label for f, (_, label) in got.items()} == {
-        "cat/a_rgb.png": 0, "cat/b_grey.png": 0, "cat/c_palette.png": 0, "dog/e_rgba.png": 1, "dog/f.jpg": 1
+        "cat/a_rgb.png": 0,
+        "cat/b_grey.png": 0,
+        "cat/c_palette.png": 0,
+        "dog/e_rgba.png": 1,
+        "dog/f.jpg": 1,
     }
     assert verify(str(out)) == [] and leftovers(out) == []
 
@@ -291,7 +309,9 @@ def test_unwritable_out(tmp_path):
         prepare("builtin:digits", "nosuchprotocol://x/y")
 
 
-@pytest.mark.parametrize("kw", [{"shard_size": 0}, {"shard_size": 2.5}, {"seed": -1}, {"test_size": 5}, {"test_size": 5000}])
+@pytest.mark.parametrize(
+    "kw", [{"shard_size": 0}, {"shard_size": 2.5}, {"seed": -1}, {"test_size": 5}, {"test_size": 5000}]
+)
 def test_bad_numbers(tmp_path, kw):
     name = next(iter(kw))
     with pytest.raises(HardnegError, match=name):

@@ -1,4 +1,5 @@
 """`hardneg bench prep --quick` runs end to end and prints every figure (a smoke test, never timed)."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """`hardneg prep ... --ray ADDRESS`: one Ray task per shard (cluster/prep.py), same bytes as a local run."""
+
 from __future__ import annotations
 
 import hashlib

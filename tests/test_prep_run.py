@@ -1,4 +1,5 @@
 """prepare() at work: parallel = serial, resumable after a kill, byte caps, full disks, one-line CLI errors."""
+
 from __future__ import annotations
 
 import errno
@@ -30,8 +31,11 @@ def cifar(tmp_path_factory) -> str:
 
 def digests(out) -> dict[str, str]:
     """sha256 of every visible file but the manifest (which carries a timestamp)."""
-    return {n: hashlib.sha256((out / n).read_bytes()).hexdigest()
-            for n in sorted(os.listdir(out)) if n != "manifest.json" and not n.startswith(".")}
+    return {
+        n: hashlib.sha256((out / n).read_bytes()).hexdigest()
+        for n in sorted(os.listdir(out))
+        if n != "manifest.json" and not n.startswith(".")
+    }
 
 
 def hidden(out) -> list[str]:
@@ -40,7 +44,8 @@ def hidden(out) -> list[str]:
 
 def without_time(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in ("created", "prep")} | {
-        "prep": {k: v for k, v in manifest["prep"].items() if k != "workers"}}
+        "prep": {k: v for k, v in manifest["prep"].items() if k != "workers"}
+    }
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Linear probe on separable features; the reproduce grid skips finished cells and resumes interrupted ones."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import os
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
+
 from pipeline import checkpoint, launch
 from pipeline.config import EvalConfig
 from pipeline.errors import HardnegError
@@ -25,13 +26,14 @@ def test_linear_probe_separates_linearly_separable_features(optimizer, lr):
     top2 = logits.topk(2, dim=1).values
     keep = (top2[:, 0] - top2[:, 1]) > 1.0  # separable with a margin, by construction
     feats, labels = feats[keep][:600], logits[keep][:600].argmax(dim=1)
-    cfg = EvalConfig(probe_epochs=100, probe_optimizer=optimizer, probe_lr=lr, probe_batch_size=64,
-                     probe_weight_decay=0.0)
+    cfg = EvalConfig(
+        probe_epochs=100, probe_optimizer=optimizer, probe_lr=lr, probe_batch_size=64, probe_weight_decay=0.0
+    )
 
     def batches(epoch):
         order = torch.randperm(500, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, 500, 64):
-            yield feats[order[i:i + 64]], labels[order[i:i + 64]]
+            yield feats[order[i : i + 64]], labels[order[i : i + 64]]
 
     classifier = fit_linear(batches, 16, 4, cfg)
     assert accuracy(classifier, feats[500:], labels[500:]) >= 0.99
@@ -40,20 +42,33 @@ def test_linear_probe_separates_linearly_separable_features(optimizer, lr):
 def write_grid(tmp_path, digits_shards, epochs: int) -> str:
     base = tiny_config(tmp_path, digits_shards)
     method_cfg = tmp_path / "nt_xent.yaml"
-    method_cfg.write_text(yaml.safe_dump({
-        "augment": {"image_size": 8, "hflip_p": 0.0, "crop_scale_min": 0.6},
-        "model": {"width": 4, "proj_hidden_dim": 32, "proj_dim": 16},
-        "train": {"global_batch_size": 128, "log_every_steps": 4, "knn_every_epochs": 0},
-        "cluster": {"launcher": "local"}, "eval": {"knn_k": 20},
-        "tracking": {"uri": base.tracking.uri, "log_model": False, "system_metrics_every_s": 0},
-    }))
+    method_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "augment": {"image_size": 8, "hflip_p": 0.0, "crop_scale_min": 0.6},
+                "model": {"width": 4, "proj_hidden_dim": 32, "proj_dim": 16},
+                "train": {"global_batch_size": 128, "log_every_steps": 4, "knn_every_epochs": 0},
+                "cluster": {"launcher": "local"},
+                "eval": {"knn_k": 20},
+                "tracking": {"uri": base.tracking.uri, "log_model": False, "system_metrics_every_s": 0},
+            }
+        )
+    )
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({
-        "name": "tiny", "out": str(tmp_path / "results"), "datasets": {"digits": digits_shards},
-        "methods": {"nt_xent": str(method_cfg), "hcl": str(method_cfg)}, "seeds": [0],
-        "overrides": [f"train.epochs={epochs}", "eval.probe_epochs=2", "eval.probe_augment=false"],
-        "published": {"hcl": {"digits": 99.0}},
-    }, sort_keys=False))
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "out": str(tmp_path / "results"),
+                "datasets": {"digits": digits_shards},
+                "methods": {"nt_xent": str(method_cfg), "hcl": str(method_cfg)},
+                "seeds": [0],
+                "overrides": [f"train.epochs={epochs}", "eval.probe_epochs=2", "eval.probe_augment=false"],
+                "published": {"hcl": {"digits": 99.0}},
+            },
+            sort_keys=False,
+        )
+    )
     return str(grid)
 
 
@@ -98,10 +113,23 @@ def test_eval_all_protocols_with_augmented_probe_logs_into_the_run(tmp_path, dig
 
     from pipeline.evaluate import evaluate_checkpoint
 
-    run = launch.train_run(tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "train.knn_every_epochs=0",
-                                       "tracking.log_model=false", "tracking.system_metrics_every_s=0"))
-    result = evaluate_checkpoint(run["checkpoint"], digits_shards, ["eval.probe_epochs=2", "eval.probe_batch_size=128"],
-                                 protocol="all", track=True)
+    run = launch.train_run(
+        tiny_config(
+            tmp_path,
+            digits_shards,
+            "cluster.launcher=local",
+            "train.knn_every_epochs=0",
+            "tracking.log_model=false",
+            "tracking.system_metrics_every_s=0",
+        )
+    )
+    result = evaluate_checkpoint(
+        run["checkpoint"],
+        digits_shards,
+        ["eval.probe_epochs=2", "eval.probe_batch_size=128"],
+        protocol="all",
+        track=True,
+    )
     assert result["probe_augment"] is True and result["probe_epochs"] == 2
     assert 0.1 < result["linear_top1"] <= 1.0 and 0.1 < result["knn_top1"] <= 1.0
     after = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["mlflow_run_id"])

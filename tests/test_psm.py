@@ -1,4 +1,5 @@
 """PSM: float64 references transcribed from docs/methods.md, limits, invariances, gradcheck, bank and EMA, 2 gloo ranks."""
+
 from __future__ import annotations
 
 import math
@@ -6,14 +7,23 @@ import os
 
 import numpy as np
 import pytest
-from conftest import save_rank, spawn_ranks
 import torch
 import torch.nn.functional as F
+from conftest import save_rank, spawn_ranks
 
 from pipeline import config, dist
 from pipeline.losses import nt_xent
-from pipeline.losses.psm import (acceptance_probability, counter_uniform, draw_seed, fifo_enqueue,
-                                 nearest_neighbors, psm_hard_loss, psm_soft_loss, psm_soft_parts, soft_weights)
+from pipeline.losses.psm import (
+    acceptance_probability,
+    counter_uniform,
+    draw_seed,
+    fifo_enqueue,
+    nearest_neighbors,
+    psm_hard_loss,
+    psm_soft_loss,
+    psm_soft_parts,
+    soft_weights,
+)
 from pipeline.models import bn_mlp, ema_update_, momentum_copy
 from pipeline.objectives import PSMObjective, build_objective
 
@@ -34,8 +44,9 @@ def ref_soft(q, q_pre, keep, accept, t, weighting):
     terms = []
     for i in range(q.shape[0]):
         pos = [q[i] @ keep[i, m] for m in range(k1)]
-        negs = [torch.exp(q[i] @ keep[j, m] / t) for j in range(b) for m in range(k1)
-                if j != i and accept[i, j * k1 + m]]
+        negs = [
+            torch.exp(q[i] @ keep[j, m] / t) for j in range(b) for m in range(k1) if j != i and accept[i, j * k1 + m]
+        ]
         den = sum(torch.exp(p / t) for p in pos) + (sum(negs) if negs else 0.0)
         if weighting == "hard" or k1 == 1:
             w = [1.0] * k1
@@ -192,11 +203,29 @@ def test_soft_invariances(weighting):
 def test_soft_rows_split_over_ranks_average_to_the_whole():
     q, q_pre, keep, accept = _data(b=6, k=2, seed=5)
     whole = psm_soft_loss(q, q_pre, keep, temperature=0.5, accept=accept)
-    halves = [psm_soft_loss(q[r * 3:(r + 1) * 3], q_pre[r * 3:(r + 1) * 3], keep, temperature=0.5, row_offset=3 * r,
-                            accept=accept[r * 3:(r + 1) * 3]) for r in range(2)]
+    halves = [
+        psm_soft_loss(
+            q[r * 3 : (r + 1) * 3],
+            q_pre[r * 3 : (r + 1) * 3],
+            keep,
+            temperature=0.5,
+            row_offset=3 * r,
+            accept=accept[r * 3 : (r + 1) * 3],
+        )
+        for r in range(2)
+    ]
     torch.testing.assert_close(torch.stack(halves).mean(), whole)
-    seeded = [psm_soft_loss(q[r * 3:(r + 1) * 3], q_pre[r * 3:(r + 1) * 3], keep, temperature=0.5, row_offset=3 * r,
-                            generator=torch.Generator().manual_seed(1)) for r in range(2)]
+    seeded = [
+        psm_soft_loss(
+            q[r * 3 : (r + 1) * 3],
+            q_pre[r * 3 : (r + 1) * 3],
+            keep,
+            temperature=0.5,
+            row_offset=3 * r,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for r in range(2)
+    ]
     one = psm_soft_loss(q, q_pre, keep, temperature=0.5, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(torch.stack(seeded).mean(), one)  # same draws at any layout
 
@@ -226,11 +255,15 @@ def test_low_temperature_is_finite_and_exact():
 def test_bf16_autocast_still_computes_in_float32():
     q, q_pre, keep, accept = (x.float() if x.is_floating_point() else x for x in _data(b=6, k=3, seed=9))
     hard_accept = torch.ones(12, 12, dtype=torch.bool)
-    plain = (psm_soft_loss(q, q_pre, keep, temperature=0.1, accept=accept),
-             psm_hard_loss(q, keep[:, 0], temperature=0.1, accept=hard_accept))
+    plain = (
+        psm_soft_loss(q, q_pre, keep, temperature=0.1, accept=accept),
+        psm_hard_loss(q, keep[:, 0], temperature=0.1, accept=hard_accept),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = (psm_soft_loss(q, q_pre, keep, temperature=0.1, accept=accept),
-                psm_hard_loss(q, keep[:, 0], temperature=0.1, accept=hard_accept))
+        auto = (
+            psm_soft_loss(q, q_pre, keep, temperature=0.1, accept=accept),
+            psm_hard_loss(q, keep[:, 0], temperature=0.1, accept=hard_accept),
+        )
     for a, p in zip(auto, plain):
         assert a.dtype == torch.float32 and torch.equal(a, p)  # the matmuls did not drop to bf16
 
@@ -243,8 +276,9 @@ def test_gradcheck(weighting):
     f = lambda a, b: psm_soft_loss(a, b, keep, temperature=0.5, weighting=weighting, accept=accept)  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, q_pre), eps=1e-6, atol=1e-5)
     hard_accept = torch.rand(6, 6, generator=torch.Generator().manual_seed(2)) < 0.5
-    assert torch.autograd.gradcheck(lambda a: psm_hard_loss(a, keep[:, 0], temperature=0.5, accept=hard_accept),
-                                    (q,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a: psm_hard_loss(a, keep[:, 0], temperature=0.5, accept=hard_accept), (q,), eps=1e-6, atol=1e-5
+    )
 
 
 def test_argument_validation():
@@ -315,8 +349,14 @@ def test_ema_update_and_momentum_copy():
 # The objective
 # --------------------------------------------------------------------------------------------------
 
-TINY = ["model.width=4", "model.proj_hidden_dim=16", "model.proj_dim=8", "loss.name=psm", "loss.psm_bank_size=32",
-        "loss.psm_n_neighbors=3"]
+TINY = [
+    "model.width=4",
+    "model.proj_hidden_dim=16",
+    "model.proj_dim=8",
+    "loss.name=psm",
+    "loss.psm_bank_size=32",
+    "loss.psm_n_neighbors=3",
+]
 
 
 def _images(n, seed):
@@ -333,8 +373,9 @@ def test_objective_looks_up_before_enqueue_and_updates_the_momentum_branch(monke
     import pipeline.objectives as objectives
 
     real = objectives.nearest_neighbors
-    monkeypatch.setattr(objectives, "nearest_neighbors",
-                        lambda k, bank, n: seen.append(bank.clone()) or real(k, bank, n))
+    monkeypatch.setattr(
+        objectives, "nearest_neighbors", lambda k, bank, n: seen.append(bank.clone()) or real(k, bank, n)
+    )
     bank0 = obj.bank.clone()
     x1, x2, labels = _images(6, 1)
     loss, stats = obj(x1, x2, labels, with_stats=True)
@@ -377,8 +418,15 @@ def test_config_validation():
     with pytest.raises(HardnegError, match="psm_variant"):
         config.load(None, ["loss.psm_variant=medium"])
     c = config.load(None, ["loss.name=psm"]).loss
-    assert (c.psm_momentum, c.psm_bank_size, c.psm_n_neighbors, c.psm_accept_a, c.psm_accept_b, c.psm_variant,
-            c.psm_aa) == (0.99, 16384, 5, 0.5, 0.0, "release", 1.0)
+    assert (
+        c.psm_momentum,
+        c.psm_bank_size,
+        c.psm_n_neighbors,
+        c.psm_accept_a,
+        c.psm_accept_b,
+        c.psm_variant,
+        c.psm_aa,
+    ) == (0.99, 16384, 5, 0.5, 0.0, "release", 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,10 +443,21 @@ def _global():
 
 def _losses(q, q_pre, keep, gather, offset):
     soft = psm_soft_loss(q, q_pre, keep, temperature=0.5, row_offset=offset, generator=torch.Generator().manual_seed(3))
-    hard = psm_hard_loss(q, keep[:, 0][offset:offset + q.shape[0]], temperature=0.5, gather=gather,
-                         generator=torch.Generator().manual_seed(4))
-    raw = psm_hard_loss(2 * q, keep[:, 0][offset:offset + q.shape[0]], temperature=0.5, gather=gather,
-                        generator=torch.Generator().manual_seed(4), acceptance_on="raw")  # the release's acceptance
+    hard = psm_hard_loss(
+        q,
+        keep[:, 0][offset : offset + q.shape[0]],
+        temperature=0.5,
+        gather=gather,
+        generator=torch.Generator().manual_seed(4),
+    )
+    raw = psm_hard_loss(
+        2 * q,
+        keep[:, 0][offset : offset + q.shape[0]],
+        temperature=0.5,
+        gather=gather,
+        generator=torch.Generator().manual_seed(4),
+        acceptance_on="raw",
+    )  # the release's acceptance
     return soft, hard, raw
 
 
@@ -458,7 +517,7 @@ def test_bank_is_identical_on_every_rank(ranks):
     assert torch.equal(bank0, bank1) and torch.equal(labels0, labels1)
     assert ptr0 == ptr1 == 3 * WORLD * N_LOCAL
     # filled from the GLOBAL keys in rank order: rank 0's labels (0..2) then rank 1's (+10)
-    assert labels0[:WORLD * N_LOCAL].tolist() == [0, 1, 2, 10, 11, 12]
+    assert labels0[: WORLD * N_LOCAL].tolist() == [0, 1, 2, 10, 11, 12]
 
 
 def test_hard_loss_acceptance_on_raw_dot_products_as_the_release():

@@ -3,6 +3,7 @@
 Every one-line error is checked through the real CLI: exit code 2, one line, no traceback, and no
 checkpoint half-written (no temporary directory left behind).
 """
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from pipeline import checkpoint, data, dist, launch, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +47,15 @@ def _params(run_dir: str) -> dict:
 
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread):
     """Interrupted at step 7 (mid-epoch 1) and resumed == uninterrupted, parameter for parameter, bit for bit."""
-    common = ("cluster.launcher=local", "tracking.enabled=false", "train.knn_every_epochs=0", "train.epochs=2",
-              "train.checkpoint_every_steps=7", "loss.name=sscl", "data.loader_workers=0")
+    common = (
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.knn_every_epochs=0",
+        "train.epochs=2",
+        "train.checkpoint_every_steps=7",
+        "loss.name=sscl",
+        "data.loader_workers=0",
+    )
     whole = launch.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=whole"))
     train.run(whole, dist.current_context(), train.LocalHooks(str(tmp_path / "runs" / "whole")))
 
@@ -71,9 +79,21 @@ def test_batches_are_a_function_of_the_step(digits_shards):
     loader workers too."""
     views = lambda image: (torch.as_tensor(list(image.getdata())[:8], dtype=torch.float32),)  # noqa: E731
     for workers in (0, 2):
+
         def stream(start):
-            return data.train_batches(digits_shards, "train", views, 16, rank=1, seed=3, shuffle_buffer=50,
-                                      loader_workers=workers, start_step=start, steps_per_epoch=5)
+            return data.train_batches(
+                digits_shards,
+                "train",
+                views,
+                16,
+                rank=1,
+                seed=3,
+                shuffle_buffer=50,
+                loader_workers=workers,
+                start_step=start,
+                steps_per_epoch=5,
+            )
+
         whole = stream(0)
         batches = [next(whole) for _ in range(9)]
         resumed = stream(4)
@@ -104,16 +124,37 @@ def _corrupt_shard(src: str, dst: str, bad: int) -> str:
 
 def _cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _tiny_args(tmp_path, shards: str, *extra: str) -> list[str]:
-    return [f"data.path={shards}", "data.shuffle_buffer=200", "augment.image_size=8", "augment.hflip_p=0",
-            "augment.crop_scale_min=0.6", "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
-            "train.global_batch_size=128", "train.log_every_steps=4", "eval.knn_k=20", "cluster.launcher=local",
-            f"cluster.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tracking.plots=false", "tracking.log_model=false", "tracking.system_metrics_every_s=0", *extra]
+    return [
+        f"data.path={shards}",
+        "data.shuffle_buffer=200",
+        "augment.image_size=8",
+        "augment.hflip_p=0",
+        "augment.crop_scale_min=0.6",
+        "model.width=4",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "train.global_batch_size=128",
+        "train.log_every_steps=4",
+        "eval.knn_k=20",
+        "cluster.launcher=local",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.plots=false",
+        "tracking.log_model=false",
+        "tracking.system_metrics_every_s=0",
+        *extra,
+    ]
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> str:
@@ -142,8 +183,17 @@ def _mlflow_run(tmp_path):
 
 def test_bad_samples_are_skipped_within_the_budget(tmp_path, digits_shards):
     shards = _corrupt_shard(digits_shards, str(tmp_path / "bad"), bad=3)
-    proc = _cli("train", *_tiny_args(tmp_path, shards, "train.epochs=2", "train.knn_every_epochs=0",
-                                     "data.max_skip_fraction=0.05", "tracking.run_name=ok"))
+    proc = _cli(
+        "train",
+        *_tiny_args(
+            tmp_path,
+            shards,
+            "train.epochs=2",
+            "train.knn_every_epochs=0",
+            "data.max_skip_fraction=0.05",
+            "tracking.run_name=ok",
+        ),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     named = [line for line in proc.stderr.splitlines() if "skipping a bad sample" in line]
     assert named and all("train-000001.tar" in line for line in named)
@@ -157,10 +207,14 @@ def test_bad_samples_are_skipped_within_the_budget(tmp_path, digits_shards):
 
 def test_bad_samples_past_the_budget_stop_the_run_in_one_line(tmp_path, digits_shards):
     shards = _corrupt_shard(digits_shards, str(tmp_path / "bad"), bad=40)
-    proc = _cli("train", *_tiny_args(tmp_path, shards, "train.epochs=2", "train.knn_every_epochs=0",
-                                     "tracking.run_name=over"))
-    line = _one_line_error(proc, r"bad samples: \d+ of \d+ read .* exceed data\.max_skip_fraction=0\.001; "
-                                 r"worst shard .*train-000001\.tar")
+    proc = _cli(
+        "train", *_tiny_args(tmp_path, shards, "train.epochs=2", "train.knn_every_epochs=0", "tracking.run_name=over")
+    )
+    line = _one_line_error(
+        proc,
+        r"bad samples: \d+ of \d+ read .* exceed data\.max_skip_fraction=0\.001; "
+        r"worst shard .*train-000001\.tar",
+    )
     client, run = _mlflow_run(tmp_path)
     assert run.info.status == "FAILED" and "bad samples" in run.data.tags["failure_reason"]
     _no_temporaries(tmp_path / "runs")
@@ -168,11 +222,24 @@ def test_bad_samples_past_the_budget_stop_the_run_in_one_line(tmp_path, digits_s
 
 
 def test_a_nonfinite_loss_stops_in_one_line_naming_step_lr_and_checkpoint(tmp_path, digits_shards):
-    proc = _cli("train", *_tiny_args(tmp_path, digits_shards, "train.epochs=3", "train.knn_every_epochs=0",
-                                     "optim.lr=1e12", "optim.warmup_epochs=1.5", "train.checkpoint_every_steps=1",
-                                     "tracking.run_name=nan"))
-    line = _one_line_error(proc, r"non-finite loss or gradient norm at step (\d+) \(lr [\d.e+]+\).*"
-                                 r"(last good checkpoint: step \d+ in .*--resume|no checkpoint was written yet)")
+    proc = _cli(
+        "train",
+        *_tiny_args(
+            tmp_path,
+            digits_shards,
+            "train.epochs=3",
+            "train.knn_every_epochs=0",
+            "optim.lr=1e12",
+            "optim.warmup_epochs=1.5",
+            "train.checkpoint_every_steps=1",
+            "tracking.run_name=nan",
+        ),
+    )
+    line = _one_line_error(
+        proc,
+        r"non-finite loss or gradient norm at step (\d+) \(lr [\d.e+]+\).*"
+        r"(last good checkpoint: step \d+ in .*--resume|no checkpoint was written yet)",
+    )
     client, run = _mlflow_run(tmp_path)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure_reason"]
     found = checkpoint.latest(str(tmp_path / "runs" / "nan"))
@@ -185,9 +252,19 @@ def test_a_nonfinite_loss_stops_in_one_line_naming_step_lr_and_checkpoint(tmp_pa
 
 
 def test_skip_mode_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, digits_shards):
-    proc = _cli("train", *_tiny_args(tmp_path, digits_shards, "train.epochs=2", "train.knn_every_epochs=0",
-                                     "optim.lr=1e12", "train.on_nonfinite=skip", "train.max_nonfinite_steps=3",
-                                     "tracking.run_name=skip"))
+    proc = _cli(
+        "train",
+        *_tiny_args(
+            tmp_path,
+            digits_shards,
+            "train.epochs=2",
+            "train.knn_every_epochs=0",
+            "optim.lr=1e12",
+            "train.on_nonfinite=skip",
+            "train.max_nonfinite_steps=3",
+            "tracking.run_name=skip",
+        ),
+    )
     _one_line_error(proc, r"non-finite loss or gradient norm in 3 steps in a row up to step \d+ \(lr ")
     client, run = _mlflow_run(tmp_path)
     assert run.info.status == "FAILED"
@@ -195,18 +272,33 @@ def test_skip_mode_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, dig
 
 def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_shards):
     """`hardneg stop` / a preemption: the run saves where it is, ends KILLED, and a resume finishes it."""
-    args = _tiny_args(tmp_path, digits_shards, "train.epochs=3", "train.knn_every_epochs=0",
-                      "train.log_every_steps=1", "tracking.run_name=stopped")
+    args = _tiny_args(
+        tmp_path,
+        digits_shards,
+        "train.epochs=3",
+        "train.knn_every_epochs=0",
+        "train.log_every_steps=1",
+        "tracking.run_name=stopped",
+    )
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:  # wait for a few logged steps, mid-epoch 1
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if \
-            (tmp_path / "mlflow.db").exists() else []
+        runs = (
+            client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if (tmp_path / "mlflow.db").exists()
+            else []
+        )
         if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
             break
         time.sleep(0.3)
@@ -224,7 +316,9 @@ def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, run = _mlflow_run(tmp_path)
     assert run.info.status == "FINISHED" and checkpoint.load(checkpoint.latest(run_dir))["step"] == 3 * SPE
-    losses = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
-        run.info.run_id, "train/loss")]
+    losses = [
+        m.step
+        for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, "train/loss")
+    ]
     assert losses == list(range(1, 3 * SPE + 1))  # every step once: nothing lost, nothing twice
     print(f"\n[stop] SIGTERM -> checkpoint at step {saved}, KILLED; resume finished {3 * SPE} steps", flush=True)

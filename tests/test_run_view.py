@@ -1,5 +1,6 @@
 """What a reader of the MLflow store sees: grouped metric names and their docs table, the params and
 description of a run, `hardneg runs` on new and older stores (sort, CSV, markdown), the explanatory plots."""
+
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,9 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from pipeline import config, metric_names, plots, run_info, tracking
 from pipeline.cli import main as cli_main
 from pipeline.losses import diagnostics
@@ -22,10 +23,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_diagnostic_has_a_grouped_name_and_the_docs_table_is_current():
     z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
-    stats = diagnostics.in_batch_stats(z1, z2, temperature=0.5, beta=1.0, n_hard=4, labels=torch.arange(8) % 3,
-                                       n_synthetic=2, generator=torch.Generator().manual_seed(0))
-    named = metric_names.grouped({"loss": 1.0, "lr": 0.1, "images_per_s": 10.0, "data_wait_share": 0.01}
-                                 | {k: float(v) for k, v in stats.items()})
+    stats = diagnostics.in_batch_stats(
+        z1,
+        z2,
+        temperature=0.5,
+        beta=1.0,
+        n_hard=4,
+        labels=torch.arange(8) % 3,
+        n_synthetic=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    named = metric_names.grouped(
+        {"loss": 1.0, "lr": 0.1, "images_per_s": 10.0, "data_wait_share": 0.01}
+        | {k: float(v) for k, v in stats.items()}
+    )
     assert set(stats) <= set(metric_names.METRICS)  # nothing reaches MLflow under an unexplained name
     groups = {name.split("/")[0] for name in named}
     assert groups == {"train", "perf", "negatives"}
@@ -71,8 +82,17 @@ def _legacy_and_new_runs(tmp_path):
     """Two runs in one SQLite store: one logged with the pre-grouping names, one with the grouped names."""
     cfg = tiny_config(tmp_path, "unused").tracking
     old = tracking.MlflowTracker(cfg)
-    old.log_params({"loss.name": "hcl", "loss.temperature": 0.5, "loss.beta": 2.0, "loss.tau_plus": 0.1,
-                    "loss.psm_aa": 1.0, "train.global_batch_size": 256, "data.path": "/data/cifar10"})
+    old.log_params(
+        {
+            "loss.name": "hcl",
+            "loss.temperature": 0.5,
+            "loss.beta": 2.0,
+            "loss.tau_plus": 0.1,
+            "loss.psm_aa": 1.0,
+            "train.global_batch_size": 256,
+            "data.path": "/data/cifar10",
+        }
+    )
     old.log_metrics({"knn_top1": 0.93, "images_per_s": 100.0}, step=1)
     old.log_metrics({"knn_top1": 0.91, "images_per_s": 300.0, "linear_top1": 0.95}, step=2)
     old.finish()
@@ -141,8 +161,17 @@ def test_embedding_names_its_projection(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [("psm", "mined positive"), ("mochi", "synthetic negative")])
 def test_bank_methods_histogram_their_own_groups(tmp_path, method, extra):
-    cfg = tiny_config(tmp_path, "unused", f"loss.name={method}", "loss.psm_bank_size=64", "loss.mochi_queue_size=64",
-                      "loss.mochi_n_hard=8", "loss.mochi_s=4", "loss.mochi_s_prime=2", "loss.n_hard=8")
+    cfg = tiny_config(
+        tmp_path,
+        "unused",
+        f"loss.name={method}",
+        "loss.psm_bank_size=64",
+        "loss.mochi_queue_size=64",
+        "loss.mochi_n_hard=8",
+        "loss.mochi_s=4",
+        "loss.mochi_s_prime=2",
+        "loss.n_hard=8",
+    )
     objective = build_objective(cfg).eval()
     bank = "bank" if method == "psm" else "queue"
     getattr(objective, f"{bank}_labels").copy_(torch.arange(64) % 3 - 1)  # classes 0, 1 and unknown (-1)

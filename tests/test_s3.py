@@ -3,18 +3,19 @@
 The endpoint reaches s3fs the way a user passes it: the standard AWS_ENDPOINT_URL variable, which
 botocore (under s3fs) honours. Nothing here talks to anything but 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import os
 import time
 
 import pytest
+from conftest import free_port
 
 from data_prep import synthetic
 from data_prep.manifest import read_manifest, verify
 from data_prep.prep import prepare
 from pipeline.errors import HardnegError
-from conftest import free_port
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -78,7 +79,10 @@ def test_cifar_from_s3_to_s3_both_formats(s3, tmp_path, monkeypatch):
     assert v1.shape == (8, 3, 32, 32) and labels.shape == (8,)
     if fmt == "both":
         path = data._ffcv_file(out, manifest, "train", None)
-        assert path.startswith(str(tmp_path / "cache")) and os.path.getsize(path) == manifest["splits"]["train"]["ffcv"]["bytes"]
+        assert (
+            path.startswith(str(tmp_path / "cache"))
+            and os.path.getsize(path) == manifest["splits"]["train"]["ffcv"]["bytes"]
+        )
 
 
 def test_tinyimagenet_zip_read_in_place_from_s3(s3, tmp_path):

@@ -1,5 +1,6 @@
 """Security defaults: the suite's servers on loopback, Ray's token authentication kept on, and an
 authenticated MLflow server whose credentials are checked before training and never logged."""
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import logged_text, mlflow_server, tiny_config, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from cluster.train import AUTH_OVERRIDE, local_ray, require_token_auth
-from conftest import logged_text, mlflow_server, tiny_config, tiny_overrides
 from pipeline import launch
 from pipeline.errors import HardnegError
 
@@ -54,9 +55,14 @@ def test_nothing_in_the_repository_turns_ray_authentication_off():
     """No code, config, script or Makefile sets RAY_AUTH_MODE to disabled (the docs may name the setting)."""
     setting = re.compile(r"RAY_AUTH_MODE[\"'\]]*\s*[:=,]\s*[\"']?disabled", re.IGNORECASE)
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True)
-    offenders = [name for name in tracked.stdout.split()
-                 if not name.endswith(".md") and name != "tests/test_security.py" and (ROOT / name).is_file()
-                 and setting.search((ROOT / name).read_text(errors="ignore"))]
+    offenders = [
+        name
+        for name in tracked.stdout.split()
+        if not name.endswith(".md")
+        and name != "tests/test_security.py"
+        and (ROOT / name).is_file()
+        and setting.search((ROOT / name).read_text(errors="ignore"))
+    ]
     assert offenders == []
     assert setting.search('env["RAY_AUTH_MODE"] = "disabled"') and setting.search("RAY_AUTH_MODE=disabled ray start")
 
@@ -80,13 +86,18 @@ def auth_server(tmp_path_factory):
     """`mlflow server --app-name basic-auth` on 127.0.0.1 with an admin and one user account."""
     root = tmp_path_factory.mktemp("mlflow-auth")
     ini = root / "auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = {ADMIN}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                   "grant_default_workspace_access = false\n"
-                   "auth_cache_ttl_seconds = 60\n")  # PBKDF2 per request costs seconds on a loaded 2-core machine
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-flask-key"}
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+        "auth_cache_ttl_seconds = 60\n"
+    )  # PBKDF2 per request costs seconds on a loaded 2-core machine
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-flask-key",
+    }
     with mlflow_server(root, "--app-name", "basic-auth", env=env) as url:
         from mlflow.server.auth.client import AuthServiceClient
 
@@ -101,8 +112,14 @@ def auth_server(tmp_path_factory):
 def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_shards, auth_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER_PASSWORD)
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", f"tracking.uri={auth_server}",
-                      "tracking.run_name=authed", "tracking.experiment=secured")
+    cfg = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=local",
+        f"tracking.uri={auth_server}",
+        "tracking.run_name=authed",
+        "tracking.experiment=secured",
+    )
     result = launch.train_run(cfg)
     client = MlflowClient(auth_server)
     run = client.get_run(result["mlflow_run_id"])
@@ -114,13 +131,19 @@ def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_
             assert USER_PASSWORD.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("credentials, needles", [
-    ({}, ["asks for credentials (HTTP 401)", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD is not set"]),
-    ({"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": WRONG_PASSWORD},
-     [f"refused MLFLOW_TRACKING_USERNAME={USER} (HTTP 401)"]),
-])
-def test_train_refuses_missing_or_wrong_credentials_before_training(tmp_path, digits_shards, auth_server,
-                                                                    credentials, needles):
+@pytest.mark.parametrize(
+    "credentials, needles",
+    [
+        ({}, ["asks for credentials (HTTP 401)", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD is not set"]),
+        (
+            {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": WRONG_PASSWORD},
+            [f"refused MLFLOW_TRACKING_USERNAME={USER} (HTTP 401)"],
+        ),
+    ],
+)
+def test_train_refuses_missing_or_wrong_credentials_before_training(
+    tmp_path, digits_shards, auth_server, credentials, needles
+):
     overrides = tiny_overrides(tmp_path, digits_shards, f"tracking.uri={auth_server}", "tracking.run_name=refused")
     line = assert_one_line_error(hardneg("train", *overrides, env=credentials), f"tracking.uri={auth_server}", *needles)
     assert WRONG_PASSWORD not in line  # a password is never echoed

@@ -1,4 +1,5 @@
 """Dataset readers in their official formats (built small by data_prep.synthetic), and hostile inputs."""
+
 from __future__ import annotations
 
 import io
@@ -41,7 +42,9 @@ def one_line_error(fn, *words):
 
 @pytest.mark.parametrize("folder", [False, True])
 def test_cifar10(tmp_path, folder):
-    path = synthetic.write_cifar10(str(tmp_path / ("c10" if folder else "c10.tar.gz")), n_train=23, n_test=7, folder=folder)
+    path = synthetic.write_cifar10(
+        str(tmp_path / ("c10" if folder else "c10.tar.gz")), n_train=23, n_test=7, folder=folder
+    )
     src = open_source(f"cifar10:{path}")
     assert src.sizes == {"train": 23, "test": 7}
     assert src.classes == [f"class{i}" for i in range(10)]
@@ -117,8 +120,9 @@ def test_tinyimagenet_corrupt_image_is_skipped_or_fatal_with_strict(tmp_path):
     manifest = prepare(f"tinyimagenet:{path}", str(tmp_path / "out"))
     assert manifest["splits"]["train"]["num_samples"] == 11
     assert [s["file"] for s in manifest["skipped"]] == ["tiny-imagenet-200/train/n00001001/images/n00001001_2.JPEG"]
-    one_line_error(lambda: prepare(f"tinyimagenet:{path}", str(tmp_path / "out2"), strict=True),
-                   "n00001001_2.JPEG", "--strict")
+    one_line_error(
+        lambda: prepare(f"tinyimagenet:{path}", str(tmp_path / "out2"), strict=True), "n00001001_2.JPEG", "--strict"
+    )
 
 
 def test_wrong_format_for_the_named_dataset(tmp_path):
@@ -131,15 +135,19 @@ def test_wrong_format_for_the_named_dataset(tmp_path):
     one_line_error(lambda: open_source(f"stl10:{c10}"), "not the STL-10 binary version", "train_X.bin")
     one_line_error(lambda: open_source(f"tinyimagenet:{c10}"), "not Tiny ImageNet", "got a tar")
     one_line_error(lambda: open_source(f"cifar10:{tiny}"), "not the CIFAR-10 python version", "got a zip")
-    one_line_error(lambda: open_source(f"cifar10:{tmp_path / 'notes.txt'}"), "neither a folder, a tar archive nor a zip")
+    one_line_error(
+        lambda: open_source(f"cifar10:{tmp_path / 'notes.txt'}"), "neither a folder, a tar archive nor a zip"
+    )
     one_line_error(lambda: open_source(f"cifar10:{tmp_path / 'nope.tar.gz'}"), "does not exist")
     one_line_error(lambda: open_source(f"tinyimagenet:{tmp_path}"), "no wnids.txt")
 
 
 def test_truncated_archives(tmp_path):
-    for name, write, spec in (("c10.tar.gz", synthetic.write_cifar10, "cifar10"),
-                              ("stl.tar.gz", synthetic.write_stl10, "stl10"),
-                              ("tiny.zip", synthetic.write_tinyimagenet, "tinyimagenet")):
+    for name, write, spec in (
+        ("c10.tar.gz", synthetic.write_cifar10, "cifar10"),
+        ("stl.tar.gz", synthetic.write_stl10, "stl10"),
+        ("tiny.zip", synthetic.write_tinyimagenet, "tinyimagenet"),
+    ):
         path = tmp_path / name
         write(str(path))
         data = path.read_bytes()
@@ -180,8 +188,9 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     ]
     for payload in payloads:
         path = _cifar_with(tmp_path, "data_batch_3", payload)
-        msg = one_line_error(lambda: open_source(f"cifar10:{path}"), "refusing to unpickle", "data_batch_3",
-                             "nothing was run")
+        msg = one_line_error(
+            lambda: open_source(f"cifar10:{path}"), "refusing to unpickle", "data_batch_3", "nothing was run"
+        )
         assert "system" in msg or "eval" in msg
         assert not marker.exists()
 
@@ -199,8 +208,14 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path):
         ([member("cifar-10-batches-py/hard", kind=tarfile.LNKTYPE, link="../../outside")], "link escaping"),
     ]
     for extra, words in cases:
-        path = _cifar_with(tmp_path, "data_batch_1", tar_members(synthetic.write_cifar10(
-            str(tmp_path / "g.tar.gz"), n_train=5, n_test=5))["cifar-10-batches-py/data_batch_1"], extra)
+        path = _cifar_with(
+            tmp_path,
+            "data_batch_1",
+            tar_members(synthetic.write_cifar10(str(tmp_path / "g.tar.gz"), n_train=5, n_test=5))[
+                "cifar-10-batches-py/data_batch_1"
+            ],
+            extra,
+        )
         one_line_error(lambda: prepare(f"cifar10:{path}", str(tmp_path / "out")), words)
         assert not (tmp_path / "escaped.txt").exists() and not os.path.exists("/tmp/hardneg-absolute.txt")
         assert not (tmp_path / "out").exists()

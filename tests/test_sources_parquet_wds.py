@@ -1,4 +1,5 @@
 """parquet:PATH and wds:URL_PATTERN: real parquet files written with pyarrow, real shards with webdataset's writer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,9 @@ def jpeg(seed: int, size: int = 40, fmt: str = "JPEG") -> bytes:
 
 def hf_parquet(path, rows: list, hf_meta: bool = True, image="image", label="label", struct=True) -> None:
     """A parquet file as ``datasets`` exports it: image {"bytes", "path"} + ClassLabel int64 label."""
-    images = [None if b is None else ({"bytes": b, "path": f"img{i}.jpg"} if struct else b)
-              for i, (b, _) in enumerate(rows)]
+    images = [
+        None if b is None else ({"bytes": b, "path": f"img{i}.jpg"} if struct else b) for i, (b, _) in enumerate(rows)
+    ]
     kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if struct else pa.binary()
     table = pa.table({image: pa.array(images, type=kind), label: pa.array([y for _, y in rows], type=pa.int64())})
     if hf_meta:
@@ -126,19 +128,26 @@ def test_parquet_bad_inputs_are_one_line_errors(tmp_path):
     rows = [(jpeg(i), 0) for i in range(3)]
     hf_parquet(tmp_path / "ok.parquet", rows)
     spec = f"parquet:{tmp_path / 'ok.parquet'}"
-    one_line_error(lambda: open_source(spec + "?image=picture"), "no column 'picture'", "columns: image, label",
-                   "?image=COLUMN")
+    one_line_error(
+        lambda: open_source(spec + "?image=picture"), "no column 'picture'", "columns: image, label", "?image=COLUMN"
+    )
     one_line_error(lambda: open_source(spec + "?label=target"), "no column 'target'", "?label=COLUMN")
     one_line_error(lambda: open_source(spec + "?colour=red"), "option 'colour=red'", "image=")
     pq.write_table(pa.table({"image": [b"x"], "label": ["cat"]}), str(tmp_path / "strlabel.parquet"))
-    one_line_error(lambda: open_source(f"parquet:{tmp_path / 'strlabel.parquet'}"), "column 'label'", "string",
-                   "expected integer")
+    one_line_error(
+        lambda: open_source(f"parquet:{tmp_path / 'strlabel.parquet'}"), "column 'label'", "string", "expected integer"
+    )
     pq.write_table(pa.table({"image": [3], "label": [1]}), str(tmp_path / "intimage.parquet"))
-    one_line_error(lambda: open_source(f"parquet:{tmp_path / 'intimage.parquet'}"), "column 'image'", "int64",
-                   "expected image bytes")
+    one_line_error(
+        lambda: open_source(f"parquet:{tmp_path / 'intimage.parquet'}"),
+        "column 'image'",
+        "int64",
+        "expected image bytes",
+    )
     (tmp_path / "junk.parquet").write_bytes(b"this is not parquet" * 10)
-    one_line_error(lambda: open_source(f"parquet:{tmp_path / 'junk.parquet'}"), "cannot read parquet file",
-                   "junk.parquet")
+    one_line_error(
+        lambda: open_source(f"parquet:{tmp_path / 'junk.parquet'}"), "cannot read parquet file", "junk.parquet"
+    )
     one_line_error(lambda: open_source(f"parquet:{tmp_path / 'missing.parquet'}"), "does not exist")
     (tmp_path / "empty").mkdir()
     one_line_error(lambda: open_source(f"parquet:{tmp_path / 'empty'}"), "has no .parquet files")
@@ -158,8 +167,15 @@ def write_shards(folder, shards: list[list[dict]], compress=False) -> list[str]:
 
 
 def wds_samples(n: int, start: int = 0) -> list[dict]:
-    return [{"__key__": f"sample{start + i:05d}", "jpg": jpeg(start + i), "cls": (start + i) % 4,
-             "txt": f"caption {start + i}"} for i in range(n)]
+    return [
+        {
+            "__key__": f"sample{start + i:05d}",
+            "jpg": jpeg(start + i),
+            "cls": (start + i) % 4,
+            "txt": f"caption {start + i}",
+        }
+        for i in range(n)
+    ]
 
 
 def test_wds_reshards_with_manifest_skips_and_is_byte_identical(tmp_path):
@@ -205,8 +221,9 @@ def test_wds_folder_gz_splits_json_labels_and_other_extensions(tmp_path):
 
 def test_wds_bad_inputs_are_one_line_errors(tmp_path):
     paths = write_shards(tmp_path / "in", [wds_samples(3), wds_samples(3, start=3)])
-    one_line_error(lambda: open_source(f"wds:{tmp_path / 'in'}/data-{{000000..000002}}.tar"), "does not exist",
-                   "data-000002.tar")
+    one_line_error(
+        lambda: open_source(f"wds:{tmp_path / 'in'}/data-{{000000..000002}}.tar"), "does not exist", "data-000002.tar"
+    )
     data = open(paths[1], "rb").read()
     with open(paths[1], "wb") as f:
         f.write(data[: len(data) // 2 + 100])

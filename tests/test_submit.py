@@ -4,6 +4,7 @@ test starts and stops itself; plus the launcher's resource check against that cl
 The head runs in its own process group in a private temp dir and is killed by group (never `ray stop`,
 which would stop every Ray instance on a shared machine); a watchdog kills it too if pytest dies.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ import time
 import uuid
 
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
 from pipeline import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")]
@@ -50,19 +51,46 @@ def ray_head():
     gcs, dashboard = free_port(), free_port()
     log = os.path.join(tmp, "head.log")
     token = uuid.uuid4().hex
-    env = os.environ | {"PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-                        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = os.environ | {
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
     with open(log, "w") as out:
         head = subprocess.Popen(
-            [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={tmp}", "--disable-usage-stats"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                os.path.join(BIN, "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                f"--temp-dir={tmp}",
+                "--disable-usage-stats",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     # if pytest itself is killed, the watchdog still takes the head's process group down
     watchdog = subprocess.Popen(
-        ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; kill -KILL -{head.pid}; "
-                     f"rm -rf {tmp}"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "sh",
+            "-c",
+            f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; kill -KILL -{head.pid}; rm -rf {tmp}",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(address, token, head, log)
@@ -85,8 +113,9 @@ def ray_head():
 
 
 def hardneg(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([os.path.join(BIN, "hardneg"), *args], capture_output=True, text=True, timeout=timeout,
-                          env=os.environ | env)
+    proc = subprocess.run(
+        [os.path.join(BIN, "hardneg"), *args], capture_output=True, text=True, timeout=timeout, env=os.environ | env
+    )
     print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n")
     return proc
 
@@ -101,10 +130,20 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     address, _, token = ray_head
     # only the token, not RAY_AUTH_MODE: the client sends it once the cluster asks for one
     client_env = {"RAY_AUTH_TOKEN": token}
-    remote = [f"data.path={digits_shards}", f"cluster.storage_path={tmp_path / 'runs'}",
-              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "data.shuffle_buffer=200",
-              "augment.image_size=8", "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
-              "train.global_batch_size=128", "train.epochs=1", "train.knn_every_epochs=0", "eval.knn_k=20"]
+    remote = [
+        f"data.path={digits_shards}",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "data.shuffle_buffer=200",
+        "augment.image_size=8",
+        "model.width=4",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "train.global_batch_size=128",
+        "train.epochs=1",
+        "train.knn_every_epochs=0",
+        "eval.knn_k=20",
+    ]
 
     # a tiny training job, followed to the end: id printed, logs streamed, SUCCEEDED
     done = hardneg("launch", "--address", address, "--no-pip", *remote, "tracking.run_name=job1", env=client_env)
@@ -116,8 +155,17 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: already SUCCEEDED"
 
     # a long job, not followed: PENDING/RUNNING, then stopped
-    started = hardneg("launch", "--address", address, "--no-pip", "--no-wait", *remote,
-                      "train.epochs=500", "tracking.run_name=job2", env=client_env)
+    started = hardneg(
+        "launch",
+        "--address",
+        address,
+        "--no-pip",
+        "--no-wait",
+        *remote,
+        "train.epochs=500",
+        "tracking.run_name=job2",
+        env=client_env,
+    )
     assert started.returncode == 0, started.stderr
     job = job_id_of(started.stdout)
     seen = []
@@ -132,8 +180,11 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     while time.monotonic() < deadline and checkpoint.latest(str(tmp_path / "runs" / "job2")) is None:
         time.sleep(1)  # training for real: its MLflow run exists (opened before the first checkpoint)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = next(r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-                  if r.info.run_name == "job2")
+    run_id = next(
+        r.info.run_id
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.info.run_name == "job2"
+    )
     assert client.get_run(run_id).info.status == "RUNNING"
     assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: STOPPED"
     # the job's driver got SIGTERM and unwound like Ctrl-C: its MLflow run is not left RUNNING
@@ -149,10 +200,16 @@ def test_more_workers_or_gpus_than_the_cluster_has(ray_head, tmp_path, digits_sh
     from test_cli import assert_one_line_error
 
     _, gcs, token = ray_head
-    common = [f"data.path={digits_shards}", f"cluster.storage_path={tmp_path / 'runs'}",
-              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cluster.address={gcs}"]
+    common = [
+        f"data.path={digits_shards}",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"cluster.address={gcs}",
+    ]
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # an explicit address never guesses the token
-    for override, needs in (("cluster.num_workers=4", "needs 4 CPUs; the Ray cluster has 2"),
-                            ("cluster.use_gpu=true", "needs 2 GPUs; the Ray cluster has 0")):
+    for override, needs in (
+        ("cluster.num_workers=4", "needs 4 CPUs; the Ray cluster has 2"),
+        ("cluster.use_gpu=true", "needs 2 GPUs; the Ray cluster has 0"),
+    ):
         assert_one_line_error(hardneg("train", *common, override, env=env, timeout=300), needs)
     assert not (tmp_path / "mlflow.db").exists()  # refused before an MLflow run was created

@@ -1,16 +1,17 @@
 """Tracking against a real `mlflow server` on 127.0.0.1 and a SQLite file: params, metrics, PNG
 artifacts, the registered encoder, restart-safe steps, and secrets that never reach the store."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import logged_text, tiny_config
+from conftest import mlflow_server as start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import logged_text, tiny_config
-from conftest import mlflow_server as start_mlflow_server
 from pipeline import launch, tracking, train
 from pipeline.cli import main as cli_main
 
@@ -27,10 +28,16 @@ def mlflow_server(tmp_path_factory):
 @pytest.mark.parametrize("store", ["server", "sqlite"])
 def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards, request):
     uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
-    common = ["cluster.launcher=local", f"tracking.uri={uri}", "tracking.run_name=t1",
-              f"tracking.registered_model=enc-{store}", "tracking.system_metrics_every_s=1",
-              # fake secrets in places a user might put them; none may reach params, tags or config.yaml
-              f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001", "train.knn_every_epochs=1"]
+    common = [
+        "cluster.launcher=local",
+        f"tracking.uri={uri}",
+        "tracking.run_name=t1",
+        f"tracking.registered_model=enc-{store}",
+        "tracking.system_metrics_every_s=1",
+        # fake secrets in places a user might put them; none may reach params, tags or config.yaml
+        f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001",
+        "train.knn_every_epochs=1",
+    ]
     first = launch.train_run(tiny_config(tmp_path, digits_shards, *common))
     client = MlflowClient(uri)
     run = client.get_run(first["mlflow_run_id"])
@@ -49,9 +56,16 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
     assert json.loads(dataset.dataset.profile)["splits"]["train"] > 0
     assert params["cluster.address"] == "ray://admin:***@10.0.0.1:10001"
     metrics = run.data.metrics
-    for key in ("train/loss", "train/lr", "perf/images_per_s", "perf/data_wait_share", "eval/knn_top1",
-                "eval/knn_top1_best", "negatives/cos_hardest_negative_mean",
-                "negatives/same_class_share_of_hardest"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "perf/images_per_s",
+        "perf/data_wait_share",
+        "eval/knn_top1",
+        "eval/knn_top1_best",
+        "negatives/cos_hardest_negative_mean",
+        "negatives/same_class_share_of_hardest",
+    ):
         assert key in metrics, key
     assert 0.0 <= metrics["perf/data_wait_share"] <= 1.0
     assert metrics["eval/knn_top1_best"] >= metrics["eval/knn_top1"]
@@ -106,11 +120,22 @@ def test_replayed_steps_are_not_logged_twice(tmp_path):
 
 
 def test_redaction():
-    r = tracking.redact({"aws_secret_access_key": "x", "nested": {"api_key": "y", "ok": 1},
-                         "uri": "https://bob:pa55@host/x", "note": "key AKIAABCDEFGHIJKLMNOP here",
-                         "plain": "s3://bucket/path"})
-    assert r == {"aws_secret_access_key": "***", "nested": {"api_key": "***", "ok": 1},
-                 "uri": "https://bob:***@host/x", "note": "key *** here", "plain": "s3://bucket/path"}
+    r = tracking.redact(
+        {
+            "aws_secret_access_key": "x",
+            "nested": {"api_key": "y", "ok": 1},
+            "uri": "https://bob:pa55@host/x",
+            "note": "key AKIAABCDEFGHIJKLMNOP here",
+            "plain": "s3://bucket/path",
+        }
+    )
+    assert r == {
+        "aws_secret_access_key": "***",
+        "nested": {"api_key": "***", "ok": 1},
+        "uri": "https://bob:***@host/x",
+        "note": "key *** here",
+        "plain": "s3://bucket/path",
+    }
 
 
 def test_runs_table_cli(tmp_path, capsys):
@@ -129,9 +154,17 @@ def test_runs_table_cli(tmp_path, capsys):
 
 def test_checkpoints_hold_the_redacted_config_and_resume_still_matches(tmp_path):
     cfg = tiny_config(tmp_path, "unused", f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001")
-    saved = train._state(torch.nn.Linear(2, 2), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
-                         step=3, epoch=1, cfg=cfg, run_id=None)["config"]
+    saved = train._state(
+        torch.nn.Linear(2, 2),
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+        step=3,
+        epoch=1,
+        cfg=cfg,
+        run_id=None,
+    )["config"]
     assert SECRET not in repr(saved) and saved["cluster"]["address"] == "ray://admin:***@10.0.0.1:10001"
     assert train.resume_mismatches(saved, cfg) == []  # the same run, though its checkpoint lost the password
-    other = tiny_config(tmp_path, "unused", f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001", "loss.temperature=0.2")
+    other = tiny_config(
+        tmp_path, "unused", f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001", "loss.temperature=0.2"
+    )
     assert train.resume_mismatches(saved, other) == [f"loss.temperature: {cfg.loss.temperature!r} -> 0.2"]

@@ -7,6 +7,7 @@ line, keeps the records in the run directory, and `hardneg runs sync RUN_DIR` up
 The outage lasts HARDNEG_TEST_OUTAGE_S seconds (20 by default, to keep CI short; `make soak` holds it 60 s).
 Run with -s to see the figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,8 @@ import time
 import urllib.request
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import free_port
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +38,24 @@ class Server:
     def start(self) -> "Server":
         mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
         self.proc = subprocess.Popen(
-            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "art")],
-            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                mlflow_bin,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.root / "art"),
+            ],
+            stdout=open(self.root / "server.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 120
         while True:
             try:
@@ -68,14 +82,37 @@ def server(tmp_path):
 
 
 def _train(tmp_path, shards: str, url: str, *extra: str) -> subprocess.Popen:
-    args = [f"data.path={shards}", "data.shuffle_buffer=200", "augment.image_size=8", "augment.hflip_p=0",
-            "augment.crop_scale_min=0.6", "model.width=4", "model.proj_hidden_dim=32", "model.proj_dim=16",
-            "train.global_batch_size=128", "train.log_every_steps=1", "train.knn_every_epochs=0",
-            "train.checkpoint_every_steps=2", "eval.knn_k=20", "cluster.launcher=local",
-            f"cluster.storage_path={tmp_path / 'runs'}", f"tracking.uri={url}", "tracking.plots=false",
-            "tracking.log_model=false", "tracking.system_metrics_every_s=0", "tracking.run_name=outage", *extra]
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+    args = [
+        f"data.path={shards}",
+        "data.shuffle_buffer=200",
+        "augment.image_size=8",
+        "augment.hflip_p=0",
+        "augment.crop_scale_min=0.6",
+        "model.width=4",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "train.global_batch_size=128",
+        "train.log_every_steps=1",
+        "train.knn_every_epochs=0",
+        "train.checkpoint_every_steps=2",
+        "eval.knn_k=20",
+        "cluster.launcher=local",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri={url}",
+        "tracking.plots=false",
+        "tracking.log_model=false",
+        "tracking.system_metrics_every_s=0",
+        "tracking.run_name=outage",
+        *extra,
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        cwd=ROOT,
+    )
 
 
 def _saved_step(run_dir) -> int:
@@ -126,8 +163,11 @@ def test_steps_advance_while_the_server_is_down_and_no_metric_is_lost(tmp_path, 
         down_at, before = time.monotonic(), _saved_step(run_dir)
         time.sleep(OUTAGE_S)
         during = _saved_step(run_dir)
-        print(f"\n[outage] server down {time.monotonic() - down_at:.0f} s: checkpointed step {before} -> {during} "
-              f"of {total} meanwhile", flush=True)
+        print(
+            f"\n[outage] server down {time.monotonic() - down_at:.0f} s: checkpointed step {before} -> {during} "
+            f"of {total} meanwhile",
+            flush=True,
+        )
         assert during > before, "training stood still while the tracking server was down"
         server.start()
         out, err = proc.communicate(timeout=600)
@@ -159,12 +199,24 @@ def test_a_server_that_never_returns_spools_and_runs_sync_uploads_later(tmp_path
 
     server.start()
     env = {**os.environ, "PYTHONPATH": ROOT}
-    sync = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "sync", run_dir], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+    sync = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "runs", "sync", run_dir],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert sync.returncode == 0, sync.stderr[-3000:]
     _check_complete(server.url, run_id, total)
     assert not os.path.exists(os.path.join(run_dir, "tracking-spool"))
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "sync", run_dir], capture_output=True,
-                           text=True, env=env, cwd=ROOT, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "runs", "sync", run_dir],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert again.returncode == 2 and "nothing to upload" in again.stderr and "Traceback" not in again.stderr
     print(f"\n[never back] {warnings[0]}\n[sync] {sync.stdout.strip()}", flush=True)

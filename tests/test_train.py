@@ -1,12 +1,13 @@
 """The step loop in one plain process: schedule, checkpoint contents, resume, config checks."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from pipeline import checkpoint, dist, launch, train
 from pipeline.errors import HardnegError
 from pipeline.objectives import bind_loss
@@ -21,8 +22,9 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
-                      "train.knn_every_epochs=0")
+    cfg = tiny_config(
+        tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false", "train.knn_every_epochs=0"
+    )
     result = launch.train_run(cfg)
     steps = 1347 // 128
     assert result["step"] == steps and 0.0 <= result["knn_top1"] <= 1.0  # kNN always runs at the end
@@ -32,8 +34,14 @@ def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
     assert state["config"]["train"]["global_batch_size"] == 128  # the resolved config travels along
 
     # Continue the same run for one more epoch: it starts at the saved step, not at 0.
-    resumed_cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
-                              "train.epochs=2", f"tracking.run_name={result['run_name']}")
+    resumed_cfg = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.epochs=2",
+        f"tracking.run_name={result['run_name']}",
+    )
     before = {k: v.clone() for k, v in state["model"].items()}
     resumed = launch.train_run(resumed_cfg, resume=result["run_name"])
     assert resumed["step"] == 2 * steps
@@ -43,11 +51,23 @@ def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
 
 
 def test_resume_refuses_a_different_config(tmp_path, digits_shards):
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
-                      "train.knn_every_epochs=0", "tracking.run_name=r1")
+    cfg = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.knn_every_epochs=0",
+        "tracking.run_name=r1",
+    )
     launch.train_run(cfg)
-    other = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
-                        "loss.temperature=0.2", "tracking.run_name=r1")
+    other = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "loss.temperature=0.2",
+        "tracking.run_name=r1",
+    )
     with pytest.raises(HardnegError, match=r"cannot resume.*loss\.temperature: 0\.5 -> 0\.2"):
         launch.train_run(other, resume="r1")
     with pytest.raises(HardnegError, match=r"run 'r1' already exists.*--resume"):
@@ -77,9 +97,16 @@ def test_build_loss_binds_hyper_parameters():
 
 def test_gpu_path_options_run_on_cpu(tmp_path, digits_shards):
     """bf16 autocast + channels_last + batched device augmentation: same loop, loadable checkpoint."""
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false",
-                      "train.knn_every_epochs=0", "augment.where=device", "train.precision=bf16",
-                      "train.channels_last=true")
+    cfg = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.knn_every_epochs=0",
+        "augment.where=device",
+        "train.precision=bf16",
+        "train.channels_last=true",
+    )
     result = launch.train_run(cfg)
     assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
     state = checkpoint.load(result["checkpoint"])
@@ -110,8 +137,14 @@ def test_training_reads_ffcv_files(tmp_path):
 
     shards = str(tmp_path / "both")
     prepare("builtin:digits", shards, shard_size=512, format="both")
-    cfg = tiny_config(tmp_path, shards, "cluster.launcher=local", "tracking.enabled=false",
-                      "train.knn_every_epochs=0", "data.format=ffcv")
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.knn_every_epochs=0",
+        "data.format=ffcv",
+    )
     result = launch.train_run(cfg)
     assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
 
@@ -124,23 +157,43 @@ def test_pretraining_reads_several_splits(tmp_path):
     from pipeline import data
 
     out = str(tmp_path / "stl")
-    prepare(f"stl10:{synthetic.write_stl10(str(tmp_path / 'raw'), n_train=24, n_unlabeled=40, folder=True)}", out,
-            shard_size=8, val_fraction=0.25)  # the kNN monitor reads the 6-image holdout
+    prepare(
+        f"stl10:{synthetic.write_stl10(str(tmp_path / 'raw'), n_train=24, n_unlabeled=40, folder=True)}",
+        out,
+        shard_size=8,
+        val_fraction=0.25,
+    )  # the kNN monitor reads the 6-image holdout
     both = ("train", "unlabeled")
     assert data.steps_per_epoch(read_manifest(out), both, 16) == (18 + 40) // 16
-    batches = data.train_batches(out, both, lambda image: (torch.zeros(1), torch.zeros(1)), 16, rank=0, seed=0,
-                                 shuffle_buffer=0)
+    batches = data.train_batches(
+        out, both, lambda image: (torch.zeros(1), torch.zeros(1)), 16, rank=0, seed=0, shuffle_buffer=0
+    )
     labels = torch.cat([next(batches)[2] for _ in range(20)])
     assert (labels == -1).any() and (labels >= 0).any()  # both splits feed pretraining
 
-    cfg = tiny_config(tmp_path, out, "cluster.launcher=local", "tracking.enabled=false", "train.knn_every_epochs=0",
-                      "data.pretrain_splits=[train,unlabeled]", "train.global_batch_size=16", "eval.knn_k=5",
-                      "data.shuffle_buffer=16")
+    cfg = tiny_config(
+        tmp_path,
+        out,
+        "cluster.launcher=local",
+        "tracking.enabled=false",
+        "train.knn_every_epochs=0",
+        "data.pretrain_splits=[train,unlabeled]",
+        "train.global_batch_size=16",
+        "eval.knn_k=5",
+        "data.shuffle_buffer=16",
+    )
     result = launch.train_run(cfg)
     assert result["step"] == (18 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
     with pytest.raises(HardnegError, match=r"data split 'nosuch' not in"):
-        launch.train_run(tiny_config(tmp_path, out, "cluster.launcher=local", "data.pretrain_splits=[train,nosuch]",
-                                     "train.global_batch_size=16"))
+        launch.train_run(
+            tiny_config(
+                tmp_path,
+                out,
+                "cluster.launcher=local",
+                "data.pretrain_splits=[train,nosuch]",
+                "train.global_batch_size=16",
+            )
+        )
 
 
 def test_automatic_run_names_never_collide(tmp_path, digits_shards, monkeypatch):
@@ -185,8 +238,14 @@ def test_no_test_set_selection_monitor_reads_the_holdout_and_best_can_follow_the
 
     plain = prepare("builtin:digits", str(tmp_path / "plain"), val_fraction=0.0)
     assert "holdout" not in plain["splits"]
-    cfg = tiny_config(tmp_path, str(tmp_path / "plain"), "cluster.launcher=local", "tracking.plots=false",
-                      "train.best_by=loss", "train.checkpoint_every_epochs=5")
+    cfg = tiny_config(
+        tmp_path,
+        str(tmp_path / "plain"),
+        "cluster.launcher=local",
+        "tracking.plots=false",
+        "train.best_by=loss",
+        "train.checkpoint_every_epochs=5",
+    )
     rec = _Recorder()
     reporter = EpochReporter(cfg, ctx, rec, rec, build_objective(cfg), lambda step, epoch: {"step": step})
     assert reporter.monitor_split is None and not reporter._knn_due(1, last=True)  # no kNN on test, ever

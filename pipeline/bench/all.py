@@ -4,6 +4,7 @@ Loss kernels, loader throughput (WebDataset, FFCV, in-memory baseline), training
 process vs Ray Train) and the step breakdown (data wait, loss, gather). Each section keeps the text
 its benchmark printed; the step breakdown is also stored as numbers. The report names the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ import traceback
 import torch
 
 from pipeline.bench import run_bench
-from pipeline.bench.step import machine, print_table, run as run_step
+from pipeline.bench.step import machine, print_table
+from pipeline.bench.step import run as run_step
 
 # Sub-benchmark arguments: (full size, --quick) — quick keeps CI and a 2-core CPU in minutes.
 ARGS = {
@@ -38,8 +40,12 @@ def main(argv: list[str]) -> int:
     unknown = sorted(set(only) - set(ARGS) - {"step"})
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}")
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick,
-              "machine": machine(torch.device(args.device)), "sections": {}}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "quick": args.quick,
+        "machine": machine(torch.device(args.device)),
+        "sections": {},
+    }
     failed = []
     for name in only:
         start = time.perf_counter()
@@ -63,8 +69,12 @@ def main(argv: list[str]) -> int:
             code, buffer = 1, io.StringIO(buffer.getvalue() + traceback.format_exc(limit=3))
         text = buffer.getvalue()
         print(f"== bench {name} {' '.join(sub_argv)} ({time.perf_counter() - start:.0f} s)\n{text}")
-        report["sections"][name] = {"argv": sub_argv, "exit_code": code, "output": text,
-                                    "seconds": round(time.perf_counter() - start, 1)}
+        report["sections"][name] = {
+            "argv": sub_argv,
+            "exit_code": code,
+            "output": text,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         if code:
             failed.append(name)
     tmp = f"{args.out}.tmp-{os.getpid()}"
@@ -73,4 +83,3 @@ def main(argv: list[str]) -> int:
     os.replace(tmp, args.out)
     print(f"report written to {args.out}" + (f"; failed sections: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
-

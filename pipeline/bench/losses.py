@@ -11,6 +11,7 @@ on CPU the bytes of the tensors autograd saves for backward (torch.autograd.grap
 each storage counted once), i.e. the graph's footprint, not transient temporaries. The output says which.
 Ratios are what to compare; absolute numbers depend on the machine. Not a timed test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def _psm(z1, z2, gather, generator, keep):
     offset = getattr(gather, "rank", 0) * z1.shape[0] if gather is not None else 0
     soft = dict(temperature=0.5, weighting="soft", row_offset=offset, generator=generator)
     hard = dict(temperature=0.5, generator=generator, gather=gather)
-    return (0.5 * (psm_soft_loss(z1, z2, keep[1], **soft) + psm_soft_loss(z2, z1, keep[0], **soft))
-            + 0.5 * (psm_hard_loss(z1, z2.detach(), **hard) + psm_hard_loss(z2, z1.detach(), **hard)))
+    return 0.5 * (psm_soft_loss(z1, z2, keep[1], **soft) + psm_soft_loss(z2, z1, keep[0], **soft)) + 0.5 * (
+        psm_hard_loss(z1, z2.detach(), **hard) + psm_hard_loss(z2, z1.detach(), **hard)
+    )
 
 
 def loss_cases() -> dict[str, Callable]:
@@ -40,11 +42,13 @@ def loss_cases() -> dict[str, Callable]:
         "nt_xent": lambda a, b, g, gen, x: nt_xent(a, b, temperature=0.5, gather=g),
         "dcl": lambda a, b, g, gen, x: dcl(a, b, temperature=0.5, tau_plus=0.1, gather=g),
         "hcl": lambda a, b, g, gen, x: hcl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, gather=g),
-        "sscl(32,8)": lambda a, b, g, gen, x: sscl(a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=32,
-                                                   n_synthetic=8, generator=gen, gather=g),
+        "sscl(32,8)": lambda a, b, g, gen, x: sscl(
+            a, b, temperature=0.5, tau_plus=0.1, beta=1.0, n_hard=32, n_synthetic=8, generator=gen, gather=g
+        ),
         "psm(K=5)": lambda a, b, g, gen, x: _psm(a, b, g, gen, x["keep"]),
-        "mochi(Q=16384)": lambda a, b, g, gen, x: mochi_loss(a, b.detach(), x["queue"], temperature=0.2, n_hard=1024,
-                                                             n_mix=1024, n_mix_query=512, generator=gen),
+        "mochi(Q=16384)": lambda a, b, g, gen, x: mochi_loss(
+            a, b.detach(), x["queue"], temperature=0.2, n_hard=1024, n_mix=1024, n_mix_query=512, generator=gen
+        ),
     }
 
 
@@ -75,8 +79,10 @@ def _inputs(n: int, dim: int, device, seed: int):
 
 def _extras(n_global: int, dim: int, device) -> dict:
     g = torch.Generator(device=device).manual_seed(99)
-    return {"keep": torch.randn(2, n_global, 6, dim, device=device, generator=g),
-            "queue": torch.randn(16384, dim, device=device, generator=g)}
+    return {
+        "keep": torch.randn(2, n_global, 6, dim, device=device, generator=g),
+        "queue": torch.randn(16384, dim, device=device, generator=g),
+    }
 
 
 def _step(fn, z1, z2, gather, extra, device) -> None:
@@ -161,16 +167,26 @@ def main(argv: list[str]) -> int:
     if any(b % args.workers for b in sizes):
         print(f"hardneg bench losses: every size must divide by --workers={args.workers}; got {sizes}")
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     cases = loss_cases()
-    print(f"# hardneg bench losses: device={device} ({torch.get_num_threads()} CPU threads), d={args.dim}, "
-          f"best of {args.repeats} interleaved forward+backward runs after a warm-up")
+    print(
+        f"# hardneg bench losses: device={device} ({torch.get_num_threads()} CPU threads), d={args.dim}, "
+        f"best of {args.repeats} interleaved forward+backward runs after a warm-up"
+    )
     print(f"# memory: {memory_method(device)}")
-    print("# psm(K=5): 2 L_soft over B(K+1) key columns + 2 L_hard, as one PSM step (bank lookup excluded); "
-          "mochi(Q=16384): queue logits + 1024 + 512 mixes per query (N = 1024), no in-batch negatives")
-    print("# goals: " + ", ".join(f"{k} <= {v[1]}x nt_xent {v[0]}" for k, v in GOALS.items())
-          + f"; per-worker memory {PER_WORKER_GOAL} of the replicated layout")
+    print(
+        "# psm(K=5): 2 L_soft over B(K+1) key columns + 2 L_hard, as one PSM step (bank lookup excluded); "
+        "mochi(Q=16384): queue logits + 1024 + 512 mixes per query (N = 1024), no in-batch negatives"
+    )
+    print(
+        "# goals: "
+        + ", ".join(f"{k} <= {v[1]}x nt_xent {v[0]}" for k, v in GOALS.items())
+        + f"; per-worker memory {PER_WORKER_GOAL} of the replicated layout"
+    )
     print(f"\n{'B':>6} {'loss':<16} {'time ms':>10} {'time/ntx':>9} {'mem MiB':>10} {'mem/ntx':>8}  goal")
     for b in sizes:
         times = measure_times(cases, b, args.dim, args.repeats, device)
@@ -182,11 +198,16 @@ def main(argv: list[str]) -> int:
             verdict = ""
             if goal:
                 verdict = f"time <= {goal[1]}x: {'met' if t / ref_t <= goal[1] else 'NOT met'}"
-            print(f"{b:>6} {name:<16} {t * 1e3:>10.2f} {t / ref_t:>8.2f}x {m / 2**20:>10.1f} "
-                  f"{m / max(ref_m, 1):>7.2f}x  {verdict}", flush=True)
+            print(
+                f"{b:>6} {name:<16} {t * 1e3:>10.2f} {t / ref_t:>8.2f}x {m / 2**20:>10.1f} "
+                f"{m / max(ref_m, 1):>7.2f}x  {verdict}",
+                flush=True,
+            )
     w = args.workers
-    print(f"\n# per-worker memory, simulated {w} workers: rank 0 (B/{w} anchor pairs x 2B gathered columns) "
-          f"vs replicated (2B x 2B on every worker); goal {PER_WORKER_GOAL} = {1 / w:.3f}")
+    print(
+        f"\n# per-worker memory, simulated {w} workers: rank 0 (B/{w} anchor pairs x 2B gathered columns) "
+        f"vs replicated (2B x 2B on every worker); goal {PER_WORKER_GOAL} = {1 / w:.3f}"
+    )
     print(f"{'B':>6} {'loss':<16} {'local MiB':>10} {'replic. MiB':>12} {'ratio':>7}  goal")
     for b in sizes:
         for name in ("nt_xent", "hcl", "sscl(32,8)"):
@@ -195,6 +216,9 @@ def main(argv: list[str]) -> int:
             local = measure_memory(fn, b // w, args.dim, device, gather=gather, extra={})
             full = measure_memory(fn, b, args.dim, device, extra={})
             ratio = local / max(full, 1)
-            print(f"{b:>6} {name:<16} {local / 2**20:>10.2f} {full / 2**20:>12.2f} {ratio:>7.3f}  "
-                  f"~{1 / w:.3f}: {'met' if ratio <= 1.5 / w else 'NOT met'}", flush=True)
+            print(
+                f"{b:>6} {name:<16} {local / 2**20:>10.2f} {full / 2**20:>12.2f} {ratio:>7.3f}  "
+                f"~{1 / w:.3f}: {'met' if ratio <= 1.5 / w else 'NOT met'}",
+                flush=True,
+            )
     return 0

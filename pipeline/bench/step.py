@@ -4,6 +4,7 @@ Measured in one run on real digits shards with the configured method: each phase
 device synchronisation around it, so the shares add up to the step. The gather is timed in a
 2-process gloo group (CPU) or on the training device, forward + backward of the real payload.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import augment, config as config_mod, data, dist, faults
+from pipeline import augment, data, dist, faults
+from pipeline import config as config_mod
 from pipeline.errors import HardnegError
 from pipeline.objectives import build_objective
 from pipeline.train import build_optimizer
@@ -29,8 +31,7 @@ def _sync(device: torch.device) -> None:
 
 def machine(device: torch.device) -> dict:
     """What the figures were measured on."""
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "device": str(device)}
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -45,14 +46,30 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
         raise HardnegError(f"bench step times the in-batch methods; loss.name={cfg.loss.name} is not one")
     optimizer = build_optimizer(cfg.optim, objective)
     device_views = augment.DeviceTwoViews(cfg.augment).to(device) if cfg.augment.where == "device" else None
-    views = (lambda image: (augment.to_uint8_tensor(cfg.augment.image_size)(image),)) if device_views else \
-        augment.TwoViews(augment.view_transform(cfg.augment))
-    batches = data.train_batches(cfg.data.path, cfg.data.pretrain, views, cfg.train.global_batch_size,
-                                 rank=0, seed=0, shuffle_buffer=cfg.data.shuffle_buffer,
-                                 loader_workers=cfg.data.loader_workers)
+    views = (
+        (lambda image: (augment.to_uint8_tensor(cfg.augment.image_size)(image),))
+        if device_views
+        else augment.TwoViews(augment.view_transform(cfg.augment))
+    )
+    batches = data.train_batches(
+        cfg.data.path,
+        cfg.data.pretrain,
+        views,
+        cfg.train.global_batch_size,
+        rank=0,
+        seed=0,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        loader_workers=cfg.data.loader_workers,
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    totals = {"data_wait": 0.0, "augment_on_device": 0.0, "network_forward": 0.0, "loss_forward": 0.0,
-              "backward_and_step": 0.0, "nonfinite_check": 0.0}
+    totals = {
+        "data_wait": 0.0,
+        "augment_on_device": 0.0,
+        "network_forward": 0.0,
+        "loss_forward": 0.0,
+        "backward_and_step": 0.0,
+        "nonfinite_check": 0.0,
+    }
     guard = faults.NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps, objective, device, 0)
     for step in range(warmup + steps):
         marks = [time.perf_counter()]
@@ -86,9 +103,12 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
                 totals[key] += end - start
     per_step = {k: v / steps for k, v in totals.items()}
     step_s = sum(per_step.values())
-    return {"seconds_per_step": per_step, "step_s": step_s,
-            "views_per_s": 2 * cfg.train.global_batch_size / step_s,
-            "shares": {k: v / step_s for k, v in per_step.items()}}
+    return {
+        "seconds_per_step": per_step,
+        "step_s": step_s,
+        "views_per_s": 2 * cfg.train.global_batch_size / step_s,
+        "shares": {k: v / step_s for k, v in per_step.items()},
+    }
 
 
 def _gather_worker(rank: int, world: int, port: int, rows: int, dim: int, repeats: int, out: str) -> None:
@@ -138,10 +158,16 @@ def run(config_path: str, overrides: list[str], steps: int, warmup: int, device:
     gather_s = gather_seconds(cfg.per_worker_batch_size, 2 * cfg.model.proj_dim)
     result["gather_s_2proc_gloo"] = gather_s
     result["shares"]["gather (2-proc gloo, estimated)"] = gather_s / (result["step_s"] + gather_s)
-    result["config"] = {"loss": cfg.loss.name, "backbone": cfg.model.backbone, "width": cfg.model.width,
-                        "image_size": cfg.augment.image_size, "batch": cfg.train.global_batch_size,
-                        "augment.where": cfg.augment.where, "precision": cfg.train.precision,
-                        "on_nonfinite": cfg.train.on_nonfinite}
+    result["config"] = {
+        "loss": cfg.loss.name,
+        "backbone": cfg.model.backbone,
+        "width": cfg.model.width,
+        "image_size": cfg.augment.image_size,
+        "batch": cfg.train.global_batch_size,
+        "augment.where": cfg.augment.where,
+        "precision": cfg.train.precision,
+        "on_nonfinite": cfg.train.on_nonfinite,
+    }
     result["machine"] = machine(dev)
     return result
 
@@ -154,10 +180,14 @@ def print_table(result: dict) -> None:
         print(f"  {key:40s} {seconds:10.4f} {share:8.1%}")
     print(f"  augmented views/s: {result['views_per_s']:.0f}")
     loss_share = result["shares"]["loss_forward"] + result["shares"]["gather (2-proc gloo, estimated)"]
-    print(f"  non-finite check (train.on_nonfinite={result['config']['on_nonfinite']}): "
-          f"{result['shares']['nonfinite_check']:.2%} of the step")
-    print(f"  goals (one H100): loss + synthesizer + gather <= 3% (here {loss_share:.1%}); "
-          f"data wait <= 5% (here {result['shares']['data_wait']:.1%})")
+    print(
+        f"  non-finite check (train.on_nonfinite={result['config']['on_nonfinite']}): "
+        f"{result['shares']['nonfinite_check']:.2%} of the step"
+    )
+    print(
+        f"  goals (one H100): loss + synthesizer + gather <= 3% (here {loss_share:.1%}); "
+        f"data wait <= 5% (here {result['shares']['data_wait']:.1%})"
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ skipped. Every worker runs --threads CPU threads (default 1: on a small shared C
 threads in one process run slower than one), and the table shows the count each worker really used.
 Not a timed test: ratios measured in one run are what to read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import time
 
 import torch
 
-from pipeline import config as config_mod, dist
+from pipeline import config as config_mod
+from pipeline import dist
 from pipeline.objectives import build_objective
 from pipeline.train import build_optimizer
 
@@ -30,11 +32,18 @@ GOAL_OVERHEAD = 0.05
 
 
 def _config(args: dict, world: int) -> config_mod.Config:
-    return config_mod.load(None, [
-        "model.backbone=resnet18", "model.stem=cifar", f"model.width={args['width']}",
-        f"augment.image_size={args['image_size']}", "loss.name=nt_xent",
-        f"train.global_batch_size={args['batch']}", f"cluster.num_workers={world}",
-    ])
+    return config_mod.load(
+        None,
+        [
+            "model.backbone=resnet18",
+            "model.stem=cifar",
+            f"model.width={args['width']}",
+            f"augment.image_size={args['image_size']}",
+            "loss.name=nt_xent",
+            f"train.global_batch_size={args['batch']}",
+            f"cluster.num_workers={world}",
+        ],
+    )
 
 
 def step_loop(args: dict, device: torch.device) -> dict:
@@ -131,8 +140,15 @@ def main(argv: list[str]) -> int:
     a = parse_args(argv)
     from cluster.train import local_ray, run_on_workers  # Ray lives under cluster/
 
-    base = {"steps": a.steps, "repeats": a.repeats, "warmup": a.warmup, "batch": a.batch, "width": a.width,
-            "image_size": a.image_size, "device": a.device}
+    base = {
+        "steps": a.steps,
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+        "batch": a.batch,
+        "width": a.width,
+        "image_size": a.image_size,
+        "device": a.device,
+    }
     gpus = torch.cuda.device_count() if a.device == "cuda" else 0
     two = a.device == "cpu" or gpus >= 2
     use_gpu = a.device == "cuda"
@@ -140,32 +156,46 @@ def main(argv: list[str]) -> int:
     def args(workers: int) -> dict:
         return base | {"threads": a.threads}
 
-    print(f"hardneg bench train: ResNet-18 (CIFAR stem, width {a.width}) + NT-Xent at {a.image_size} px, "
-          f"global batch {a.batch}, best of {a.repeats} x {a.steps} steps, {a.device}, "
-          f"{a.threads} CPU thread(s) per worker, {os.cpu_count()} cores here", flush=True)
+    print(
+        f"hardneg bench train: ResNet-18 (CIFAR stem, width {a.width}) + NT-Xent at {a.image_size} px, "
+        f"global batch {a.batch}, best of {a.repeats} x {a.steps} steps, {a.device}, "
+        f"{a.threads} CPU thread(s) per worker, {os.cpu_count()} cores here",
+        flush=True,
+    )
     rows = [("plain process", 1, step_loop(args(1), torch.device("cuda", 0) if use_gpu else torch.device("cpu")))]
     if two:
         rows.append(("torch DDP, 2 processes", 2, plain_ddp(args(2), 2)))
     with tempfile.TemporaryDirectory(prefix="hardneg-bench-") as storage, local_ray(2):
-        rows.insert(1, ("Ray Train", 1, run_on_workers(step_loop, args(1), num_workers=1, use_gpu=use_gpu,
-                                                         storage_path=storage)))
+        rows.insert(
+            1,
+            ("Ray Train", 1, run_on_workers(step_loop, args(1), num_workers=1, use_gpu=use_gpu, storage_path=storage)),
+        )
         if two:
-            rows.append(("Ray Train", 2, run_on_workers(step_loop, args(2), num_workers=2, use_gpu=use_gpu,
-                                                        storage_path=storage)))
+            rows.append(
+                (
+                    "Ray Train",
+                    2,
+                    run_on_workers(step_loop, args(2), num_workers=2, use_gpu=use_gpu, storage_path=storage),
+                )
+            )
     plain = rows[0][2]["images_per_s"]
     print(f"{'mode':<24}{'workers':>8}{'threads':>8}{'images/s':>11}{'vs plain':>10}")
     for name, workers, result in rows:
-        print(f"{name:<24}{workers:>8}{result['threads']:>8}{result['images_per_s']:>11.1f}"
-              f"{result['images_per_s'] / plain:>10.3f}")
-    rate = {(name.split(',')[0], w): r["images_per_s"] for name, w, r in rows}
+        print(
+            f"{name:<24}{workers:>8}{result['threads']:>8}{result['images_per_s']:>11.1f}"
+            f"{result['images_per_s'] / plain:>10.3f}"
+        )
+    rate = {(name.split(",")[0], w): r["images_per_s"] for name, w, r in rows}
     pairs = [(1, rate[("plain process", 1)], rate[("Ray Train", 1)])]
     if two:
         pairs.append((2, rate[("torch DDP", 2)], rate[("Ray Train", 2)]))
     for workers, native, ray_rate in pairs:
         overhead = 1 - ray_rate / native
         verdict = "meets" if overhead <= GOAL_OVERHEAD else "misses"
-        print(f"Ray Train overhead at {workers} worker{'s' if workers > 1 else ''}: {overhead:+.1%} "
-              f"({verdict} the goal <= {GOAL_OVERHEAD:.0%})")
+        print(
+            f"Ray Train overhead at {workers} worker{'s' if workers > 1 else ''}: {overhead:+.1%} "
+            f"({verdict} the goal <= {GOAL_OVERHEAD:.0%})"
+        )
     if not two:
         print(f"2-worker modes skipped: {gpus} GPU(s) here")
     return 0

@@ -1,13 +1,13 @@
 """Contrastive losses: pure functions. LOSSES maps the in-batch family (NT-Xent, DCL, HCL, SSCL) by name;
 the queue/bank methods (PSM, MoCHi) export their functional pieces, and their modules live in objectives."""
+
 from __future__ import annotations
 
 from typing import Callable
 
 from .functional import dcl, hcl, nt_xent, sscl
 from .mochi import draw_mixes, mochi_logits, mochi_loss, mochi_synthesize
-from .psm import (acceptance_probability, fifo_enqueue, nearest_neighbors, psm_hard_loss, psm_soft_loss,
-                  psm_soft_parts)
+from .psm import acceptance_probability, fifo_enqueue, nearest_neighbors, psm_hard_loss, psm_soft_loss, psm_soft_parts
 
 LOSSES: dict[str, Callable[..., object]] = {
     "nt_xent": nt_xent,
@@ -16,6 +16,20 @@ LOSSES: dict[str, Callable[..., object]] = {
     "sscl": sscl,
 }
 
-__all__ = ["LOSSES", "acceptance_probability", "dcl", "draw_mixes", "fifo_enqueue", "hcl", "mochi_logits", "mochi_loss",
-           "mochi_synthesize", "nearest_neighbors", "nt_xent", "psm_hard_loss", "psm_soft_loss", "psm_soft_parts",
-           "sscl"]
+__all__ = [
+    "LOSSES",
+    "acceptance_probability",
+    "dcl",
+    "draw_mixes",
+    "fifo_enqueue",
+    "hcl",
+    "mochi_logits",
+    "mochi_loss",
+    "mochi_synthesize",
+    "nearest_neighbors",
+    "nt_xent",
+    "psm_hard_loss",
+    "psm_soft_loss",
+    "psm_soft_parts",
+    "sscl",
+]

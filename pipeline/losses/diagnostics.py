@@ -9,6 +9,7 @@
   hardest real negatives (the false negatives the debiasing term tau+ is meant to correct).
 The loop averages each value over ranks (so a *_max is the mean of the per-rank maxima).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,7 +20,6 @@ from torch import Tensor
 from .functional import Gather, _batch
 from .precision import full_precision
 from .synth import synthesize_hard_negatives
-
 
 
 @torch.no_grad()
@@ -61,8 +61,7 @@ def effective_negatives(logits: Tensor, beta: float, valid: Optional[Tensor] = N
 
 
 @torch.no_grad()
-def false_negative_rate(sim: Tensor, neg_mask: Tensor, row_labels: Tensor, col_labels: Tensor,
-                        n_hard: int) -> Tensor:
+def false_negative_rate(sim: Tensor, neg_mask: Tensor, row_labels: Tensor, col_labels: Tensor, n_hard: int) -> Tensor:
     """Share of same-label columns among each row's n_hard most similar negatives: (R, C) -> 0-dim.
 
     n_hard is clamped to the smallest number of negatives of a row; labels < 0 (unknown) never match,
@@ -82,9 +81,19 @@ def false_negative_rate(sim: Tensor, neg_mask: Tensor, row_labels: Tensor, col_l
 
 @full_precision
 @torch.no_grad()
-def in_batch_stats(z1: Tensor, z2: Tensor, *, temperature: float, beta: float, n_hard: int,
-                   labels: Optional[Tensor] = None, gather: Optional[Gather] = None, n_synthetic: int = 0,
-                   mix: str = "paper", generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+def in_batch_stats(
+    z1: Tensor,
+    z2: Tensor,
+    *,
+    temperature: float,
+    beta: float,
+    n_hard: int,
+    labels: Optional[Tensor] = None,
+    gather: Optional[Gather] = None,
+    n_synthetic: int = 0,
+    mix: str = "paper",
+    generator: Optional[torch.Generator] = None,
+) -> dict[str, Tensor]:
     """Diagnostics of the in-batch family on local rows vs gathered columns (the losses' layout).
 
     z1, z2: (n, d) projections; labels: (n,) class ids or None; gather: the losses' gather (it is
@@ -100,12 +109,23 @@ def in_batch_stats(z1: Tensor, z2: Tensor, *, temperature: float, beta: float, n
     stats["sim_neg_hardest"] = hardest_mean(sim, b.neg_mask)
     stats["eff_negatives"] = effective_negatives(b.logits, beta, b.neg_mask)
     if n_synthetic > 0:  # picked from the loss's own masked logits, so the draws are the loss's
-        h = synthesize_hard_negatives(b.logits, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard, n_synthetic=n_synthetic,
-                                      mix=mix, generator=generator, n_neg=b.n_neg, hardness=b.neg)  # (R, k, d)
+        h = synthesize_hard_negatives(
+            b.logits,
+            b.neg_mask,
+            b.cols,
+            b.row_ids,
+            n_hard=n_hard,
+            n_synthetic=n_synthetic,
+            mix=mix,
+            generator=generator,
+            n_neg=b.n_neg,
+            hardness=b.neg,
+        )  # (R, k, d)
         stats |= similarity_summary("syn", torch.einsum("rd,rkd->rk", b.rows, h))
     if labels is not None:
         local = labels.detach().reshape(-1, 1)  # (n, 1)
         gathered = (gather(local) if gather is not None else local).reshape(-1)  # (B,)
-        stats["false_neg_rate"] = false_negative_rate(sim, b.neg_mask, torch.cat([local.reshape(-1)] * 2),
-                                                      torch.cat([gathered, gathered]), n_hard)
+        stats["false_neg_rate"] = false_negative_rate(
+            sim, b.neg_mask, torch.cat([local.reshape(-1)] * 2), torch.cat([gathered, gathered]), n_hard
+        )
     return stats

@@ -6,6 +6,7 @@ the concatenated batch. Masks come from global indices, so the per-rank cost is 
 Every loss is mean_i -log(pos_i / (pos_i + Ng_i)); only Ng_i differs, and all of them share
 `_log_ng_hcl`. Computation runs in float32 or wider whatever the input dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,16 @@ class _Batch(NamedTuple):
         return self.logits * self.temperature
 
 
-def _check_float(name: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
-                 high_open: bool = True, expected: str) -> float:
+def _check_float(
+    name: str,
+    value: float,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+    expected: str,
+) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -139,8 +148,9 @@ class _LogHardnessWeightedSum(torch.autograd.Function):
         return grad * grad_out[:, None], None
 
 
-def _log_ng_hcl(pos: Tensor, neg: Tensor, *, n_neg: int, temperature: float, tau_plus: float, beta: float,
-                clamp: bool = True) -> Tensor:
+def _log_ng_hcl(
+    pos: Tensor, neg: Tensor, *, n_neg: int, temperature: float, tau_plus: float, beta: float, clamp: bool = True
+) -> Tensor:
     """log Ng: (R,) of the HCL estimator (N/tau-)(sum_j w_ij neg_ij - tau+ pos_i), clamped at N e^{-1/t}.
 
     pos: (R,) positive logits, neg: (R, M) negative logits (s/t) with -inf where a column is no negative
@@ -176,8 +186,9 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float, gather: Gather | None
     """SimCLR NT-Xent (Chen et al. 2020, arXiv:2002.05709): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t = _check_t(temperature)
     b = _batch(z1, z2, t, gather)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=0.0, beta=0.0,
-                                         clamp=False))
+    return _mean_loss(
+        b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=0.0, beta=0.0, clamp=False)
+    )
 
 
 @full_precision
@@ -189,8 +200,9 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, gather: 
 
 
 @full_precision
-def hcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float,
-        gather: Gather | None = None) -> Tensor:
+def hcl(
+    z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float, gather: Gather | None = None
+) -> Tensor:
     """Hard-negative loss (Robinson et al., ICLR 2021): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
     b = _batch(z1, z2, t, gather)
@@ -198,18 +210,37 @@ def hcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: fl
 
 
 @full_precision
-def sscl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, beta: float, n_hard: int,
-         n_synthetic: int, mix: str = "paper", generator: torch.Generator | None = None,
-         gather: Gather | None = None) -> Tensor:
+def sscl(
+    z1: Tensor,
+    z2: Tensor,
+    *,
+    temperature: float,
+    tau_plus: float,
+    beta: float,
+    n_hard: int,
+    n_synthetic: int,
+    mix: str = "paper",
+    generator: torch.Generator | None = None,
+    gather: Gather | None = None,
+) -> Tensor:
     """Synthetic hard negatives + HCL (Dong et al., arXiv:2304.02971): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
     check_synth_args(n_hard, n_synthetic, mix, generator)
     b = _batch(z1, z2, t, gather)
     neg = b.neg  # (R, C), N finite
     if n_synthetic > 0:
-        h = synthesize_hard_negatives(b.logits, b.neg_mask, b.cols, b.row_ids, n_hard=n_hard, n_synthetic=n_synthetic,
-                                      mix=mix, generator=generator, n_neg=b.n_neg, hardness=b.neg)  # (R, k, d)
+        h = synthesize_hard_negatives(
+            b.logits,
+            b.neg_mask,
+            b.cols,
+            b.row_ids,
+            n_hard=n_hard,
+            n_synthetic=n_synthetic,
+            mix=mix,
+            generator=generator,
+            n_neg=b.n_neg,
+            hardness=b.neg,
+        )  # (R, k, d)
         synthetic = torch.einsum("rd,rkd->rk", b.rows, h) / t  # (R, k): gradient via the anchor only
         neg = torch.cat([neg, synthetic], dim=1)  # (R, C + k), N + k finite
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp,
-                                         beta=bt))
+    return _mean_loss(b.pos, _log_ng_hcl(b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp, beta=bt))

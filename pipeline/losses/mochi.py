@@ -16,6 +16,7 @@ Draw protocol (pinned so that every rank reproduces the single-process draws fro
     beta = 0.5 * rand((B, s', 1))
 drawn in that order on the generator's device for ALL B global queries; each rank keeps its own rows.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -53,9 +54,17 @@ def _unit(x: Tensor, dtype) -> Tensor:
 
 
 @full_precision
-def draw_mixes(q: Tensor, queue: Tensor, *, n_hard: int, n_mix: int, n_mix_query: int,
-               generator: Optional[torch.Generator] = None, row_offset: int = 0,
-               n_rows_global: Optional[int] = None) -> MixDraws:
+def draw_mixes(
+    q: Tensor,
+    queue: Tensor,
+    *,
+    n_hard: int,
+    n_mix: int,
+    n_mix_query: int,
+    generator: Optional[torch.Generator] = None,
+    row_offset: int = 0,
+    n_rows_global: Optional[int] = None,
+) -> MixDraws:
     """The N = min(n_hard, K) hardest queue keys of each local query and the draws over them (no grad).
 
     q: (n, d) this rank's queries; queue: (K, d); row_offset / n_rows_global: this rank's rows within the
@@ -77,17 +86,38 @@ def draw_mixes(q: Tensor, queue: Tensor, *, n_hard: int, n_mix: int, n_mix_query
         beta = BETA_MAX * torch.rand((n_global, n_mix_query, 1), generator=generator, device=device)
         rows = slice(row_offset, row_offset + n)
         pairs, picks = pairs[:, rows].to(q.device), picks[rows].to(q.device)  # (2, n, s), (n, s')
-        return MixDraws(hard.gather(1, pairs[0]), hard.gather(1, pairs[1]), alpha[rows, :, 0].to(q.device, dtype),
-                        hard.gather(1, picks), beta[rows, :, 0].to(q.device, dtype))
+        return MixDraws(
+            hard.gather(1, pairs[0]),
+            hard.gather(1, pairs[1]),
+            alpha[rows, :, 0].to(q.device, dtype),
+            hard.gather(1, picks),
+            beta[rows, :, 0].to(q.device, dtype),
+        )
 
 
 @full_precision
-def mochi_synthesize(q: Tensor, queue: Tensor, *, n_hard: int, n_mix: int, n_mix_query: int,
-                     generator: Optional[torch.Generator] = None, row_offset: int = 0,
-                     n_rows_global: Optional[int] = None) -> Tensor:
+def mochi_synthesize(
+    q: Tensor,
+    queue: Tensor,
+    *,
+    n_hard: int,
+    n_mix: int,
+    n_mix_query: int,
+    generator: Optional[torch.Generator] = None,
+    row_offset: int = 0,
+    n_rows_global: Optional[int] = None,
+) -> Tensor:
     """The synthetic negatives as vectors, detached and unit (n, s + s', d): [s mixes of two keys; s' query mixes]."""
-    draws = draw_mixes(q, queue, n_hard=n_hard, n_mix=n_mix, n_mix_query=n_mix_query, generator=generator,
-                       row_offset=row_offset, n_rows_global=n_rows_global)
+    draws = draw_mixes(
+        q,
+        queue,
+        n_hard=n_hard,
+        n_mix=n_mix,
+        n_mix_query=n_mix_query,
+        generator=generator,
+        row_offset=row_offset,
+        n_rows_global=n_rows_global,
+    )
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
         bank, q_unit = _unit(queue.detach(), dtype), _unit(q.detach(), dtype)  # (K, d), (n, d)
@@ -108,8 +138,15 @@ def _pair_dots(bank: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 @full_precision
-def mochi_logits(q: Tensor, k: Tensor, queue: Tensor, draws: Optional[MixDraws] = None, *, temperature: float,
-                 synthetic: Optional[Tensor] = None) -> Tensor:
+def mochi_logits(
+    q: Tensor,
+    k: Tensor,
+    queue: Tensor,
+    draws: Optional[MixDraws] = None,
+    *,
+    temperature: float,
+    synthetic: Optional[Tensor] = None,
+) -> Tensor:
     """Logits (n, 1 + K + m) / t: [q.k+, q.queue, q.synthetic]; the positive is column 0.
 
     q: (n, d) queries (gradient), k: (n, d) momentum keys, queue: (K, d); the synthetic columns come from
@@ -118,8 +155,9 @@ def mochi_logits(q: Tensor, k: Tensor, queue: Tensor, draws: Optional[MixDraws] 
     """
     t = _check_t(temperature)
     if q.dim() != 2 or k.shape != q.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, queue {tuple(queue.shape)}: "
-                         "expected (n, d), (n, d), (K, d)")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, queue {tuple(queue.shape)}: expected (n, d), (n, d), (K, d)"
+        )
     dtype = torch.promote_types(q.dtype, torch.float32)
     q_unit, k_unit, bank = _unit(q, dtype), _unit(k.detach(), dtype), _unit(queue.detach(), dtype)
     sim = q_unit @ bank.T  # (n, K)
@@ -140,11 +178,29 @@ def mochi_logits(q: Tensor, k: Tensor, queue: Tensor, draws: Optional[MixDraws] 
     return torch.cat(parts, dim=1) / t
 
 
-def mochi_loss(q: Tensor, k: Tensor, queue: Tensor, *, temperature: float, n_hard: int, n_mix: int,
-               n_mix_query: int, generator: Optional[torch.Generator] = None, row_offset: int = 0,
-               n_rows_global: Optional[int] = None) -> Tensor:
+def mochi_loss(
+    q: Tensor,
+    k: Tensor,
+    queue: Tensor,
+    *,
+    temperature: float,
+    n_hard: int,
+    n_mix: int,
+    n_mix_query: int,
+    generator: Optional[torch.Generator] = None,
+    row_offset: int = 0,
+    n_rows_global: Optional[int] = None,
+) -> Tensor:
     """MoCHi InfoNCE: mean over the local queries of -log softmax(logits)[positive]. Scalar."""
-    draws = draw_mixes(q, queue, n_hard=n_hard, n_mix=n_mix, n_mix_query=n_mix_query, generator=generator,
-                       row_offset=row_offset, n_rows_global=n_rows_global)
+    draws = draw_mixes(
+        q,
+        queue,
+        n_hard=n_hard,
+        n_mix=n_mix,
+        n_mix_query=n_mix_query,
+        generator=generator,
+        row_offset=row_offset,
+        n_rows_global=n_rows_global,
+    )
     logits = mochi_logits(q, k, queue, draws, temperature=temperature)  # (n, 1 + K + s + s')
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()

@@ -1,4 +1,5 @@
 """Losses compute in float32 or wider: a decorator that switches autocast off around a loss function."""
+
 from __future__ import annotations
 
 import functools

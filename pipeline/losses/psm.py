@@ -10,6 +10,7 @@ the pair's index): one seed per call comes from the injected torch.Generator (id
 and each rank evaluates only its own rows. So every rank reproduces the single-process draws at
 O(local rows x global columns) cost, with no (global rows x global columns) tensor anywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,7 +95,7 @@ def fifo_enqueue(bank: Tensor, ptr: int, keys: Tensor) -> tuple[Tensor, int]:
     kept = min(n, size)
     start = (ptr + n - kept) % size
     idx = (start + torch.arange(kept, device=bank.device)) % size  # (kept,)
-    new = bank.index_copy(0, idx, keys[n - kept:].detach().to(bank.dtype))
+    new = bank.index_copy(0, idx, keys[n - kept :].detach().to(bank.dtype))
     return new, (ptr + n) % size
 
 
@@ -135,14 +136,26 @@ def soft_weights(q_pre: Tensor, neighbors: Tensor, weighting: str) -> Tensor:
 
 
 @full_precision
-def psm_soft_parts(q: Tensor, q_pre: Tensor, keep: Tensor, *, temperature: float, accept_a: float = 0.5,
-                   accept_b: float = 0.0, weighting: str = "soft", row_offset: int = 0,
-                   generator: Optional[torch.Generator] = None, accept: Optional[Tensor] = None) -> SoftParts:
+def psm_soft_parts(
+    q: Tensor,
+    q_pre: Tensor,
+    keep: Tensor,
+    *,
+    temperature: float,
+    accept_a: float = 0.5,
+    accept_b: float = 0.0,
+    weighting: str = "soft",
+    row_offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    accept: Optional[Tensor] = None,
+) -> SoftParts:
     """L_soft(q; k) with its intermediates. See ``psm_soft_loss``."""
     t = _check_psm(temperature, accept_a, accept_b)
     if q.dim() != 2 or q_pre.shape != q.shape or keep.dim() != 3 or keep.shape[2] != q.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)}, q_pre {tuple(q_pre.shape)}, keep {tuple(keep.shape)}: "
-                         "expected (n, d), (n, d), (B, K + 1, d)")
+        raise ValueError(
+            f"q {tuple(q.shape)}, q_pre {tuple(q_pre.shape)}, keep {tuple(keep.shape)}: "
+            "expected (n, d), (n, d), (B, K + 1, d)"
+        )
     n, d = q.shape
     n_global, k1, _ = keep.shape
     if not 0 <= row_offset <= n_global - n:
@@ -171,9 +184,19 @@ def psm_soft_parts(q: Tensor, q_pre: Tensor, keep: Tensor, *, temperature: float
     return SoftParts(loss, sim, pos_sim, kept, weights)
 
 
-def psm_soft_loss(q: Tensor, q_pre: Tensor, keep: Tensor, *, temperature: float, accept_a: float = 0.5,
-                  accept_b: float = 0.0, weighting: str = "soft", row_offset: int = 0,
-                  generator: Optional[torch.Generator] = None, accept: Optional[Tensor] = None) -> Tensor:
+def psm_soft_loss(
+    q: Tensor,
+    q_pre: Tensor,
+    keep: Tensor,
+    *,
+    temperature: float,
+    accept_a: float = 0.5,
+    accept_b: float = 0.0,
+    weighting: str = "soft",
+    row_offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    accept: Optional[Tensor] = None,
+) -> Tensor:
     """PSM's L_soft: mean_i sum_{p in P_i} w_ip -log(e^{s_ip/t} / (sum_{p'} e^{s_ip'/t} + sum_{kept n} e^{s_in/t})).
 
     q: (n, d) this rank's predictor outputs (view v); q_pre: (n, d) their projections (soft weights);
@@ -182,14 +205,33 @@ def psm_soft_loss(q: Tensor, q_pre: Tensor, keep: Tensor, *, temperature: float,
     negatives are every other sample's key and neighbours, each kept by the acceptance draw (``accept``:
     an explicit (n, B (K + 1)) bool mask instead, for tests). Scalar, mean over the local rows.
     """
-    return psm_soft_parts(q, q_pre, keep, temperature=temperature, accept_a=accept_a, accept_b=accept_b,
-                          weighting=weighting, row_offset=row_offset, generator=generator, accept=accept).loss
+    return psm_soft_parts(
+        q,
+        q_pre,
+        keep,
+        temperature=temperature,
+        accept_a=accept_a,
+        accept_b=accept_b,
+        weighting=weighting,
+        row_offset=row_offset,
+        generator=generator,
+        accept=accept,
+    ).loss
 
 
 @full_precision
-def psm_hard_loss(q: Tensor, k: Tensor, *, temperature: float, accept_a: float = 0.5, accept_b: float = 0.0,
-                  generator: Optional[torch.Generator] = None, accept: Optional[Tensor] = None,
-                  gather: Optional[Gather] = None, acceptance_on: str = "cosine") -> Tensor:
+def psm_hard_loss(
+    q: Tensor,
+    k: Tensor,
+    *,
+    temperature: float,
+    accept_a: float = 0.5,
+    accept_b: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    accept: Optional[Tensor] = None,
+    gather: Optional[Gather] = None,
+    acceptance_on: str = "cosine",
+) -> Tensor:
     """PSM's L_hard: the in-batch loss between predictor outputs q (n, d) and momentum keys k (n, d).
 
     Rows [q; k] (2n local anchors) against the gathered columns [Q; K] (2B): row i's positive is its
@@ -212,8 +254,11 @@ def psm_hard_loss(q: Tensor, k: Tensor, *, temperature: float, accept_a: float =
         if acceptance_on == "raw":  # back to raw dot products: cos x |row| x |column|
             norms = torch.stack([q.detach().float().norm(dim=1), k.detach().float().norm(dim=1)], dim=1)  # (n, 2)
             gathered = gather(norms) if gather is not None else norms  # (B, 2)
-            sim = sim * torch.cat([norms[:, 0], norms[:, 1]])[:, None].to(sim.dtype) \
-                * torch.cat([gathered[:, 0], gathered[:, 1]])[None, :].to(sim.dtype)  # (R, C)
+            sim = (
+                sim
+                * torch.cat([norms[:, 0], norms[:, 1]])[:, None].to(sim.dtype)
+                * torch.cat([gathered[:, 0], gathered[:, 1]])[None, :].to(sim.dtype)
+            )  # (R, C)
         s_pos = sim.gather(1, pos_ids[:, None]).squeeze(1)  # (R,) cosine of the positive pair
         if accept is None:
             p = acceptance_probability(sim, s_pos, accept_a, accept_b)  # (R, C)

@@ -9,6 +9,7 @@ Draw protocol (pinned so that every rank reproduces the single-process draws fro
 drawn on the generator's device for ALL R_global = 2B global anchor rows (in the global layout
 [view 1 of all ranks; view 2 of all ranks]); each rank keeps the rows of its own anchors.
 """
+
 from __future__ import annotations
 
 import torch
