@@ -141,4 +141,4 @@ def test_training_with_augment_where_batch(tmp_path, digits_shards):
         "augment.where=batch",
     )
     result = launch.train_run(cfg)
-    assert result["step"] == 1497 // 128 and math.isfinite(result["knn_top1"])
+    assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])  # train after the 150-image holdout

@@ -135,8 +135,8 @@ def test_eval_all_protocols_with_augmented_probe_logs_into_the_run(tmp_path, dig
     after = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["mlflow_run_id"])
     assert after.info.status == "FINISHED"  # evaluation logs into the run without leaving it RUNNING
     logged = after.data.metrics
-    assert logged["linear_top1"] == pytest.approx(result["linear_top1"])
-    assert logged["eval_knn_top1"] == pytest.approx(result["knn_top1"])
+    assert logged["eval/probe_top1"] == pytest.approx(result["linear_top1"])  # the grouped names of the MLflow view
+    assert logged["eval/knn_top1_checkpoint"] == pytest.approx(result["knn_top1"])
 
 
 def test_probe_transform_follows_the_release_protocols():
