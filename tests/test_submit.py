@@ -120,6 +120,14 @@ def hardneg(*args: str, env: dict, timeout: float = 600) -> subprocess.Completed
     return proc
 
 
+def without_ray_core_log(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``proc`` with the lines Ray's C++ core writes to stderr removed (e.g. its warning, in a loopback-only
+    namespace, that 8.8.8.8 is unreachable): they are Ray's, not ours."""
+    core = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [A-Z] \d+ \d+\] \S+\.cc:\d+: ")
+    kept = "".join(line for line in proc.stderr.splitlines(keepends=True) if not core.match(line))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, kept)
+
+
 def job_id_of(stdout: str) -> str:
     match = re.search(r"submitted job (\S+)", stdout)
     assert match, stdout
@@ -151,7 +159,7 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     job = job_id_of(done.stdout)
     assert f"epoch 1/1 step {1347 // 128}/{1347 // 128}" in done.stdout and f"job {job}: SUCCEEDED" in done.stdout
     assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: SUCCEEDED")
-    assert checkpoint.load(str(tmp_path / "runs" / "job1"))["step"] == 11  # written by the job on the cluster
+    assert checkpoint.load(str(tmp_path / "runs" / "job1"))["step"] == 1347 // 128  # written by the job on the cluster
     assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: already SUCCEEDED"
 
     # a long job, not followed: PENDING/RUNNING, then stopped
@@ -211,5 +219,5 @@ def test_more_workers_or_gpus_than_the_cluster_has(ray_head, tmp_path, digits_sh
         ("cluster.num_workers=4", "needs 4 CPUs; the Ray cluster has 2"),
         ("cluster.use_gpu=true", "needs 2 GPUs; the Ray cluster has 0"),
     ):
-        assert_one_line_error(hardneg("train", *common, override, env=env, timeout=300), needs)
+        assert_one_line_error(without_ray_core_log(hardneg("train", *common, override, env=env, timeout=300)), needs)
     assert not (tmp_path / "mlflow.db").exists()  # refused before an MLflow run was created
