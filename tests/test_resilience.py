@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_overrides
 
 from pipeline import checkpoint, data, dist, launch, train
 
@@ -135,26 +135,16 @@ def _cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
 
 
 def _tiny_args(tmp_path, shards: str, *extra: str) -> list[str]:
-    return [
-        f"data.path={shards}",
-        "data.shuffle_buffer=200",
-        "augment.image_size=8",
-        "augment.hflip_p=0",
-        "augment.crop_scale_min=0.6",
-        "model.width=4",
-        "model.proj_hidden_dim=32",
-        "model.proj_dim=16",
-        "train.global_batch_size=128",
-        "train.log_every_steps=4",
-        "eval.knn_k=20",
+    """conftest's tiny overrides for one local process, without plots, models or system metrics."""
+    return tiny_overrides(
+        tmp_path,
+        shards,
         "cluster.launcher=local",
-        f"cluster.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tracking.plots=false",
         "tracking.log_model=false",
         "tracking.system_metrics_every_s=0",
         *extra,
-    ]
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> str:
