@@ -11,7 +11,7 @@ demo: $(STAMP)
 # The suite runs in a private network namespace with only loopback (when root and unshare allow; else it
 # says so and runs as it is): every server a test starts is on 127.0.0.1 and unreachable from outside.
 test: $(STAMP) lint
-	$(PY) scripts/loopback_only.py $(PY) -m pytest -q
+	$(PY) scripts/loopback_only.py $(PY) -m pytest -q --durations=25
 
 # Lint and types: ruff's rules and formatting on the whole tree, mypy on the modules [tool.mypy] lists.
 lint: $(STAMP)

@@ -113,7 +113,7 @@ def run_scale(args) -> int:
     grow = rows[-1][1]["main_mb"] - rows[0][1]["main_mb"]
     per_image = grow * 2**20 / max(ns[-1] - ns[0], 1)
     print(
-        f"fit: prep time = {pa:.1f} s + {1000 * pb:.3f} ms x n (start-up + per image; log-log exponent "
+        f"fit: prep time = {pa:.1f} s {'-' if pb < 0 else '+'} {1000 * abs(pb):.3f} ms x n (start-up + per image; log-log exponent "
         f"{prep_b:.2f}, 1.00 = linear); read {min(reads):.3f}-{max(reads):.3f} ms per image at every size; "
         f"prep peak RSS {rows[0][1]['main_mb']:.0f} -> {rows[-1][1]['main_mb']:.0f} MB from {ns[0]} to {ns[-1]} "
         f"images ({per_image:.0f} bytes per extra image: the file listing and the shard plan)"

@@ -35,5 +35,6 @@ def test_bench_prep_scale_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     for n in (300, 600):  # one row per size: prep and read time per image, peak RSS of main and worker
         assert re.search(rf"^ +{n} \| +\d+\.\d+ \| +\d+ / +\d+ \| +\d+\.\d+ \| +\d+ / +\d+$", out, re.M), out
-    assert re.search(r"fit: prep time = -?\d+\.\d s \+ \d+\.\d+ ms x n", out), out
+    # Two small sizes on a busy machine can give a negative per-image slope (start-up dominates): sign either way.
+    assert re.search(r"fit: prep time = -?\d+\.\d s [+-] \d+\.\d+ ms x n", out), out
     assert list(tmp_path.iterdir()) == [], "the work directory is cleaned up"
