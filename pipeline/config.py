@@ -9,12 +9,15 @@ naming the key and what is allowed.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import HardnegError
+from pipeline.methods import DEFAULT_METHOD, METHODS
+from pipeline.methods.base import MethodConfig
 
 
 class _Section(BaseModel):
@@ -99,44 +102,15 @@ class ModelConfig(_Section):
     shuffle_bn_groups: int = Field(1, ge=1)
 
 
-class LossConfig(_Section):
-    """The method and its hyper-parameters (official defaults; docs/methods.md). psm_*/mochi_* apply to that method only."""
+def _loss_union() -> Any:
+    """The ``loss:`` section: a discriminated union on ``name`` of the registered methods' Settings."""
+    return Annotated[Union[tuple(m.Settings for m in METHODS.values())], Field(discriminator="name")]
 
-    name: Literal["nt_xent", "dcl", "hcl", "sscl", "psm", "mochi"] = "nt_xent"  # mochi with s = s' = 0 is MoCo-v2
-    temperature: float = Field(0.5, gt=0.0)
-    tau_plus: float = Field(0.1, ge=0.0, lt=1.0)
-    beta: float = Field(1.0, ge=0.0)
-    n_hard: int = Field(32, ge=1)  # SSCL's s; also the false-negative-rate diagnostic's "hardest" count
-    n_synthetic: int = Field(8, ge=0)
-    mix: Literal["paper", "release"] = "paper"
-    # PSM (Dong et al., arXiv:2311.00358; github.com/dhkdhk/PSM config.conf, src/model/psm.py)
-    psm_momentum: float = Field(0.99, ge=0.0, le=1.0)  # EMA of the key encoder + projector
-    psm_bank_size: int = Field(16384, ge=1)  # FIFO memory bank of momentum keys (view 2)
-    psm_n_neighbors: int = Field(5, ge=0)  # K mined positives per key
-    psm_accept_a: float = Field(0.5, ge=0.0)  # acceptance p = clip(exp(-a (s_in - s_i+ - b)^2), 0, 0.999)
-    psm_accept_b: float = Field(0.0, ge=-2.0, le=2.0)
-    # release (default): hard positive weighting (all 1) and L_hard's acceptance on raw dot products, as
-    # github.com/dhkdhk/PSM src/model/psm.py computes them; paper: soft weighting, acceptance on cosines
-    psm_variant: Literal["release", "paper"] = "release"
-    psm_aa: float = Field(1.0, ge=0.0)  # weight of L_hard
-    # MoCHi (Kalantidis et al., NeurIPS 2020, arXiv:2010.01028) on MoCo-v2; no official code was released
-    mochi_momentum: float = Field(0.999, ge=0.0, le=1.0)
-    mochi_queue_size: int = Field(65536, ge=1)  # MoCo-v2's K (github.com/facebookresearch/moco main_moco.py)
-    mochi_n_hard: int = Field(1024, ge=1)  # N hardest queue keys per query (docs/recipes.md: the paper's tables)
-    mochi_s: int = Field(1024, ge=0)  # mixes of two hard negatives, alpha ~ U(0, 1)
-    mochi_s_prime: int = Field(512, ge=0)  # mixes of the query with a hard negative, beta ~ U(0, 0.5)
 
-    @model_validator(mode="after")
-    def _bank_holds_what_is_mined(self) -> "LossConfig":
-        if self.name == "psm" and self.psm_n_neighbors > self.psm_bank_size:
-            raise ValueError(
-                f"loss.psm_n_neighbors={self.psm_n_neighbors} must be <= loss.psm_bank_size={self.psm_bank_size}"
-            )
-        if self.name == "mochi" and self.mochi_n_hard > self.mochi_queue_size:
-            raise ValueError(
-                f"loss.mochi_n_hard={self.mochi_n_hard} must be <= loss.mochi_queue_size={self.mochi_queue_size}"
-            )
-        return self
+if TYPE_CHECKING:
+    LossConfig = MethodConfig
+else:
+    LossConfig = _loss_union()  # one member per pipeline/methods module; each owns its keys
 
 
 class OptimConfig(_Section):
@@ -226,12 +200,20 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = METHODS[DEFAULT_METHOD].Settings.model_validate({})
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _default_method(cls, value: Any) -> Any:
+        """A loss section without ``name`` is the default method's (as before the union)."""
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": DEFAULT_METHOD, **value}
+        return value
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
@@ -314,14 +296,34 @@ def _format_error(err: ValidationError) -> str:
     """One line per config, naming the first bad key and what is allowed."""
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if not isinstance(p, int))
+    method = None
+    if len(loc) >= 2 and loc[0] == "loss" and loc[1] in METHODS:  # the union's tag: which method's settings
+        method, loc = str(loc[1]), loc[:1] + loc[2:]
     key = ".".join(str(p) for p in loc) or "config"
+    if first["type"] == "union_tag_invalid" and loc == ("loss",):
+        expected = first.get("ctx", {}).get("expected_tags", "")
+        return f"invalid config value loss.name={first['ctx']['tag']!r}: expected one of {expected}"
     if first["type"] == "extra_forbidden":
+        if method is not None:
+            return _foreign_loss_key(method, str(loc[-1]), first.get("input"))
         allowed = ", ".join(_allowed_keys(Config, loc))
         return f"unknown config key '{key}'; allowed here: {allowed}"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "value_error":
         return f"invalid config: {msg}"
     return f"invalid config value {key}={first.get('input')!r}: {msg}"
+
+
+def _foreign_loss_key(method: str, key: str, value: Any) -> str:
+    """The one line for a loss.* key the chosen method does not have (another method's, or none's)."""
+    allowed = ", ".join(sorted(METHODS[method].Settings.model_fields))
+    owners = [name for name, m in METHODS.items() if key in m.Settings.model_fields]
+    if not owners:
+        return f"unknown config key 'loss.{key}'; allowed for loss.name={method}: {allowed}"
+    return (
+        f"loss.{key}={value!r} is not a setting of loss.name={method} (it belongs to {', '.join(owners)}); "
+        f"allowed for {method}: {allowed}"
+    )
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -379,21 +381,34 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-_METHOD_LOSS_KEYS = {
-    "nt_xent": (),
-    "dcl": ("tau_plus",),
-    "hcl": ("tau_plus", "beta"),
-    "sscl": ("tau_plus", "beta", "n_hard", "n_synthetic", "mix"),
-}
+def loss_keys(name: str) -> tuple[str, ...]:
+    """The loss.* fields method ``name`` has (its Settings' fields, in order); () for an unregistered name."""
+    return tuple(METHODS[name].Settings.model_fields) if name in METHODS else ()
 
 
 def own_loss_keys(name: str) -> tuple[str, ...]:
-    """The loss.* settings of method ``name`` beyond its temperature (psm_*, mochi_*, tau_plus, beta ...)."""
-    prefixed = tuple(k for k in LossConfig.model_fields if k.startswith(f"{name}_"))  # psm_*, mochi_*
-    return _METHOD_LOSS_KEYS.get(name, ()) + prefixed
+    """The loss.* settings of method ``name`` beyond its temperature (psm_*, mochi_*, tau_plus, beta ...),
+    without the keys it reads only for diagnostics (n_hard outside SSCL); () for an unregistered name."""
+    if name not in METHODS:
+        return ()
+    skip = {"name", "temperature", *METHODS[name].Settings.DIAGNOSTIC_KEYS}
+    return tuple(k for k in loss_keys(name) if k not in skip)
 
 
-def loss_keys(name: str) -> tuple[str, ...]:
-    """The loss.* fields method ``name`` reads (the rest of LossConfig belongs to other methods)."""
-    shared = ("name", "temperature") + (() if name == "mochi" else ("n_hard",))  # n_hard: also the diagnostics'
-    return tuple(dict.fromkeys(shared + own_loss_keys(name)))
+def upgrade(data: dict) -> dict:
+    """A stored config (checkpoint, MLflow) in today's shape: drop loss.* keys its method does not have.
+
+    Before ``loss`` was a union per method, every method's keys were stored; they had no effect on the run.
+    """
+    loss = data.get("loss")
+    if not isinstance(loss, dict) or loss.get("name", DEFAULT_METHOD) not in METHODS:
+        return data
+    own = METHODS[loss.get("name", DEFAULT_METHOD)].Settings.model_fields
+    return data | {"loss": {k: v for k, v in loss.items() if k in own}}
+
+
+def refresh_methods() -> None:
+    """Rebuild Config.loss from pipeline.methods.METHODS after a method was added or removed at run time."""
+    default = METHODS[DEFAULT_METHOD].Settings.model_validate({})
+    Config.model_fields["loss"] = FieldInfo.from_annotated_attribute(_loss_union(), default)
+    Config.model_rebuild(force=True)

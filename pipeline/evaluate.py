@@ -96,7 +96,7 @@ def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object
     from pipeline.objectives import build_objective
 
     state = checkpoint.load(path)
-    saved = state["config"]
+    saved = config_mod.upgrade(state["config"])  # checkpoints from before the per-method loss union
     for override in overrides:
         config_mod.apply_override(saved, override)
     cfg = config_mod.from_dict(saved)

@@ -5,11 +5,14 @@ Modules hold parameters only; no collectives and no device moves happen in here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torchvision.models import resnet
 
-from pipeline.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: config builds its loss union from the methods, which build models
+    from pipeline.config import ModelConfig
 
 _BLOCKS = {
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),

@@ -101,8 +101,12 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
     Checkpoints hold the redacted config, so ``cfg`` is compared redacted too.
     """
     now = config_mod.flatten(config_mod.from_dict(redact(config_mod.to_dict(cfg))))
-    then = config_mod.flatten(config_mod.from_dict(saved))
-    return [f"{k}: {then[k]!r} -> {now[k]!r}" for k in now if now[k] != then[k] and not k.startswith(RESUMABLE_CHANGES)]
+    then = config_mod.flatten(config_mod.from_dict(config_mod.upgrade(saved)))  # upgrade: pre-union checkpoints
+    return [
+        f"{k}: {then.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if now[k] != then.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
 
 
 def _state(

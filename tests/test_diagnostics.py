@@ -165,7 +165,8 @@ def _images(n=8, seed=0):
 
 @pytest.mark.parametrize("name", ["nt_xent", "dcl", "hcl", "sscl"])
 def test_in_batch_objective_stats_leave_loss_and_generator_alone(name, monkeypatch):
-    cfg = config.load(None, TINY + [f"loss.name={name}", "loss.n_hard=4", "loss.n_synthetic=3"])
+    synth = ["loss.n_synthetic=3"] if name == "sscl" else []  # another method's key is an error (issue 12)
+    cfg = config.load(None, TINY + [f"loss.name={name}", "loss.n_hard=4", *synth])
     x1, x2, labels = _images()
     runs = []
     synth_seen = []

@@ -335,7 +335,7 @@ def test_queue_is_identical_on_every_rank(ranks):
 def test_shuffle_bn_keys_use_other_sub_batch_statistics_and_return_in_order():
     from torch import nn
 
-    from pipeline.objectives import _shuffled_bn_forward
+    from pipeline.methods.mochi import _shuffled_bn_forward  # moved from pipeline/objectives.py
 
     bn = nn.BatchNorm1d(3).train()
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))

@@ -161,17 +161,11 @@ def test_embedding_names_its_projection(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [("psm", "mined positive"), ("mochi", "synthetic negative")])
 def test_bank_methods_histogram_their_own_groups(tmp_path, method, extra):
-    cfg = tiny_config(
-        tmp_path,
-        "unused",
-        f"loss.name={method}",
-        "loss.psm_bank_size=64",
-        "loss.mochi_queue_size=64",
-        "loss.mochi_n_hard=8",
-        "loss.mochi_s=4",
-        "loss.mochi_s_prime=2",
-        "loss.n_hard=8",
-    )
+    own = {  # each method's own keys: another method's key is an error (issue 12)
+        "psm": ["loss.psm_bank_size=64", "loss.n_hard=8"],
+        "mochi": ["loss.mochi_queue_size=64", "loss.mochi_n_hard=8", "loss.mochi_s=4", "loss.mochi_s_prime=2"],
+    }[method]
+    cfg = tiny_config(tmp_path, "unused", f"loss.name={method}", *own)
     objective = build_objective(cfg).eval()
     bank = "bank" if method == "psm" else "queue"
     getattr(objective, f"{bank}_labels").copy_(torch.arange(64) % 3 - 1)  # classes 0, 1 and unknown (-1)

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from pipeline import augment, data, dist, faults
 from pipeline import config as config_mod
 from pipeline.errors import HardnegError
+from pipeline.methods import method
 from pipeline.objectives import build_objective
 from pipeline.train import build_optimizer
 
@@ -41,9 +42,9 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
     """Mean seconds per step in each phase (single process) and their shares of the step."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    objective = build_objective(cfg, None, generator).to(device)
-    if not hasattr(objective, "loss_fn"):
+    if not method(cfg.loss.name).IN_BATCH:  # the phases below are the in-batch objective's .model and .loss_fn
         raise HardnegError(f"bench step times the in-batch methods; loss.name={cfg.loss.name} is not one")
+    objective = build_objective(cfg, None, generator).to(device)
     optimizer = build_optimizer(cfg.optim, objective)
     device_views = augment.DeviceTwoViews(cfg.augment).to(device) if cfg.augment.where == "device" else None
     views = (

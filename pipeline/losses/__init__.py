@@ -1,5 +1,8 @@
-"""Contrastive losses: pure functions. LOSSES maps the in-batch family (NT-Xent, DCL, HCL, SSCL) by name;
-the queue/bank methods (PSM, MoCHi) export their functional pieces, and their modules live in objectives."""
+"""Contrastive losses: pure functions, the functional core the methods (pipeline/methods/) bind.
+
+LOSSES lists the in-batch loss functions (NT-Xent, DCL, HCL, SSCL) by function name for tests and
+benchmarks; it is not the method table (pipeline/methods/__init__.py is). The queue/bank methods
+(PSM, MoCHi) export their functional pieces; their objectives live in pipeline/methods/."""
 
 from __future__ import annotations
 
