@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, data, dist, faults, outbox
+from pipeline import augment, checkpoint, console, data, dist, faults, outbox
 from pipeline import config as config_mod
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
@@ -309,6 +309,7 @@ def _loop(
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
     mean_loss, stop_now = float("nan"), False
     epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
+    progress = console.Progress(total_steps, start_step, cfg.train.global_batch_size, enabled=ctx.is_main)
     for step in range(start_step, total_steps):
         if stop.requested and ctx.world_size == 1:  # several ranks agree on a stop at a log step (below)
             _stop(reporter, guard, lr_of, step, spe, run_dir, saved_step)
@@ -391,6 +392,7 @@ def _loop(
             if (step_save or time_due > 0) and not epoch_end:
                 reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "loss": mean_loss})
                 saved_step, saved_at = done, time.monotonic()
+        progress.step(mean_loss if log_now else None)
         if not epoch_end:
             continue
         epoch = done // spe
@@ -407,13 +409,11 @@ def _loop(
         )
         if last or epoch % cfg.train.checkpoint_every_epochs == 0:
             saved_step, saved_at = done, time.monotonic()
-        if ctx.is_main:
-            knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
-            print(
-                f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}", flush=True
-            )
+        knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if ctx.is_main and reporter._knn_due(epoch, last) else ""
+        progress.epoch_line(epoch, cfg.train.epochs, done, mean_loss, knn_text)
         if stop_now and not last:
             _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step, saved=saved_step == done)
+    progress.close()
     reporter.finish()
     return {
         "step": total_steps,
