@@ -229,16 +229,19 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
             cache_dir=cfg.data.cache_dir,
             device=ctx.device,
         ), None
-    if cfg.augment.where == "batch":  # both views made per batch in the loader workers (not seekable: see docs)
+    if cfg.augment.where == "batch":  # both views made per batch in the loader workers, seekable by step
         return data.batched_train_batches(
             cfg.data.path,
             cfg.data.pretrain,
             cfg.augment,
             cfg.train.global_batch_size // ctx.world_size,
             rank=ctx.rank,
-            seed=cfg.train.seed * 1_000_003 + start_step,
+            seed=cfg.train.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
             loader_workers=cfg.data.loader_workers,
+            start_step=start_step,
+            steps_per_epoch=spe,
+            ledger=ledger,
         ), None
     if cfg.augment.where == "device":
         device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)

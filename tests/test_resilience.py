@@ -45,9 +45,12 @@ def _params(run_dir: str) -> dict:
     return checkpoint.load(checkpoint.latest(run_dir))["model"]
 
 
-def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread):
-    """Interrupted at step 7 (mid-epoch 1) and resumed == uninterrupted, parameter for parameter, bit for bit."""
+@pytest.mark.parametrize("where", ["loader", "batch"])
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread, where):
+    """Interrupted at step 7 (mid-epoch 1) and resumed == uninterrupted, parameter for parameter, bit for bit,
+    whether the views are made per sample in the loader or per batch (kornia, seeded by the step)."""
     common = (
+        f"augment.where={where}",
         "cluster.launcher=local",
         "tracking.enabled=false",
         "train.knn_every_epochs=0",
@@ -71,7 +74,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread):
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert differing == [], differing
-    print(f"\n[resume] interrupted at step 7 of {2 * SPE}, resumed: {len(a)} tensors bitwise equal", flush=True)
+    print(f"\n[resume {where}] interrupted at step 7 of {2 * SPE}, resumed: {len(a)} tensors bitwise equal", flush=True)
 
 
 def test_batches_are_a_function_of_the_step(digits_shards):
