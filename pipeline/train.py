@@ -310,7 +310,7 @@ def _loop(
     every_steps, every_s = cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes * 60
     saved_at = time.monotonic()
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
-    mean_loss, stop_now = float("nan"), False
+    mean_loss, stop_now, time_due = float("nan"), False, 0.0
     epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
     progress = console.Progress(total_steps, start_step, cfg.train.global_batch_size, enabled=ctx.is_main)
     for step in range(start_step, total_steps):
@@ -322,7 +322,8 @@ def _loop(
             group["lr"] = lr
         done = step + 1
         epoch_end = done % spe == 0
-        step_save = bool(every_steps) and done % every_steps == 0 and not epoch_end
+        step_due = bool(every_steps) and done % every_steps == 0
+        step_save = step_due and not epoch_end  # on an epoch end, the epoch's checkpoint serves (below)
         log_now = done % cfg.train.log_every_steps == 0 or epoch_end or step_save
         fetch = time.perf_counter()
         *images, labels = next(batches)
@@ -409,8 +410,9 @@ def _loop(
             last,
             {"step": done, "epoch": epoch, "loss": mean_loss, "epoch_loss": epoch_loss},
             batch=(x1, x2, labels),
+            save_due=step_due or time_due > 0,
         )
-        if last or epoch % cfg.train.checkpoint_every_epochs == 0:
+        if step_due or time_due > 0 or last or epoch % cfg.train.checkpoint_every_epochs == 0:
             saved_step, saved_at = done, time.monotonic()
         knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if ctx.is_main and reporter._knn_due(epoch, last) else ""
         progress.epoch_line(epoch, cfg.train.epochs, done, mean_loss, knn_text)
