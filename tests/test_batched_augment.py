@@ -180,6 +180,22 @@ def test_batched_stream_is_a_function_of_the_step(digits_shards):
     assert all(torch.equal(x, y) for x, y in zip(first[3], again))
 
 
+def test_batched_views_are_a_function_of_the_step(digits_shards):
+    """kornia's colour draws come from the step-seeded RNG too: a stream started at step 3 yields step 3's views."""
+    cfg = AugmentConfig(image_size=8)
+
+    def stream(start):
+        return data.batched_train_batches(
+            digits_shards, "train", cfg, 16, rank=0, seed=1, shuffle_buffer=50, start_step=start, steps_per_epoch=5
+        )
+
+    whole = stream(0)
+    batches = [next(whole) for _ in range(4)]
+    got = next(stream(3))
+    assert all(torch.equal(x, y) for x, y in zip(got, batches[3]))
+    assert not torch.equal(batches[2][0], batches[3][0])
+
+
 @pytest.mark.slow
 def test_training_with_augment_where_batch(tmp_path, digits_shards):
     """augment.where=batch drives the step loop (the loader makes both views): finite loss, full epoch."""
