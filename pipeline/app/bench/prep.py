@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     if args.scale:
-        from data_prep.bench_scale import run_scale
+        from pipeline.app.bench.prep_scale import run_scale
 
         return run_scale(args)
     if args.quick:
