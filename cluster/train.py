@@ -25,9 +25,10 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution import context as ray_train_context
 
 from cluster.connect import init_ray
-from pipeline import checkpoint, dist, faults, train
+from pipeline import checkpoint, console, dist, faults, train
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.errors import HardnegError
 
@@ -58,7 +59,9 @@ class RayHooks:
 def _worker_loop(loop_config: dict) -> None:
     """Entry point of every Ray Train worker: rebuild the config, then run the shared loop."""
     cfg = from_dict(loop_config["config"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise
+    verbose = console.configure(loop_config.get("verbose", False))  # the driver's --verbose, on every node
+    if not verbose:  # one "Reporting training result" line per report per rank; its logger is named by file path
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     device = ray.train.torch.get_device() if cfg.cluster.use_gpu else torch.device("cpu")
     train.run(cfg, dist.current_context(device), RayHooks())
 
@@ -89,7 +92,7 @@ def _start_ray(cfg: Config) -> bool:
     if cfg.cluster.address:
         _probe(cfg.cluster.address)
         try:
-            init_ray(address=cfg.cluster.address, logging_level=logging.WARNING)
+            init_ray(address=cfg.cluster.address, logging_level=logging.INFO if console.is_verbose() else logging.ERROR)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HardnegError(f"no Ray cluster reachable at cluster.address={cfg.cluster.address}: {reason}") from None
@@ -130,7 +133,7 @@ def _init_local(num_cpus: int) -> None:
         # the dashboard serves the State API that Ray Train's placement-group cleaner polls
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
+        logging_level=logging.INFO if console.is_verbose() else logging.ERROR,
         _temp_dir=os.environ.get("HARDNEG_RAY_TMP") or None,
     )
 
@@ -278,7 +281,7 @@ def fit(cfg: Config, run_name: str) -> dict:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "verbose": console.is_verbose()},
         torch_config=TorchConfig(backend=backend(cfg)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=_num_workers(cfg), use_gpu=cfg.cluster.use_gpu, resources_per_worker=worker_resources(cfg)
@@ -288,6 +291,8 @@ def fit(cfg: Config, run_name: str) -> dict:
             name=run_name,
             storage_path=cfg.cluster.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            # Ray Train's own INFO lines (worker group started, ...) only with --verbose
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if console.is_verbose() else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep),
         ),
     )

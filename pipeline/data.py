@@ -117,10 +117,22 @@ class _EpochStreams(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, urls, two_views, batch_size, *, rank, seed, shuffle_buffer, readers, start_step, steps_per_epoch
+        self,
+        urls,
+        two_views,
+        batch_size,
+        *,
+        rank,
+        seed,
+        shuffle_buffer,
+        readers,
+        start_step,
+        steps_per_epoch,
+        batch_views=None,
     ):
         super().__init__()
         self.urls, self.two_views, self.batch_size = list(urls), two_views, batch_size
+        self.batch_views = batch_views  # optional per-batch step on the stacked views (augment.where=batch)
         self.rank, self.seed, self.shuffle_buffer, self.readers = rank, seed, shuffle_buffer, readers
         self.start_step, self.spe = start_step, steps_per_epoch
 
@@ -158,8 +170,10 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(self.seed, self.rank, step))
             views = [(*self.two_views(image), label) for image, label in good]
-        columns = list(zip(*views))
-        tensors = [torch.stack(c) for c in columns[:-1]]
+            columns = list(zip(*views))
+            tensors = [torch.stack(c) for c in columns[:-1]]
+            if self.batch_views is not None:  # drawn from the same step-seeded RNG: a resume stays exact
+                tensors = self.batch_views(tensors)
         return (*tensors, torch.as_tensor(columns[-1]))
 
     def __iter__(self):
@@ -208,6 +222,7 @@ def train_batches(
     start_step: int = 0,
     steps_per_epoch: Optional[int] = None,
     ledger: Optional[SkipLedger] = None,
+    batch_views: Optional[Callable] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, b = batch_size.
 
@@ -231,6 +246,7 @@ def train_batches(
         readers=max(1, loader_workers),
         start_step=start_step,
         steps_per_epoch=steps_per_epoch,
+        batch_views=batch_views,
     )
     if loader_workers == 0:
         stream = iter(dataset)
@@ -580,27 +596,15 @@ def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size
 # ---- augment.where=batch: WebDataset with both views made per batch in the loader workers ------------------
 
 
-class _BatchedViews(torch.utils.data.IterableDataset):
-    """One loader worker's stream: train_batches of uint8 crops (augment.CropFlipViews), coloured per batch."""
+class _BatchColour:
+    """The per-batch step of augment.where=batch: SimCLR's colour steps on each stacked view (picklable for
+    loader workers)."""
 
-    def __init__(self, data_path, split, augment_cfg, batch_size: int, rank: int, seed: int, shuffle_buffer: int):
-        self.args = (data_path, split, augment_cfg, batch_size, rank, seed, shuffle_buffer)
+    def __init__(self, augment_cfg) -> None:
+        self.cfg = augment_cfg
 
-    def __iter__(self):
-        from pipeline.augment import CropFlipViews
-
-        data_path, split, cfg, batch_size, rank, seed, shuffle_buffer = self.args
-        for v1, v2, labels in train_batches(
-            data_path,
-            split,
-            CropFlipViews(cfg),
-            batch_size,
-            rank=rank,
-            seed=seed,
-            shuffle_buffer=shuffle_buffer,
-            loader_workers=0,
-        ):
-            yield _color_views(v1, cfg), _color_views(v2, cfg), labels
+    def __call__(self, views: list) -> list:
+        return [_color_views(v, self.cfg) for v in views]
 
 
 def batched_train_batches(
@@ -613,18 +617,27 @@ def batched_train_batches(
     seed: int,
     shuffle_buffer: int = 1000,
     loader_workers: int = 0,
+    start_step: int = 0,
+    steps_per_epoch: Optional[int] = None,
+    ledger: Optional[SkipLedger] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """train_batches' (view1, view2, labels) stream, faster on a CPU: each worker decodes, crops and flips every
     image to uint8 (per sample), then runs SimCLR's colour steps on the whole batch with per-sample parameters
-    (color_params) -- the same recipe as augment.view_transform, one vectorised pass instead of B."""
-    stream = _BatchedViews(data_path, split, augment_cfg, batch_size, rank, seed, shuffle_buffer)
-    if loader_workers == 0:
-        yield from stream
-        return
-    yield from torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=loader_workers,
-        persistent_workers=True,
-        pin_memory=torch.cuda.is_available(),
+    (color_params) -- the same recipe as augment.view_transform, one vectorised pass instead of B. Seekable like
+    train_batches: the batch of step s is a function of (seed, rank, s, loader_workers)."""
+    from pipeline.augment import CropFlipViews
+
+    return train_batches(
+        data_path,
+        split,
+        CropFlipViews(augment_cfg),
+        batch_size,
+        rank=rank,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        loader_workers=loader_workers,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+        ledger=ledger,
+        batch_views=_BatchColour(augment_cfg),
     )

@@ -133,8 +133,9 @@ class EpochReporter:
         )
         self.tracker.log_artifact(path, "plots/similarities")
 
-    def epoch_end(self, step: int, epoch: int, last: bool, metrics: dict, batch=None) -> None:
-        """Evaluate and checkpoint as configured; every rank reports (rank 0 attaches the checkpoint)."""
+    def epoch_end(self, step: int, epoch: int, last: bool, metrics: dict, batch=None, save_due: bool = False) -> None:
+        """Evaluate and checkpoint as configured (save_due: a step or time checkpoint falls on this epoch end);
+        every rank reports (rank 0 attaches the checkpoint)."""
         improved = False
         self.last_step, self.epoch = step, epoch
         if self.ctx.is_main and self._knn_due(epoch, last):
@@ -147,7 +148,7 @@ class EpochReporter:
             if improved:
                 self.best_loss, self.best_step = metrics["epoch_loss"], step
                 self._keep_best_encoder()
-        save = last or epoch % self.cfg.train.checkpoint_every_epochs == 0
+        save = save_due or last or epoch % self.cfg.train.checkpoint_every_epochs == 0
         if not (self.ctx.is_main and (save or improved)):
             self.hooks.report(metrics, None)
             return

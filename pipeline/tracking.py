@@ -6,6 +6,8 @@ inside URLs and access-key-shaped strings are redacted before logging (see ``red
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
 import re
@@ -20,6 +22,7 @@ import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline import console
 from pipeline import outbox as outbox_mod
 from pipeline.config import TrackingConfig
 from pipeline.errors import HardnegError
@@ -273,7 +276,9 @@ class MlflowTracker(NullTracker):
                 )
                 return
             mlflow.set_tracking_uri(self.cfg.uri)
-            with mlflow.start_run(run_id=self.run_id):
+            # the registry prints "Successfully registered model ..." straight to stderr: console noise
+            quiet = contextlib.nullcontext() if console.is_verbose() else contextlib.redirect_stderr(io.StringIO())
+            with mlflow.start_run(run_id=self.run_id), quiet:
                 info = mlflow.pytorch.log_model(
                     module,
                     name=name,

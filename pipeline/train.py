@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, data, dist, faults, outbox
+from pipeline import augment, checkpoint, console, data, dist, faults, outbox
 from pipeline import config as config_mod
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
@@ -229,16 +229,19 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
             cache_dir=cfg.data.cache_dir,
             device=ctx.device,
         ), None
-    if cfg.augment.where == "batch":  # both views made per batch in the loader workers (not seekable: see docs)
+    if cfg.augment.where == "batch":  # both views made per batch in the loader workers, seekable by step
         return data.batched_train_batches(
             cfg.data.path,
             cfg.data.pretrain,
             cfg.augment,
             cfg.train.global_batch_size // ctx.world_size,
             rank=ctx.rank,
-            seed=cfg.train.seed * 1_000_003 + start_step,
+            seed=cfg.train.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
             loader_workers=cfg.data.loader_workers,
+            start_step=start_step,
+            steps_per_epoch=spe,
+            ledger=ledger,
         ), None
     if cfg.augment.where == "device":
         device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
@@ -307,8 +310,9 @@ def _loop(
     every_steps, every_s = cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes * 60
     saved_at = time.monotonic()
     loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
-    mean_loss, stop_now = float("nan"), False
+    mean_loss, stop_now, time_due = float("nan"), False, 0.0
     epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
+    progress = console.Progress(total_steps, start_step, cfg.train.global_batch_size, enabled=ctx.is_main)
     for step in range(start_step, total_steps):
         if stop.requested and ctx.world_size == 1:  # several ranks agree on a stop at a log step (below)
             _stop(reporter, guard, lr_of, step, spe, run_dir, saved_step)
@@ -318,7 +322,8 @@ def _loop(
             group["lr"] = lr
         done = step + 1
         epoch_end = done % spe == 0
-        step_save = bool(every_steps) and done % every_steps == 0 and not epoch_end
+        step_due = bool(every_steps) and done % every_steps == 0
+        step_save = step_due and not epoch_end  # on an epoch end, the epoch's checkpoint serves (below)
         log_now = done % cfg.train.log_every_steps == 0 or epoch_end or step_save
         fetch = time.perf_counter()
         *images, labels = next(batches)
@@ -391,6 +396,7 @@ def _loop(
             if (step_save or time_due > 0) and not epoch_end:
                 reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "loss": mean_loss})
                 saved_step, saved_at = done, time.monotonic()
+        progress.step(mean_loss if log_now else None)
         if not epoch_end:
             continue
         epoch = done // spe
@@ -404,16 +410,15 @@ def _loop(
             last,
             {"step": done, "epoch": epoch, "loss": mean_loss, "epoch_loss": epoch_loss},
             batch=(x1, x2, labels),
+            save_due=step_due or time_due > 0,
         )
-        if last or epoch % cfg.train.checkpoint_every_epochs == 0:
+        if step_due or time_due > 0 or last or epoch % cfg.train.checkpoint_every_epochs == 0:
             saved_step, saved_at = done, time.monotonic()
-        if ctx.is_main:
-            knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if reporter._knn_due(epoch, last) else ""
-            print(
-                f"epoch {epoch}/{cfg.train.epochs} step {done}/{total_steps} loss {mean_loss:.4f}{knn_text}", flush=True
-            )
+        knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if ctx.is_main and reporter._knn_due(epoch, last) else ""
+        progress.epoch_line(epoch, cfg.train.epochs, done, mean_loss, knn_text)
         if stop_now and not last:
             _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step, saved=saved_step == done)
+    progress.close()
     reporter.finish()
     return {
         "step": total_steps,

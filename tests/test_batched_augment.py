@@ -125,6 +125,27 @@ def test_batched_train_batches_reads_real_shards(digits_shards, workers):
     batches.close()
 
 
+def test_batched_stream_is_a_function_of_the_step(digits_shards):
+    """With 2 loader workers each step gets its own batch (none served twice) and a stream started at step 3
+    yields, bit for bit, what the stream from step 0 yields at step 3 (the colour step included)."""
+    cfg = AugmentConfig(image_size=8)
+
+    def stream(start: int):
+        return data.batched_train_batches(
+            digits_shards, "train", cfg, 16, rank=0, seed=0, loader_workers=2, start_step=start, steps_per_epoch=10
+        )
+
+    whole = stream(0)
+    first = [next(whole) for _ in range(5)]
+    whole.close()
+    assert all(not torch.equal(a[0], b[0]) for a, b in zip(first, first[1:]))
+    assert len({tuple(b[2].tolist()) for b in first}) == 5  # five different label sequences: no duplicates
+    resumed = stream(3)
+    again = next(resumed)
+    resumed.close()
+    assert all(torch.equal(x, y) for x, y in zip(first[3], again))
+
+
 @pytest.mark.slow
 def test_training_with_augment_where_batch(tmp_path, digits_shards):
     """augment.where=batch drives the step loop (the loader makes both views): finite loss, full epoch."""

@@ -46,9 +46,12 @@ def _params(run_dir: str) -> dict:
     return checkpoint.load(checkpoint.latest(run_dir))["model"]
 
 
-def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread):
-    """Interrupted at step 7 (mid-epoch 1) and resumed == uninterrupted, parameter for parameter, bit for bit."""
+@pytest.mark.parametrize("where", ["loader", "batch"])
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread, where):
+    """Interrupted at step 7 (mid-epoch 1) and resumed == uninterrupted, parameter for parameter, bit for bit,
+    whether the views are made per sample in the loader or per batch (kornia, seeded by the step)."""
     common = (
+        f"augment.where={where}",
         "cluster.launcher=local",
         "tracking.enabled=false",
         "train.knn_every_epochs=0",
@@ -72,7 +75,29 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread):
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert differing == [], differing
-    print(f"\n[resume] interrupted at step 7 of {2 * SPE}, resumed: {len(a)} tensors bitwise equal", flush=True)
+    print(f"\n[resume {where}] interrupted at step 7 of {2 * SPE}, resumed: {len(a)} tensors bitwise equal", flush=True)
+
+
+def test_step_checkpoints_that_fall_on_an_epoch_end_are_written(tmp_path, digits_shards, one_thread):
+    """checkpoint_every_steps = steps per epoch checkpoints every epoch even when checkpoint_every_epochs is
+    larger (the step boundary coincides with the epoch end, which used to skip it)."""
+    cfg = train_command.resolve_paths(
+        tiny_config(
+            tmp_path,
+            digits_shards,
+            "cluster.launcher=local",
+            "tracking.enabled=false",
+            "train.knn_every_epochs=0",
+            "train.epochs=2",
+            "train.checkpoint_every_epochs=2",
+            f"train.checkpoint_every_steps={SPE}",
+            "tracking.run_name=every_epoch",
+        )
+    )
+    run_dir = tmp_path / "runs" / "every_epoch"
+    train.run(cfg, dist.current_context(), train.LocalHooks(str(run_dir)))
+    steps = sorted(checkpoint.load(str(path))["step"] for path in run_dir.glob("checkpoint_*"))
+    assert steps == [SPE, 2 * SPE], steps
 
 
 def test_batches_are_a_function_of_the_step(digits_shards):

@@ -200,6 +200,14 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
         time.sleep(1)
     assert client.get_run(run_id).info.status == "KILLED"
     assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: STOPPED")
+    # ... and the Ray Train workers checkpointed the step they had reached before returning (STOP_REQUESTED path):
+    # the driver's last words name that step, and it is the newest checkpoint in the run directory
+    from ray.job_submission import JobSubmissionClient
+
+    logs = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).get_job_logs(job)
+    stopped = re.search(r"stopped at step (\d+)", logs)
+    assert stopped, logs[-3000:]
+    assert checkpoint.load(checkpoint.latest(str(tmp_path / "runs" / "job2")))["step"] == int(stopped.group(1)) > 0
     missing = hardneg("status", "raysubmit_nosuchjob", "--address", address, env=client_env)
     assert missing.returncode == 2 and "raysubmit_nosuchjob" in missing.stderr
 

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from pipeline import console
 from pipeline.app.bench import BENCHES, run_bench
 from pipeline.app.job_commands import add_cluster_parsers
 from pipeline.app.prep_command import add_prep_parser
@@ -21,6 +22,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML recipe holding only what differs from the defaults")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")
     p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    _verbose_arg(p)
+
+
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's, MLflow's and the libraries' own logs and warnings"
+    )
 
 
 def _load_config(args):
@@ -146,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/demo.yaml", metavar="FILE", help="default configs/demo.yaml")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="where shards, runs and mlflow.db go")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _verbose_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -186,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("grid", metavar="GRID.yaml")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many unfinished cells")
+    _verbose_arg(p)
     p.set_defaults(func=cmd_reproduce)
 
     add_cluster_parsers(sub)
@@ -219,6 +229,7 @@ def main(argv=None) -> int:
     if args.command == "runs":
         args.tracking_uri_given = args.tracking_uri is not None
         args.tracking_uri = args.tracking_uri or "sqlite:///mlflow.db"
+    console.configure(getattr(args, "verbose", False) or console.is_verbose())
     previous = _interrupt_on_sigterm()
     if args.command == "train" and args.resume is not None:
         # `--resume` continues tracking.run_name when one is given
