@@ -197,7 +197,7 @@ def main() -> int:
 
     def train(shards: str, name: str, *extra: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [PY, "-m", "pipeline.cli", "train", *args(shards, name), *extra],
+            [PY, "-m", "pipeline.app.cli", "train", *args(shards, name), *extra],
             cwd=ROOT,
             env=env,
             stdout=open(f"{work}/{name}.log", "a"),

@@ -201,7 +201,7 @@ def test_training_with_augment_where_batch(tmp_path, digits_shards):
     """augment.where=batch drives the step loop (the loader makes both views): finite loss, full epoch."""
     from conftest import tiny_config
 
-    from pipeline import launch
+    from pipeline.app import train_command
 
     cfg = tiny_config(
         tmp_path,
@@ -211,5 +211,5 @@ def test_training_with_augment_where_batch(tmp_path, digits_shards):
         "train.knn_every_epochs=0",
         "augment.where=batch",
     )
-    result = launch.train_run(cfg)
+    result = train_command.train_run(cfg)
     assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])  # train after the 150-image holdout

@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_overrides
 
-from pipeline import checkpoint, data, dist, launch, train
+from pipeline import checkpoint, data, dist, train
+from pipeline.app import train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPE = 1347 // 128  # steps per epoch of the digits train split (1347 after the val holdout) at batch 128
@@ -59,10 +60,10 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread, 
         "loss.name=sscl",
         "data.loader_workers=0",
     )
-    whole = launch.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=whole"))
+    whole = train_command.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=whole"))
     train.run(whole, dist.current_context(), train.LocalHooks(str(tmp_path / "runs" / "whole")))
 
-    cut = launch.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=cut"))
+    cut = train_command.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=cut"))
     cut_dir = str(tmp_path / "runs" / "cut")
     with pytest.raises(Preempted):
         train.run(cut, dist.current_context(), PreemptedHooks(cut_dir, at=7))
@@ -80,7 +81,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread, 
 def test_step_checkpoints_that_fall_on_an_epoch_end_are_written(tmp_path, digits_shards, one_thread):
     """checkpoint_every_steps = steps per epoch checkpoints every epoch even when checkpoint_every_epochs is
     larger (the step boundary coincides with the epoch end, which used to skip it)."""
-    cfg = launch.resolve_paths(
+    cfg = train_command.resolve_paths(
         tiny_config(
             tmp_path,
             digits_shards,
@@ -150,7 +151,7 @@ def _corrupt_shard(src: str, dst: str, bad: int) -> str:
 def _cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -341,7 +342,7 @@ def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_
     )
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", *args],
+        [sys.executable, "-m", "pipeline.app.cli", "train", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
