@@ -1,6 +1,6 @@
 """`hardneg launch / status / stop`: training as a Ray Job on an existing cluster.
 
-The job is `python -m pipeline.cli train --config FILE [overrides] cluster.address=auto`, run in
+The job is `python -m pipeline.app.cli train --config FILE [overrides] cluster.address=auto`, run in
 this repository's directory uploaded as the job's working dir (minus virtual envs, runs, data and
 MLflow stores), with the project's dependencies as a pip runtime env unless told otherwise. The
 config is loaded and checked here first, so a bad key or a path that only exists on this machine
@@ -91,7 +91,7 @@ def job_spec(
                 f"working dir; give an absolute path on shared storage or a URL (s3://, gs://, "
                 f"http://MLFLOW:5000 for tracking.uri)"
             )
-    args = ["python", "-m", "pipeline.cli", "train"]
+    args = ["python", "-m", "pipeline.app.cli", "train"]
     if config_path:
         path = Path(config_path).resolve()
         if not path.is_relative_to(working_dir.resolve()):

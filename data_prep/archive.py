@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 
 import fsspec
 
-from pipeline.errors import HardnegError
+from data_prep.errors import HardnegError
 
 _CHUNK = 1 << 20
 # Decompression and truncation errors tarfile/zipfile/gzip raise on a damaged archive.

@@ -14,8 +14,8 @@ import posixpath
 import numpy as np
 
 from data_prep import archive
+from data_prep.errors import HardnegError
 from data_prep.sources import Record, Source
-from pipeline.errors import HardnegError
 
 _NP_CORE = getattr(np, "_core", None) or np.core
 # (module, name) a CIFAR pickle may name -> the object it gets. Nothing else is ever imported.

@@ -18,9 +18,9 @@ import fsspec
 import numpy as np
 
 from data_prep.archive import cache_root, is_local
+from data_prep.errors import HardnegError
 from data_prep.schema import FFCV_IMAGE_FIELD, FFCV_LABEL_FIELD
 from data_prep.wds import AUTO_PNG_MAX_PIXELS, JPEG_QUALITY, _remove_quietly
-from pipeline.errors import HardnegError
 
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's default: the largest sample (a raw image) must fit in one page
 SMALL_PAGE_SIZE = 1 << 21  # 2 MiB, FFCV's minimum: for datasets of small fixed-size images

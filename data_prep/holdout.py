@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep.errors import HardnegError
 from data_prep.sources import Record, Source
-from pipeline.errors import HardnegError
 
 HOLDOUT_SPLIT = "holdout"
 HOLDOUT_SEED = 0  # fixed: the same images are held out whatever --seed shuffles the shards with

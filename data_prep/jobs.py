@@ -16,11 +16,11 @@ from typing import Optional
 import fsspec
 
 from data_prep.archive import is_local
+from data_prep.errors import HardnegError
 from data_prep.manifest import join_url
 from data_prep.schema import shard_name
 from data_prep.sources import Record, Source
 from data_prep.wds import file_sha256, put_atomic, write_shard
-from pipeline.errors import HardnegError
 
 PROGRESS_DIR = ".hardneg-progress"
 

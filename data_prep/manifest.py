@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 
 import fsspec
 
+from data_prep.errors import HardnegError
 from data_prep.schema import IMAGE_KEY, IMAGE_KEYS, LABEL_KEY, MANIFEST_NAME, MANIFEST_VERSION, META_KEY
-from pipeline.errors import HardnegError
 
 SAMPLE_PARTS = (IMAGE_KEY, LABEL_KEY, META_KEY)  # IMAGE_KEY or JPEG_KEY: one of schema.IMAGE_KEYS
 _SHARD_FIELDS = {"path": str, "num_samples": int, "bytes": int, "sha256": str}

@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Callable, Iterator
 
-from pipeline.errors import HardnegError
+from data_prep.errors import HardnegError
 
 Mapper = Callable[[Callable, object, list], Iterator]
 _CONTEXT: list = [None]  # this worker process's context

@@ -17,9 +17,9 @@ import posixpath
 import numpy as np
 
 from data_prep import archive
+from data_prep.errors import HardnegError
 from data_prep.sources import Record, SkipImage, Source, decode_record
 from data_prep.spool import Spool, open_spool, split_of, split_options, spool_key
-from pipeline.errors import HardnegError
 
 DEFAULTS = {"image": "image", "label": "label"}
 _BATCH = 64  # rows per read while spooling

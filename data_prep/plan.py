@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pipeline.errors import HardnegError
+from data_prep.errors import HardnegError
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import uuid
 from typing import Iterator, Optional
 
 from data_prep import sources
+from data_prep.errors import HardnegError
 from data_prep.holdout import HOLDOUT_SPLIT, HoldoutSource, with_holdout
 from data_prep.jobs import (
     PROGRESS_DIR,
@@ -31,7 +32,6 @@ from data_prep.parallel import Mapper, local_mapper, ordered_chunks
 from data_prep.plan import plan_shards
 from data_prep.schema import MANIFEST_NAME, ffcv_name, shard_name
 from data_prep.wds import IMAGE_FORMATS, encode_shard
-from pipeline.errors import HardnegError
 
 FORMAT = "wds"
 FORMATS = ("wds", "ffcv", "both")

@@ -1,6 +1,7 @@
 """The record format both sides agree on: what a shard sample and a manifest hold.
 
-This is the one module of data_prep that pipeline/ may import.
+With manifest.py (the readers) and errors.py, one of the modules of data_prep that the training core may import
+(tests/test_boundaries.py); the application (pipeline/app) may import any.
 
 A shard is a WebDataset tar named ``{split}-{index:06d}.tar``; each sample has
   ``__key__``  ``{split}_{source_index:08d}``

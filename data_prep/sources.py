@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import HardnegError
+from data_prep.errors import HardnegError
 
 # Extensions the imagefolder reader tries to decode (case-insensitive); other files are ignored.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

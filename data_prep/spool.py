@@ -17,7 +17,7 @@ import uuid
 from typing import Callable, Iterator, Optional
 
 from data_prep.archive import cache_root
-from pipeline.errors import HardnegError
+from data_prep.errors import HardnegError
 
 # (image bytes or None, metadata dict for this sample, or None for none)
 Item = tuple[Optional[bytes], dict]

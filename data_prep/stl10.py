@@ -15,8 +15,8 @@ import posixpath
 import numpy as np
 
 from data_prep import archive
+from data_prep.errors import HardnegError
 from data_prep.sources import Record, Source
-from pipeline.errors import HardnegError
 
 FOLDER = "stl10_binary"
 IMAGE_BYTES = 3 * 96 * 96

@@ -9,8 +9,8 @@ from __future__ import annotations
 import posixpath
 
 from data_prep import archive
+from data_prep.errors import HardnegError
 from data_prep.sources import Record, SkipImage, Source, decode_record, is_image_name, skip_entry
-from pipeline.errors import HardnegError
 
 
 class TinyImageNetSource(Source):

@@ -13,9 +13,9 @@ import fsspec
 from PIL import Image
 from webdataset import TarWriter
 
+from data_prep.errors import HardnegError
 from data_prep.schema import IMAGE_KEY, JPEG_KEY, LABEL_KEY, META_KEY, sample_key
 from data_prep.sources import Record
-from pipeline.errors import HardnegError
 
 _CHUNK = 1 << 20
 IMAGE_FORMATS = ("auto", "png", "jpg")

@@ -19,10 +19,10 @@ import re
 import tarfile
 
 from data_prep import archive
+from data_prep.errors import HardnegError
 from data_prep.parquet import list_files
 from data_prep.sources import Record, SkipImage, Source, decode_record
 from data_prep.spool import Spool, open_spool, split_of, split_options, spool_key
-from pipeline.errors import HardnegError
 
 DEFAULTS = {"image": "jpg;jpeg;png;webp;ppm;bmp;tif;tiff", "label": "cls"}
 SUFFIXES = (".tar", ".tar.gz", ".tgz")

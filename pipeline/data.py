@@ -24,6 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep import schema
 from data_prep.manifest import read_manifest, shard_urls
+from pipeline.augment import BatchColour, CropFlipViews
 from pipeline.errors import HardnegError
 
 
@@ -391,103 +392,6 @@ def _ffcv_file(data_path: str, manifest: dict, split: str, cache_dir) -> str:
     return target
 
 
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) -> (B,1,H,W) luma, torchvision's weights."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of (B,3,H,W) images in [0,1] by ``shift`` (B,) turns (torchvision's adjust_hue, batched)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    eqc, cr = maxc == minc, maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    h = (
-        (maxc == r) * (bc - gc)
-        + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-        + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    )
-    h = torch.fmod(h / 6.0 + 1.0 + shift.view(-1, 1, 1), 1.0)
-    i = torch.floor(h * 6.0)
-    f, i = h * 6.0 - i, i.long() % 6
-    v = maxc
-    p, q, t = (v * (1 - s)).clamp(0, 1), (v * (1 - s * f)).clamp(0, 1), (v * (1 - s * (1 - f))).clamp(0, 1)
-    table = torch.stack([v, q, p, t], 1)  # (B,4,H,W); per sector: r, g, b pick from it
-    pick = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=x.device)
-    idx = pick[i].permute(0, 3, 1, 2)  # (B,3,H,W)
-    return table.gather(1, idx)
-
-
-def color_params(n: int, cfg, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Per-sample draws of SimCLR's colour steps, torchvision's distributions: ``jitter`` (n,) bool
-    (RandomApply p), ``order`` (n, 4) a uniform permutation of brightness/contrast/saturation/hue (ColorJitter's
-    randperm), their factors (n,) uniform in [max(0, 1-a), 1+a] and the hue shift in [-h, h], ``grey`` (n,) bool."""
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.empty(n, device=device).uniform_(low, high)
-
-    return {
-        "jitter": torch.rand(n, device=device) < cfg.jitter_p,
-        "order": torch.rand(n, 4, device=device).argsort(1),
-        "brightness": uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
-        "contrast": uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
-        "saturation": uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
-        "hue": uniform(-cfg.hue, cfg.hue),
-        "grey": torch.rand(n, device=device) < cfg.grayscale_p,
-    }
-
-
-def _jitter_op(y: torch.Tensor, op: int, p: dict, rows: torch.Tensor) -> torch.Tensor:
-    """ColorJitter's step ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) on images ``y`` = batch[rows]."""
-    f = lambda name: p[name][rows].view(-1, 1, 1, 1)  # noqa: E731
-    if op == 0:
-        return (y * f("brightness")).clamp_(0, 1)
-    if op == 1:
-        mean = _grey(y).mean((1, 2, 3), keepdim=True)
-        return ((y - mean) * f("contrast") + mean).clamp_(0, 1)
-    if op == 2:
-        grey = _grey(y)
-        return ((y - grey) * f("saturation") + grey).clamp_(0, 1)
-    return _shift_hue(y, p["hue"][rows])
-
-
-def apply_color(x: torch.Tensor, p: dict, cfg) -> torch.Tensor:
-    """Jitter (each sample's own order and factors) then greyscale on float (B,3,H,W) in [0,1], per ``p``."""
-    enabled = [cfg.brightness > 0, cfg.contrast > 0, cfg.saturation > 0, cfg.hue > 0]
-    if cfg.jitter_p > 0 and any(enabled):
-        x = x.clone()
-        for k in range(4):  # position k of every sample's order: each op on the rows that do it now
-            for op in range(4):
-                rows = (p["jitter"] & (p["order"][:, k] == op)).nonzero().flatten()
-                if enabled[op] and rows.numel():
-                    x[rows] = _jitter_op(x[rows], op, p, rows)
-    if cfg.grayscale_p > 0:
-        x = torch.where(p["grey"].view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
-    return x
-
-
-def _color_views(x: torch.Tensor, cfg) -> torch.Tensor:
-    """SimCLR's colour steps per sample on a uint8 batch (B,3,H,W): jitter, grey, blur; then normalise."""
-    x = x.float().div_(255.0)
-    n, dev = x.shape[0], x.device  # works on any device: the draws are made where the batch is
-    x = apply_color(x, color_params(n, cfg, dev), cfg)
-    if cfg.blur_p > 0 or cfg.rotation_degrees > 0:
-        from torchvision.transforms.v2 import functional as F
-
-        kernel = max(3, (cfg.image_size // 10) | 1)
-        for j in range(n):  # rare steps (0 in the CIFAR recipe): per sample
-            if cfg.rotation_degrees > 0:
-                x[j] = F.rotate(x[j], float(torch.empty(1).uniform_(-cfg.rotation_degrees, cfg.rotation_degrees)))
-            if cfg.blur_p > 0 and torch.rand(1).item() < cfg.blur_p:
-                x[j] = F.gaussian_blur(x[j], [kernel, kernel], [float(torch.empty(1).uniform_(0.1, 2.0))])
-    mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
 def ffcv_train_batches(
     data_path: str,
     split: str,
@@ -500,11 +404,15 @@ def ffcv_train_batches(
     loader_workers: int = 0,
     cache_dir=None,
     device: torch.device | str = "cpu",
+    ledger: Optional[SkipLedger] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless (view1 (b,3,S,S), view2 (b,3,S,S), labels (b,)) batches for one rank, like train_batches.
 
     FFCV decodes with a random resized crop + flip per view (compiled, ``loader_workers`` threads); the
-    colour steps of ``augment_cfg`` (pipeline.config.AugmentConfig) run batched in torch. Order: RANDOM
+    rest of ``augment_cfg``'s recipe (pipeline.config.AugmentConfig) runs on the batch: augment.BatchColour,
+    the kornia steps of augment.where=device and =batch. A sample whose JPEG does not decode is skipped,
+    counted into ``ledger`` and named once with the .beton's URL and its index (see _undecodable_jpeg);
+    its slot is refilled from the batch's good samples, so batches stay full. Order: RANDOM
     with ``distributed=True`` semantics for this (rank, world_size) -- every epoch a fresh permutation,
     padded to a multiple of the world and dealt round-robin, full batches only -- so every rank yields the
     same number of batches. A remote .beton is copied once into the local cache. On a CUDA ``device`` the
@@ -524,6 +432,8 @@ def ffcv_train_batches(
         raise HardnegError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
     manifest = read_manifest(data_path)
     path = _ffcv_file(data_path, manifest, split, cache_dir)
+    url = f"{data_path.rstrip('/')}/{manifest['splits'][split]['ffcv']['path']}"  # what a skip is named by
+    ledger = ledger if ledger is not None else SkipLedger()
     per_rank = -(-manifest["splits"][split]["num_samples"] // world_size)
     if per_rank // batch_size < 1:
         raise HardnegError(
@@ -573,14 +483,85 @@ def ffcv_train_batches(
             schema.FFCV_LABEL_FIELD: [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
             "view1": view(),
             "view2": view(),
+            "undecodable": PipelineSpec(schema.FFCV_IMAGE_FIELD, decoder=_undecodable_jpeg(), transforms=[ToTensor()]),
         },
     )
     torch.set_num_threads(threads)
+    colour = BatchColour(augment_cfg)
     while True:
         epoch = iter(loader)
         torch.set_num_threads(threads)
-        for labels, v1, v2 in epoch:  # FFCV reuses its buffers: copy out before the next batch
-            yield _color_views(v1, augment_cfg), _color_views(v2, augment_cfg), labels.clone().long()
+        for labels, v1, v2, undecodable in epoch:  # FFCV reuses its buffers: copy out before the next batch
+            undecodable = undecodable.view(-1)  # on the host: reading it costs no device sync
+            bad = undecodable[undecodable >= 0].tolist()
+            ledger.add({"read": len(undecodable), "bad": [(url, f"sample {i}: undecodable JPEG") for i in bad]})
+            if bad:
+                keep = _refill(undecodable < 0, url, data_path).to(v1.device)
+                v1, v2, labels = v1[keep], v2[keep], labels[keep]
+            yield colour(v1), colour(v2), labels.clone().long()
+
+
+def _refill(good: torch.Tensor, url: str, data_path: str) -> torch.Tensor:
+    """Row indices of a full batch from its ``good`` (b,) rows: the good ones, then copies of them in turn."""
+    rows = good.nonzero().flatten()
+    if not len(rows):
+        raise HardnegError(
+            f"every sample of a batch of {len(good)} from {url} was undecodable; run `hardneg prep verify {data_path}`"
+        )
+    return torch.cat([rows, rows[torch.arange(len(good) - len(rows)) % len(rows)]])
+
+
+def _undecodable_jpeg():
+    """An FFCV decoder for the image field: per sample (1,) int64, its index when its JPEG does not decode, else -1.
+
+    Why a decoder of its own: FFCV's image decoders are compiled (numba), so no Python try/except can run per
+    sample inside them, and they ignore libjpeg-turbo's return code -- a corrupt JPEG silently becomes garbage
+    pixels. This third pipeline over the same field runs the same decode (FFCV's imdecode) at 1/8 scale and keeps
+    that return code: turbojpeg reads the whole entropy-coded stream at any scale, where corruption shows (as an
+    error or a warning, both -1), while the inverse DCT and colour conversion shrink 64-fold. Measured on this
+    project's 2-core CPU: ~1/5 of one full decode for 256x256 JPEGs (each view decodes in full), and in 2,000
+    random byte corruptions of a 64x64 JPEG it failed exactly where the full decode failed. Raw (uncompressed)
+    samples cannot be undecodable and cost nothing. Checking once ahead of training instead would decode a whole
+    ImageNet before the first step; checking only the markers would miss a corrupt middle.
+    """
+    from dataclasses import replace
+
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class UndecodableJpeg(Operation):
+        def declare_state_and_memory(self, previous_state):
+            scratch = (int(self.metadata["height"].max()) // 8 + 2) * (int(self.metadata["width"].max()) // 8 + 2) * 3
+            index, byte = np.dtype("<i8"), np.dtype("<u1")
+            return (
+                replace(previous_state, jit_mode=True, shape=(1,), dtype=index),
+                (AllocationQuery((1,), index), AllocationQuery((scratch,), byte)),
+            )
+
+        def generate_code(self):
+            mem_read, jpg, my_range = self.memory_read, IMAGE_MODES["jpg"], Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+
+            def check(batch_indices, my_storage, metadata, storage_state):
+                destination, scratch = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    destination[dst_ix, 0] = -1
+                    if field["mode"] == jpg:
+                        h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                        data = mem_read(field["data_ptr"], storage_state)
+                        if imdecode_c(data, scratch[dst_ix], h, w, h, w, 0, 0, 1, 8, False, False) != 0:
+                            destination[dst_ix, 0] = source_ix
+                return destination[: len(batch_indices)]
+
+            check.is_parallel = True
+            return check
+
+    return UndecodableJpeg()
 
 
 def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
@@ -602,9 +583,15 @@ class _BatchColour:
 
     def __init__(self, augment_cfg) -> None:
         self.cfg = augment_cfg
+        self._colour: Optional[BatchColour] = None  # built where it runs (each loader worker)
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "_colour": None}
 
     def __call__(self, views: list) -> list:
-        return [_color_views(v, self.cfg) for v in views]
+        if self._colour is None:
+            self._colour = BatchColour(self.cfg)
+        return [self._colour(v) for v in views]
 
 
 def batched_train_batches(
@@ -623,10 +610,8 @@ def batched_train_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """train_batches' (view1, view2, labels) stream, faster on a CPU: each worker decodes, crops and flips every
     image to uint8 (per sample), then runs SimCLR's colour steps on the whole batch with per-sample parameters
-    (color_params) -- the same recipe as augment.view_transform, one vectorised pass instead of B. Seekable like
-    train_batches: the batch of step s is a function of (seed, rank, s, loader_workers)."""
-    from pipeline.augment import CropFlipViews
-
+    (augment.BatchColour, kornia) -- the same recipe as augment.view_transform, one vectorised pass instead of B.
+    Seekable like train_batches: the batch of step s is a function of (seed, rank, s, loader_workers)."""
     return train_batches(
         data_path,
         split,

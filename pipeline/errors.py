@@ -1,5 +1,9 @@
-"""The one exception type that means "the user asked for something impossible"."""
+"""The one exception type that means "the user asked for something impossible".
 
+Defined in data_prep.errors (data_prep imports nobody); this is the same class, not a subclass, so
+``except HardnegError`` catches the errors of both sides.
+"""
 
-class HardnegError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits 2, no traceback."""
+from data_prep.errors import HardnegError
+
+__all__ = ["HardnegError"]

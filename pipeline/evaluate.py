@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import data
+from pipeline.features import extract_features
 
 
 def knn_predict(
@@ -45,23 +46,6 @@ def knn_top1(bank, bank_labels, queries, query_labels, *, k: int, temperature: f
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
     return (pred == query_labels).float().mean().item()
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: nn.Module, batches, device: torch.device = torch.device("cpu")
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``encoder`` in eval mode over (x, y) batches -> (features (n, d), labels (n,)); restores its mode."""
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels = [], []
-    try:
-        for x, y in batches:
-            feats.append(encoder(x.to(device)).float().cpu())
-            labels.append(y)
-    finally:
-        encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
 
 
 def knn_eval(

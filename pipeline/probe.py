@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from pipeline import augment, data
 from pipeline.config import AugmentConfig, EvalConfig
-from pipeline.evaluate import extract_features
+from pipeline.features import extract_features
 
 
 def probe_transform(cfg: AugmentConfig, eval_cfg: Optional[EvalConfig] = None) -> v2.Compose:

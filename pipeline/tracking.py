@@ -484,7 +484,7 @@ def _duration(start_ms: Optional[int], end_ms: Optional[int]) -> Optional[float]
 def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
     """One row per run of ``experiment`` (newest first): who, when, what method with which settings, and scores.
 
-    Keys are the column headers of ``hardneg runs``; numbers stay numbers (runs_view formats them).
+    Keys are the column headers of ``hardneg runs``; numbers stay numbers (pipeline.app.runs_view formats them).
     """
     from pipeline.config import own_loss_keys
 

@@ -232,6 +232,7 @@ def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledg
             loader_workers=cfg.data.loader_workers,
             cache_dir=cfg.data.cache_dir,
             device=ctx.device,
+            ledger=ledger,
         ), None
     if cfg.augment.where == "batch":  # both views made per batch in the loader workers, seekable by step
         return data.batched_train_batches(

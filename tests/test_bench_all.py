@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from pipeline.bench import BENCHES
-from pipeline.bench.all import ARGS
-from pipeline.cli import main
+from pipeline.app.bench import BENCHES
+from pipeline.app.bench.all import ARGS
+from pipeline.app.cli import main
 
 
 def test_every_section_is_a_registered_bench():

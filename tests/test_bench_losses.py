@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from pipeline import cli
-from pipeline.bench import losses as bench
+from pipeline.app import cli
+from pipeline.app.bench import losses as bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

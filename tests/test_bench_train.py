@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from pipeline.bench import train as bench
+from pipeline.app.bench import train as bench
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from conftest import free_port, tiny_config
 
-from pipeline import config, launch
+from pipeline import config
+from pipeline.app import train_command
 from pipeline.errors import HardnegError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,11 +89,11 @@ def test_too_few_shards_for_the_readers(tmp_path, digits_shards):
         match=r"split\(s\) train of .* hold 6 shards, fewer than the 8 readers of "
         r"cluster.num_workers=2 x data.loader_workers=4",
     ):
-        launch.train_run(cfg)
+        train_command.train_run(cfg)
     manifest = {"splits": {"train": {"shards": [{}] * 6}, "unlabeled": {"shards": [{}] * 2}}}
-    launch.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=3"), manifest)
+    train_command.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=3"), manifest)
     # pretraining on several splits pools their shards: 6 + 2 = 8 streams for 8 readers
-    launch.check_shards_per_reader(
+    train_command.check_shards_per_reader(
         tiny_config(tmp_path, digits_shards, "data.loader_workers=4", "data.pretrain_splits=[train,unlabeled]"),
         manifest,
     )
@@ -102,18 +103,20 @@ def test_too_few_shards_for_the_readers(tmp_path, digits_shards):
 def test_no_ray_at_the_address_fails_fast_before_an_mlflow_run(tmp_path, digits_shards):
     cfg = tiny_config(tmp_path, digits_shards, f"cluster.address=127.0.0.1:{free_port()}")
     with pytest.raises(HardnegError, match=r"no Ray cluster reachable at cluster.address=127.0.0.1:\d+: "):
-        launch.train_run(cfg)
+        train_command.train_run(cfg)
     with pytest.raises(HardnegError, match="is a dashboard URL"):
-        launch.train_run(tiny_config(tmp_path, digits_shards, "cluster.address=http://127.0.0.1:8265"))
+        train_command.train_run(tiny_config(tmp_path, digits_shards, "cluster.address=http://127.0.0.1:8265"))
     assert not (tmp_path / "mlflow.db").exists()  # checked before the launcher creates the run
 
 
 def test_storage_that_cannot_be_written(tmp_path, digits_shards):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(HardnegError, match=r"cannot write to cluster.storage_path=.*a-file/runs: "):
-        launch.train_run(tiny_config(tmp_path, digits_shards, f"cluster.storage_path={tmp_path / 'a-file' / 'runs'}"))
+        train_command.train_run(
+            tiny_config(tmp_path, digits_shards, f"cluster.storage_path={tmp_path / 'a-file' / 'runs'}")
+        )
     with pytest.raises(HardnegError, match=r"cannot use cluster.storage_path=nosuchfs://x"):
-        launch.train_run(tiny_config(tmp_path, digits_shards, "cluster.storage_path=nosuchfs://x"))
+        train_command.train_run(tiny_config(tmp_path, digits_shards, "cluster.storage_path=nosuchfs://x"))
 
 
 # --- hardneg launch: the job it would submit ---------------------------------------------------------------
@@ -128,7 +131,7 @@ def test_job_spec_runs_train_in_the_uploaded_repo():
         working_dir=ROOT,
     )
     args = shlex.split(spec["entrypoint"])
-    assert args[:6] == ["python", "-m", "pipeline.cli", "train", "--config", "configs/demo.yaml"]
+    assert args[:6] == ["python", "-m", "pipeline.app.cli", "train", "--config", "configs/demo.yaml"]
     assert args[-1] == "cluster.address=auto" and "data.path=s3://b/digits" in args
     env = spec["runtime_env"]
     assert env["working_dir"] == str(ROOT) and {".venv", "runs", "data", "mlruns", "mlflow.db"} <= set(EXCLUDES)
@@ -258,7 +261,7 @@ def test_kuberay_rayjob_manifest():
 def test_the_documented_launch_commands_are_valid():
     """docs/cluster.md's `hardneg launch` lines parse and would submit (config checked as launch checks it)."""
     from cluster.submit import job_spec
-    from pipeline.cli import build_parser
+    from pipeline.app.cli import build_parser
 
     text = (ROOT / "docs" / "cluster.md").read_text().replace("\\\n", " ")
     commands = [line.split("#")[0] for line in text.splitlines() if line.startswith(".venv/bin/hardneg launch")]

@@ -1,4 +1,4 @@
-"""cluster.storage_path on S3 (a moto server on 127.0.0.1): the driver-side checks of pipeline/launch.py,
+"""cluster.storage_path on S3 (a moto server on 127.0.0.1): the driver-side checks of pipeline/app/train_command.py,
 and (slow) a Ray Train run whose checkpoints go to S3 through ray.train.report."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ moto_server = pytest.importorskip("moto.server")
 
 from conftest import free_port, tiny_config  # noqa: E402
 
-from pipeline import checkpoint, config, launch  # noqa: E402
+from pipeline import checkpoint, config  # noqa: E402
+from pipeline.app import train_command  # noqa: E402
 from pipeline.errors import HardnegError  # noqa: E402
 
 BUCKET = "hardneg-test"
@@ -71,27 +72,27 @@ def _put_checkpoint(cfg: config.Config, url: str, step: int) -> None:
 def test_driver_side_checks_on_s3(s3, tmp_path, digits_shards):
     runs = f"{s3}/runs"
     cfg = tiny_config(tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=r1")
-    launch._check_writable(runs)
-    assert launch.latest_run_name(runs) is None
-    assert launch.choose_run_name(cfg, None) == "r1"
+    train_command._check_writable(runs)
+    assert train_command.latest_run_name(runs) is None
+    assert train_command.choose_run_name(cfg, None) == "r1"
 
     _put_checkpoint(cfg, f"{runs}/r1/checkpoint_000011", 11)
     time.sleep(1.1)  # S3 stamps LastModified in seconds
     _put_checkpoint(cfg, f"{runs}/r2/checkpoint_000022", 22)
     assert checkpoint.latest(f"{runs}/r2") == f"{runs}/r2/checkpoint_000022"
-    assert launch.latest_run_name(runs) == "r2"
-    assert launch.choose_run_name(cfg, "") == "r2"  # --resume without a name: the run written last
+    assert train_command.latest_run_name(runs) == "r2"
+    assert train_command.choose_run_name(cfg, "") == "r2"  # --resume without a name: the run written last
     with pytest.raises(HardnegError, match=r"run 'r1' already exists under s3://.*--resume r1"):
-        launch.choose_run_name(cfg, None)
+        train_command.choose_run_name(cfg, None)
     with pytest.raises(HardnegError, match="run 'nope' has no checkpoint"):
-        launch.choose_run_name(cfg, "nope")
+        train_command.choose_run_name(cfg, "nope")
 
     # the whole driver path, up to (not including) Ray: a resume from a different config is refused
     other = tiny_config(
         tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=r2", "loss.temperature=0.2"
     )
     with pytest.raises(HardnegError, match=r"cannot resume.*loss\.temperature: 0\.5 -> 0\.2"):
-        launch.train_run(other, resume="r2")
+        train_command.train_run(other, resume="r2")
 
 
 def test_unreachable_s3_storage_is_one_line(s3, tmp_path, digits_shards, monkeypatch):
@@ -102,7 +103,7 @@ def test_unreachable_s3_storage_is_one_line(s3, tmp_path, digits_shards, monkeyp
     s3fs.S3FileSystem.clear_instance_cache()
     cfg = tiny_config(tmp_path, digits_shards, f"cluster.storage_path={s3}/runs")
     with pytest.raises(HardnegError, match=rf"cannot write to cluster.storage_path={s3}/runs: ") as e:
-        launch.train_run(cfg)
+        train_command.train_run(cfg)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "mlflow.db").exists()  # before any MLflow run or Ray
 
@@ -116,9 +117,9 @@ def test_ray_train_checkpoints_to_s3(s3, tmp_path, digits_shards, monkeypatch, r
     cfg = tiny_config(
         tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=s3run", "train.knn_every_epochs=0"
     )
-    result = launch.train_run(cfg)  # a private Ray started here inherits AWS_ENDPOINT_URL
+    result = train_command.train_run(cfg)  # a private Ray started here inherits AWS_ENDPOINT_URL
     steps = 1347 // 128
     assert result["step"] == steps
     assert result["checkpoint"].startswith(f"{runs}/s3run/")
     assert checkpoint.load(checkpoint.latest(f"{runs}/s3run"))["step"] == steps
-    assert launch.latest_run_name(runs) == "s3run"
+    assert train_command.latest_run_name(runs) == "s3run"

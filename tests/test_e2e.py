@@ -10,7 +10,8 @@ import ray
 from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint, launch
+from pipeline import checkpoint
+from pipeline.app import train_command
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
     steps = 1347 // 128
     cfg = tiny_config(tmp_path, digits_shards, "cluster.num_workers=2", "tracking.run_name=e2e")
-    first = launch.train_run(cfg)
+    first = train_command.train_run(cfg)
     assert first["step"] == steps and first["epoch"] == 1
 
     # Checkpoint went through ray.train.report to the run's storage path and holds the resolved config.
@@ -57,7 +58,7 @@ def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
 
     # Resume the same run for a second epoch: it continues from the saved step in the same MLflow run.
     longer = tiny_config(tmp_path, digits_shards, "cluster.num_workers=2", "tracking.run_name=e2e", "train.epochs=2")
-    second = launch.train_run(longer, resume="e2e")
+    second = train_command.train_run(longer, resume="e2e")
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["step"] == 2 * steps
     assert checkpoint.load(second["checkpoint"])["step"] == 2 * steps

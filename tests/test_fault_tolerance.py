@@ -19,7 +19,8 @@ import pytest
 from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint, launch
+from pipeline import checkpoint
+from pipeline.app import train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
@@ -124,7 +125,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
     try:
-        result = launch.train_run(cfg)
+        result = train_command.train_run(cfg)
     finally:
         done.set()
         killer.join(timeout=10)
@@ -158,7 +159,7 @@ def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_sh
     )
 
     # The same run uninterrupted: the same loss at every step (batches and RNG streams are functions of the step).
-    reference = launch.train_run(
+    reference = train_command.train_run(
         tiny_config(
             tmp_path,
             digits_shards,

@@ -17,7 +17,7 @@ import torch
 from data_prep import synthetic
 from data_prep.manifest import verify
 from data_prep.prep import prepare
-from pipeline import data
+from pipeline import augment, data, faults
 from pipeline.config import AugmentConfig
 from pipeline.errors import HardnegError
 
@@ -131,17 +131,22 @@ def test_rank_order_is_distributed_sampler_with_equal_shares():
 
 
 def test_colour_steps_match_torchvision():
+    """The FFCV path's colour steps are augment.BatchColour's kornia steps: hue as torchvision's adjust_hue,
+    nothing but the normalisation when off, three equal channels when greyed."""
     from torchvision.transforms.v2 import functional as F
 
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    shift = torch.linspace(-0.5, 0.5, 6)
-    got = data._shift_hue(x.float() / 255, shift)
+    hue_only = AugmentConfig(jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.5, grayscale_p=0.0)
+    mean, std = torch.tensor(hue_only.mean).view(1, 3, 1, 1), torch.tensor(hue_only.std).view(1, 3, 1, 1)
+    colour = augment.BatchColour(hue_only)
+    got = colour(x) * std + mean
+    shift = colour.steps._params[0].data["hue_factor"]
+    assert shift.shape == (6,) and shift.min() < 0 < shift.max()
     want = torch.stack([F.adjust_hue(x[i].float() / 255, float(shift[i])) for i in range(6)])
     assert torch.allclose(got, want, atol=1e-5)
     cfg = AugmentConfig(jitter_p=0.0, grayscale_p=0.0)
-    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
-    assert torch.allclose(data._color_views(x, cfg), (x.float() / 255 - mean) / std)
-    grey = data._color_views(x, AugmentConfig(jitter_p=0.0, grayscale_p=1.0))
+    assert torch.allclose(augment.BatchColour(cfg)(x), (x.float() / 255 - mean) / std)
+    grey = augment.BatchColour(AugmentConfig(jitter_p=0.0, grayscale_p=1.0))(x)
     assert torch.allclose(grey * std + mean, ((grey * std + mean)[:, :1]).expand_as(grey), atol=1e-6)
 
 
@@ -186,3 +191,40 @@ def test_remote_beton_is_copied_to_the_cache_once(tmp_path):
             data._ffcv_file(out, dict(manifest, splits={"val": {"shards": []}}), "val", None)
     finally:
         fs.rm(root.split("/out")[0], recursive=True)
+
+
+def test_an_undecodable_jpeg_is_skipped_counted_and_named_once(tmp_path, capfd):
+    """A .beton of JPEGs with one corrupt sample: every batch stays full, the sample is counted each time an epoch
+    reaches it, named once with the file and its index, and the skip budget names the file."""
+    from ffcv.reader import Reader
+
+    out = tmp_path / "out"
+    manifest = prepare("builtin:digits", str(out), format="ffcv", image_format="jpg")
+    path = out / "train.beton"
+    reader = Reader(str(path))
+    images, labels = reader.metadata["f0"], np.asarray(reader.metadata["f1"]).reshape(-1)
+    assert (images["mode"] == 0).all(), "stored as JPEG"
+    bad = 5
+    with open(path, "r+b") as f:  # zero the JPEG header after its SOI marker: libjpeg-turbo cannot decode it
+        f.seek(int(images[bad]["data_ptr"]) + 2)
+        f.write(bytes(20))
+    n, b = manifest["splits"]["train"]["num_samples"], 64
+    ledger = data.SkipLedger()
+    batches = data.ffcv_train_batches(str(out), "train", AugmentConfig(image_size=8), b, rank=0, seed=3, ledger=ledger)
+    per_epoch = n // b
+    got = [next(batches) for _ in range(2 * per_epoch)]  # two epochs: two orders
+    orders = [data.rank_order(np.arange(n, dtype=np.uint64), 3, e, 0, 1).astype(np.int64) for e in (0, 1)]
+    want_skips = 0
+    for k, (v1, v2, y) in enumerate(got):
+        assert v1.shape == v2.shape == (b, 3, 8, 8) and y.shape == (b,) and torch.isfinite(v1).all()
+        idx = orders[k // per_epoch][(k % per_epoch) * b : (k % per_epoch + 1) * b]
+        good = [i for i in idx if i != bad]
+        want_skips += len(idx) - len(good)
+        assert y.tolist() == labels[good + good[: b - len(good)]].tolist(), k  # refilled from the good samples
+    assert want_skips >= 1, "the corrupt sample was read at least once"
+    assert (ledger.skipped, ledger.read) == (want_skips, 2 * per_epoch * b)
+    assert ledger.worst() == (str(path), want_skips)
+    named = [line for line in capfd.readouterr().err.splitlines() if "skipping a bad sample" in line]
+    assert len(named) == 1 and f"{path} (sample {bad}: undecodable JPEG)" in named[0], named
+    with pytest.raises(HardnegError, match=r"exceed data\.max_skip_fraction=0\.0001; worst shard .*train\.beton"):
+        faults.check_skip_budget(ledger.skipped, ledger.read, 0.0001, ledger.worst(), str(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.demo import run_demo
+from pipeline.app.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ import threading
 import pytest
 from conftest import tiny_config
 
-from pipeline import checkpoint, launch
+from pipeline import checkpoint
+from pipeline.app import train_command
 
 pytestmark = pytest.mark.slow
 SPE = 1347 // 128  # steps per epoch of the digits train split (1347 after the val holdout) at batch 128
@@ -96,7 +97,7 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
     remover = threading.Thread(target=remove_the_second_node, daemon=True)
     remover.start()
     try:
-        result = launch.train_run(cfg)
+        result = train_command.train_run(cfg)
     finally:
         done.set()
         remover.join(timeout=30)

@@ -35,7 +35,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def ui_run(tmp_path_factory, request):
     """One real tiny SSCL run in a SQLite store, and `mlflow ui` serving it on a free 127.0.0.1 port."""
-    from pipeline import launch
+    from pipeline.app import train_command
 
     tmp = tmp_path_factory.mktemp("ui")
     uri = os.environ.get("HARDNEG_UI_STORE")
@@ -50,7 +50,7 @@ def ui_run(tmp_path_factory, request):
         result = {"tracking_uri": uri, "mlflow_run_id": newest.info.run_id}
     else:
         digits_shards = request.getfixturevalue("digits_shards")
-        result = launch.train_run(
+        result = train_command.train_run(
             tiny_config(
                 tmp,
                 digits_shards,

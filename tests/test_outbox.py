@@ -9,7 +9,7 @@ import threading
 from mlflow.tracking import MlflowClient
 
 from pipeline import outbox, tracking
-from pipeline.cli import main as cli_main
+from pipeline.app.cli import main as cli_main
 from pipeline.config import TrackingConfig
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 
 def test_bench_prep_quick(tmp_path, capsys):
@@ -21,7 +21,7 @@ def test_bench_prep_quick(tmp_path, capsys):
 
 
 def test_scale_fits():
-    from data_prep.bench_scale import fit_exponent, fit_linear
+    from pipeline.app.bench.prep_scale import fit_exponent, fit_linear
 
     sizes = [10_000, 40_000, 160_000]
     assert abs(fit_exponent(sizes, [2e-3 * n for n in sizes]) - 1.0) < 1e-9

@@ -19,7 +19,7 @@ import data_prep.jobs as jobs
 from data_prep import synthetic
 from data_prep.manifest import verify
 from data_prep.prep import prepare
-from pipeline.cli import main
+from pipeline.app.cli import main
 from pipeline.errors import HardnegError
 
 
@@ -107,7 +107,17 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path):
     ref = tmp_path / "ref"
     prepare(f"cifar10:{src}", str(ref), shard_size=10)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.cli", "prep", f"cifar10:{src}", str(out), "--shard-size", "10", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.app.cli",
+        "prep",
+        f"cifar10:{src}",
+        str(out),
+        "--shard-size",
+        "10",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -10,11 +10,12 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from pipeline import checkpoint, launch
+from pipeline import checkpoint
+from pipeline.app import train_command
+from pipeline.app.reproduce import _cell_config, load_grid, reproduce
 from pipeline.config import EvalConfig
 from pipeline.errors import HardnegError
 from pipeline.probe import accuracy, fit_linear
-from pipeline.reproduce import _cell_config, load_grid, reproduce
 
 
 @pytest.mark.parametrize("optimizer,lr", [("adam", 5e-2), ("sgd", 1.0)])
@@ -77,7 +78,7 @@ def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards):
     root = tmp_path / "results" / "tiny"
     # An interrupted cell: its training stopped after epoch 1 of 2.
     cell_cfg = _cell_config(load_grid(grid_path), "hcl", "digits", 0, str(root))
-    interrupted = launch.train_run(launch._with(cell_cfg, "train", epochs=1))
+    interrupted = train_command.train_run(train_command._with(cell_cfg, "train", epochs=1))
     assert interrupted["step"] == 10
 
     reproduce(grid_path, only=1)  # runs nt_xent only
@@ -113,7 +114,7 @@ def test_eval_all_protocols_with_augmented_probe_logs_into_the_run(tmp_path, dig
 
     from pipeline.evaluate import evaluate_checkpoint
 
-    run = launch.train_run(
+    run = train_command.train_run(
         tiny_config(
             tmp_path,
             digits_shards,

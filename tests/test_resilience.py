@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_overrides
 
-from pipeline import checkpoint, data, dist, launch, train
+from pipeline import checkpoint, data, dist, train
+from pipeline.app import train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPE = 1347 // 128  # steps per epoch of the digits train split (1347 after the val holdout) at batch 128
@@ -59,10 +60,10 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread, 
         "loss.name=sscl",
         "data.loader_workers=0",
     )
-    whole = launch.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=whole"))
+    whole = train_command.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=whole"))
     train.run(whole, dist.current_context(), train.LocalHooks(str(tmp_path / "runs" / "whole")))
 
-    cut = launch.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=cut"))
+    cut = train_command.resolve_paths(tiny_config(tmp_path, digits_shards, *common, "tracking.run_name=cut"))
     cut_dir = str(tmp_path / "runs" / "cut")
     with pytest.raises(Preempted):
         train.run(cut, dist.current_context(), PreemptedHooks(cut_dir, at=7))
@@ -80,7 +81,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, digits_shards, one_thread, 
 def test_step_checkpoints_that_fall_on_an_epoch_end_are_written(tmp_path, digits_shards, one_thread):
     """checkpoint_every_steps = steps per epoch checkpoints every epoch even when checkpoint_every_epochs is
     larger (the step boundary coincides with the epoch end, which used to skip it)."""
-    cfg = launch.resolve_paths(
+    cfg = train_command.resolve_paths(
         tiny_config(
             tmp_path,
             digits_shards,
@@ -150,7 +151,7 @@ def _corrupt_shard(src: str, dst: str, bad: int) -> str:
 def _cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -236,6 +237,50 @@ def test_bad_samples_past_the_budget_stop_the_run_in_one_line(tmp_path, digits_s
     print(f"\n[budget] {line}", flush=True)
 
 
+@pytest.mark.slow
+def test_ffcv_skips_an_undecodable_jpeg_within_the_budget(tmp_path):
+    """data.format=ffcv: two corrupt JPEGs inside the .beton are skipped, named once (file and sample index) and
+    summed into data_skipped exactly as often as the run's two epochs read them; the run finishes every step."""
+    pytest.importorskip("ffcv", reason="FFCV is not installed here (make setup builds it)")
+    import numpy as np
+    from ffcv.reader import Reader
+
+    from data_prep.prep import prepare
+
+    shards = str(tmp_path / "both")
+    manifest = prepare("builtin:digits", shards, shard_size=512, format="both", image_format="jpg")
+    beton = os.path.join(shards, "train.beton")
+    images = Reader(beton).metadata["f0"]
+    bad = (5, 700)
+    with open(beton, "r+b") as f:
+        for k in bad:
+            f.seek(int(images[k]["data_ptr"]) + 2)
+            f.write(bytes(20))  # the JPEG header after its SOI marker
+    proc = _cli(
+        "train",
+        *_tiny_args(
+            tmp_path,
+            shards,
+            "data.format=ffcv",
+            "train.epochs=2",
+            "train.knn_every_epochs=0",
+            "data.max_skip_fraction=0.05",
+            "tracking.run_name=ffcv",
+        ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    named = [line for line in proc.stderr.splitlines() if "skipping a bad sample" in line]
+    assert len(named) == 1 and "train.beton (sample " in named[0] and "undecodable JPEG" in named[0], named
+    n = manifest["splits"]["train"]["num_samples"]
+    read = [data.rank_order(np.arange(n, dtype=np.uint64), 0, e, 0, 1)[: SPE * 128] for e in (0, 1)]
+    want = sum(int(np.isin(order, bad).sum()) for order in read)  # FFCV's loader seed is train.seed=0 at step 0
+    client, run = _mlflow_run(tmp_path)
+    skipped = client.get_metric_history(run.info.run_id, "data_skipped")
+    assert run.info.status == "FINISHED" and want > 0 and skipped[-1].value == want
+    assert max(m.step for m in skipped) == 2 * SPE  # every step ran
+    print(f"\n[ffcv skip] {want} undecodable JPEG reads skipped in {2 * SPE} steps: {named[0]}", flush=True)
+
+
 def test_a_nonfinite_loss_stops_in_one_line_naming_step_lr_and_checkpoint(tmp_path, digits_shards):
     proc = _cli(
         "train",
@@ -297,7 +342,7 @@ def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_
     )
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", *args],
+        [sys.executable, "-m", "pipeline.app.cli", "train", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

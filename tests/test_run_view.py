@@ -14,7 +14,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from pipeline import config, metric_names, plots, run_info, tracking
-from pipeline.cli import main as cli_main
+from pipeline.app.cli import main as cli_main
 from pipeline.losses import diagnostics
 from pipeline.objectives import build_objective
 

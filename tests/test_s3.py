@@ -94,7 +94,7 @@ def test_tinyimagenet_zip_read_in_place_from_s3(s3, tmp_path):
 
 
 def test_unreachable_object_store_fails_fast_with_one_line(monkeypatch, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     _use_endpoint(monkeypatch, free_port())  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries (standard variable)

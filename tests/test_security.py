@@ -14,7 +14,7 @@ from conftest import logged_text, mlflow_server, tiny_config, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from cluster.train import AUTH_OVERRIDE, local_ray, require_token_auth
-from pipeline import launch
+from pipeline.app import train_command
 from pipeline.errors import HardnegError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_
         "tracking.run_name=authed",
         "tracking.experiment=secured",
     )
-    result = launch.train_run(cfg)
+    result = train_command.train_run(cfg)
     client = MlflowClient(auth_server)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics  # training logged normally, as alice

@@ -12,8 +12,9 @@ from conftest import mlflow_server as start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import launch, tracking, train
-from pipeline.cli import main as cli_main
+from pipeline import tracking, train
+from pipeline.app import train_command
+from pipeline.app.cli import main as cli_main
 
 SECRET = "hunter2-very-secret"
 
@@ -38,7 +39,7 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
         f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001",
         "train.knn_every_epochs=1",
     ]
-    first = launch.train_run(tiny_config(tmp_path, digits_shards, *common))
+    first = train_command.train_run(tiny_config(tmp_path, digits_shards, *common))
     client = MlflowClient(uri)
     run = client.get_run(first["mlflow_run_id"])
     params = run.data.params
@@ -98,7 +99,7 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
     assert SECRET not in logged_text(client, run.info.run_id)
 
     # Resume for a second epoch into the same run: every metric's steps strictly increase.
-    second = launch.train_run(tiny_config(tmp_path, digits_shards, *common, "train.epochs=2"), resume="t1")
+    second = train_command.train_run(tiny_config(tmp_path, digits_shards, *common, "train.epochs=2"), resume="t1")
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     for key in ("train/loss", "train/lr", "perf/images_per_s", "eval/knn_top1", "eval/knn_top1_best"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]

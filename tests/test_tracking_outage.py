@@ -106,7 +106,7 @@ def _train(tmp_path, shards: str, url: str, *extra: str) -> subprocess.Popen:
         *extra,
     ]
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", *args],
+        [sys.executable, "-m", "pipeline.app.cli", "train", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -200,7 +200,7 @@ def test_a_server_that_never_returns_spools_and_runs_sync_uploads_later(tmp_path
     server.start()
     env = {**os.environ, "PYTHONPATH": ROOT}
     sync = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "runs", "sync", run_dir],
+        [sys.executable, "-m", "pipeline.app.cli", "runs", "sync", run_dir],
         capture_output=True,
         text=True,
         env=env,
@@ -211,7 +211,7 @@ def test_a_server_that_never_returns_spools_and_runs_sync_uploads_later(tmp_path
     _check_complete(server.url, run_id, total)
     assert not os.path.exists(os.path.join(run_dir, "tracking-spool"))
     again = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "runs", "sync", run_dir],
+        [sys.executable, "-m", "pipeline.app.cli", "runs", "sync", run_dir],
         capture_output=True,
         text=True,
         env=env,

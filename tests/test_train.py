@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from pipeline import checkpoint, dist, launch, train
+from pipeline import checkpoint, dist, train
+from pipeline.app import train_command
 from pipeline.errors import HardnegError
 from pipeline.objectives import bind_loss
 
@@ -25,7 +26,7 @@ def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
     cfg = tiny_config(
         tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false", "train.knn_every_epochs=0"
     )
-    result = launch.train_run(cfg)
+    result = train_command.train_run(cfg)
     steps = 1347 // 128
     assert result["step"] == steps and 0.0 <= result["knn_top1"] <= 1.0  # kNN always runs at the end
     state = checkpoint.load(result["checkpoint"])
@@ -43,7 +44,7 @@ def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
         f"tracking.run_name={result['run_name']}",
     )
     before = {k: v.clone() for k, v in state["model"].items()}
-    resumed = launch.train_run(resumed_cfg, resume=result["run_name"])
+    resumed = train_command.train_run(resumed_cfg, resume=result["run_name"])
     assert resumed["step"] == 2 * steps
     after = checkpoint.load(resumed["checkpoint"])
     assert after["step"] == 2 * steps
@@ -59,7 +60,7 @@ def test_resume_refuses_a_different_config(tmp_path, digits_shards):
         "train.knn_every_epochs=0",
         "tracking.run_name=r1",
     )
-    launch.train_run(cfg)
+    train_command.train_run(cfg)
     other = tiny_config(
         tmp_path,
         digits_shards,
@@ -69,20 +70,20 @@ def test_resume_refuses_a_different_config(tmp_path, digits_shards):
         "tracking.run_name=r1",
     )
     with pytest.raises(HardnegError, match=r"cannot resume.*loss\.temperature: 0\.5 -> 0\.2"):
-        launch.train_run(other, resume="r1")
+        train_command.train_run(other, resume="r1")
     with pytest.raises(HardnegError, match=r"run 'r1' already exists.*--resume"):
-        launch.train_run(cfg)
+        train_command.train_run(cfg)
     with pytest.raises(HardnegError, match=r"no checkpoint"):
-        launch.train_run(cfg, resume="nonexistent")
+        train_command.train_run(cfg, resume="nonexistent")
 
 
 def test_preflight_errors_are_one_line(tmp_path, digits_shards):
     with pytest.raises(HardnegError, match="global_batch_size=4096 exceeds the 1347 samples"):
-        launch.train_run(tiny_config(tmp_path, digits_shards, "train.global_batch_size=4096"))
+        train_command.train_run(tiny_config(tmp_path, digits_shards, "train.global_batch_size=4096"))
     with pytest.raises(HardnegError, match="data split 'val' not in"):
-        launch.train_run(tiny_config(tmp_path, digits_shards, "data.eval_split=val"))
+        train_command.train_run(tiny_config(tmp_path, digits_shards, "data.eval_split=val"))
     with pytest.raises(HardnegError, match="manifest"):
-        launch.train_run(tiny_config(tmp_path, str(tmp_path / "no-shards")))
+        train_command.train_run(tiny_config(tmp_path, str(tmp_path / "no-shards")))
 
 
 def test_build_loss_binds_hyper_parameters():
@@ -107,7 +108,7 @@ def test_gpu_path_options_run_on_cpu(tmp_path, digits_shards):
         "train.precision=bf16",
         "train.channels_last=true",
     )
-    result = launch.train_run(cfg)
+    result = train_command.train_run(cfg)
     assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
     state = checkpoint.load(result["checkpoint"])
     plain = tiny_config(tmp_path, digits_shards)  # fp32, loader augmentation: the same weights load
@@ -145,7 +146,7 @@ def test_training_reads_ffcv_files(tmp_path):
         "train.knn_every_epochs=0",
         "data.format=ffcv",
     )
-    result = launch.train_run(cfg)
+    result = train_command.train_run(cfg)
     assert result["step"] == 1347 // 128 and math.isfinite(result["knn_top1"])
 
 
@@ -182,10 +183,10 @@ def test_pretraining_reads_several_splits(tmp_path):
         "eval.knn_k=5",
         "data.shuffle_buffer=16",
     )
-    result = launch.train_run(cfg)
+    result = train_command.train_run(cfg)
     assert result["step"] == (18 + 40) // 16 and 0.0 <= result["knn_top1"] <= 1.0
     with pytest.raises(HardnegError, match=r"data split 'nosuch' not in"):
-        launch.train_run(
+        train_command.train_run(
             tiny_config(
                 tmp_path,
                 out,
@@ -198,11 +199,11 @@ def test_pretraining_reads_several_splits(tmp_path):
 
 def test_automatic_run_names_never_collide(tmp_path, digits_shards, monkeypatch):
     """Two runs started within the same second: the second gets a -2 suffix, not an 'already exists' error."""
-    monkeypatch.setattr(launch.time, "strftime", lambda fmt: "20261122-120000")
+    monkeypatch.setattr(train_command.time, "strftime", lambda fmt: "20261122-120000")
     cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=local", "tracking.enabled=false")
-    assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000"
+    assert train_command.choose_run_name(cfg, None) == "nt_xent-20261122-120000"
     checkpoint.write({"step": 1}, str(tmp_path / "runs" / "nt_xent-20261122-120000" / "checkpoint_000001"))
-    assert launch.choose_run_name(cfg, None) == "nt_xent-20261122-120000-2"
+    assert train_command.choose_run_name(cfg, None) == "nt_xent-20261122-120000-2"
 
 
 class _Recorder:

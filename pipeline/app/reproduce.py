@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_prep.manifest import read_manifest
 from pipeline import checkpoint, data
 from pipeline import config as config_mod
+from pipeline.app.train_command import train_run
 from pipeline.errors import HardnegError
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.launch import train_run
 
 
 class Grid(BaseModel):

@@ -8,8 +8,8 @@ import time
 from data_prep.manifest import read_manifest, verify
 from data_prep.prep import prepare
 from pipeline import config as config_mod
+from pipeline.app.train_command import train_run
 from pipeline.evaluate import evaluate_checkpoint, random_init_knn, raw_pixel_knn
-from pipeline.launch import train_run
 from pipeline.tracking import ui_command
 
 

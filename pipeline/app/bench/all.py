@@ -17,9 +17,9 @@ import traceback
 
 import torch
 
-from pipeline.bench import run_bench
-from pipeline.bench.step import machine, print_table
-from pipeline.bench.step import run as run_step
+from pipeline.app.bench import run_bench
+from pipeline.app.bench.step import machine, print_table
+from pipeline.app.bench.step import run as run_step
 
 # Sub-benchmark arguments: (full size, --quick) — quick keeps CI and a 2-core CPU in minutes.
 ARGS = {

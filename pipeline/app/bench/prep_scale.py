@@ -50,7 +50,9 @@ def _child(task: str, args: dict) -> None:
 
 
 def _measure(task: str, args: dict) -> dict:
-    code = f"import json, sys; from data_prep.bench_scale import _child; _child({task!r}, json.loads(sys.argv[1]))"
+    code = (
+        f"import json, sys; from pipeline.app.bench.prep_scale import _child; _child({task!r}, json.loads(sys.argv[1]))"
+    )
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{task} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")

@@ -11,10 +11,10 @@ import signal
 import sys
 import threading
 
-from cluster.cli import add_cluster_parsers
-from data_prep.cli import add_prep_parser
 from pipeline import console
-from pipeline.bench import BENCHES, run_bench
+from pipeline.app.bench import BENCHES, run_bench
+from pipeline.app.job_commands import add_cluster_parsers
+from pipeline.app.prep_command import add_prep_parser
 from pipeline.errors import HardnegError
 
 
@@ -54,7 +54,7 @@ def _print_train_summary(result: dict) -> None:
 
 
 def cmd_train(args) -> None:
-    from pipeline.launch import train_run
+    from pipeline.app.train_command import train_run
 
     cfg = _load_config(args)
     _print_train_summary(train_run(cfg, resume=args.resume))
@@ -72,7 +72,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from pipeline.demo import run_demo
+    from pipeline.app.demo import run_demo
 
     run_demo(args.config, args.out, args.overrides)
 
@@ -90,13 +90,13 @@ def cmd_runs(args) -> None:
     if not rows:
         print(f"experiment '{args.experiment}' has no runs")
         return
-    from pipeline.runs_view import render, sort_rows
+    from pipeline.app.runs_view import render, sort_rows
 
     print(render(sort_rows(rows, args.sort), args.format), end="")
 
 
 def cmd_reproduce(args) -> None:
-    from pipeline.reproduce import reproduce
+    from pipeline.app.reproduce import reproduce
 
     print(reproduce(args.grid, only=args.max_cells), end="")
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {
-    "losses": "pipeline.bench.losses",
-    "prep": "data_prep.bench",
-    "train": "pipeline.bench.train",
-    "step": "pipeline.bench.step",
-    "all": "pipeline.bench.all",
+    "losses": "pipeline.app.bench.losses",
+    "prep": "pipeline.app.bench.prep",
+    "train": "pipeline.app.bench.train",
+    "step": "pipeline.app.bench.step",
+    "all": "pipeline.app.bench.all",
 }
 
 

@@ -5,7 +5,7 @@ Builds a synthetic CIFAR-10 "python version" archive itself, shards it (WebDatas
 SimCLR augmentation, batches of ``--batch``) and compares with a torchvision-style in-memory dataset
 (uint8 arrays -> PIL -> the same transform, DataLoader with the same worker count). WebDataset is read
 twice: per sample (augment.where=loader) and batched (augment.where=batch: crops per sample to uint8,
-colour steps per batch). ``--scale`` measures prep and reading at growing sizes instead (bench_scale.py).
+colour steps per batch). ``--scale`` measures prep and reading at growing sizes instead (prep_scale.py).
 Ratios only; never a timed test.
 """
 
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     if args.scale:
-        from data_prep.bench_scale import run_scale
+        from pipeline.app.bench.prep_scale import run_scale
 
         return run_scale(args)
     if args.quick:
