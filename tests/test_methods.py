@@ -8,7 +8,7 @@ import torch
 import toy_method
 
 from pipeline import config, run_info, train
-from pipeline.cli import main as cli_main
+from pipeline.app.cli import main as cli_main
 from pipeline.errors import HardnegError
 from pipeline.losses import nt_xent
 from pipeline.methods import METHODS
