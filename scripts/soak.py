@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
@@ -232,7 +233,10 @@ def main() -> int:
     before = saved_step(run_dir)
     time.sleep(OUTAGE_S)
     during = saved_step(run_dir)
-    server.start()
+    # restarted in the background: an `mlflow server` takes a minute to answer on a busy machine, and the
+    # training (which never waits for it) would finish before the stop below
+    restart = threading.Thread(target=server.start, daemon=True)
+    restart.start()
     faults[f"tracking server down {OUTAGE_S:.0f} s"] = during > before
     print(f"outage: checkpointed step {before} -> {during} while the server was down", flush=True)
     # 3. a stop (SIGTERM, as `hardneg stop` sends) and a resume
@@ -240,6 +244,7 @@ def main() -> int:
     wait_until(lambda: saved_step(run_dir) >= min(total - 40, during + 20), proc, "steps after the outage")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=600)
+    restart.join(timeout=300)
     stopped_at = saved_step(run_dir)
     print(f"stop: exit {proc.returncode}, checkpoint at step {stopped_at}", flush=True)
     resumed = train(bad_shards, "soak", "--resume")
