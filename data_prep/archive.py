@@ -12,13 +12,13 @@ import os
 import posixpath
 import stat
 import tarfile
-import uuid
 import zipfile
 import zlib
 from typing import Callable, Iterator, Optional
 
 import fsspec
 
+from data_prep.atomic import atomic_open
 from data_prep.errors import HardnegError
 
 _CHUNK = 1 << 20
@@ -115,15 +115,9 @@ def tar_spool(url: str, want: Callable[[str], bool], cache_dir: str) -> dict[str
                     continue
                 target = os.path.join(cache_dir, hashlib.sha256(name.encode()).hexdigest()[:24] + ".bin")
                 if not (os.path.isfile(target) and os.path.getsize(target) == member.size):
-                    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-                    try:
-                        with tar.extractfile(member) as src, open(tmp, "wb") as dst:
-                            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                                dst.write(chunk)
-                        os.replace(tmp, target)
-                    finally:
-                        if os.path.exists(tmp):
-                            os.remove(tmp)
+                    with tar.extractfile(member) as src, atomic_open(target) as dst:
+                        for chunk in iter(lambda: src.read(_CHUNK), b""):
+                            dst.write(chunk)
                 local[name] = target
     except HardnegError:
         raise

@@ -18,9 +18,10 @@ import fsspec
 import numpy as np
 
 from data_prep.archive import cache_root, is_local
+from data_prep.atomic import put_file_atomic
 from data_prep.errors import HardnegError
 from data_prep.schema import FFCV_IMAGE_FIELD, FFCV_LABEL_FIELD
-from data_prep.wds import AUTO_PNG_MAX_PIXELS, JPEG_QUALITY, _remove_quietly
+from data_prep.wds import AUTO_PNG_MAX_PIXELS, JPEG_QUALITY
 
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's default: the largest sample (a raw image) must fit in one page
 SMALL_PAGE_SIZE = 1 << 21  # 2 MiB, FFCV's minimum: for datasets of small fixed-size images
@@ -118,19 +119,8 @@ def publish(local: str, url: str) -> dict:
             digest.update(chunk)
     size = os.path.getsize(local)
     fs, path = fsspec.core.url_to_fs(url)
-    directory, name = posixpath.split(path)
-    remote_tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        if is_local(fs):
-            os.replace(local, path)
-        else:
-            fs.put_file(local, remote_tmp)
-            fs.mv(remote_tmp, path)
-    except Exception as e:
-        raise HardnegError(f"cannot write '{url}': {type(e).__name__}: {e}; the partial file was removed") from None
-    finally:
-        if not is_local(fs):
-            _remove_quietly(fs, remote_tmp)
+    name = posixpath.basename(path)
+    put_file_atomic(fs, local, path)
     return {"path": name, "bytes": size, "sha256": digest.hexdigest()}
 
 

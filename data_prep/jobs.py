@@ -16,11 +16,12 @@ from typing import Optional
 import fsspec
 
 from data_prep.archive import is_local
+from data_prep.atomic import put_atomic
 from data_prep.errors import HardnegError
 from data_prep.manifest import join_url
 from data_prep.schema import shard_name
 from data_prep.sources import Record, Source
-from data_prep.wds import file_sha256, put_atomic, write_shard
+from data_prep.wds import file_sha256, write_shard
 
 PROGRESS_DIR = ".hardneg-progress"
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from typing import Callable, Iterator, Optional
 
 from data_prep.archive import cache_root
+from data_prep.atomic import atomic_open, write_json_atomic
 from data_prep.errors import HardnegError
 
 # (image bytes or None, metadata dict for this sample, or None for none)
@@ -74,11 +74,9 @@ def open_spool(key: str, items: Callable[[], Iterator[Item]], info: Callable[[],
     if done is not None:
         return done
     os.makedirs(folder, exist_ok=True)
-    tag = uuid.uuid4().hex
-    data_tmp, index_tmp = os.path.join(folder, f".data.bin.tmp-{tag}"), os.path.join(folder, f".index.json.tmp-{tag}")
     offsets, lengths, meta, pos = [], [], [], 0
-    try:
-        with open(data_tmp, "wb") as f:
+    try:  # data.bin first, index.json last: _load trusts a spool only when the index names data.bin's size
+        with atomic_open(os.path.join(folder, "data.bin")) as f:
             for blob, m in items():
                 offsets.append(pos)
                 lengths.append(-1 if blob is None else len(blob))
@@ -88,18 +86,11 @@ def open_spool(key: str, items: Callable[[], Iterator[Item]], info: Callable[[],
                     f.write(blob)
                     pos += len(blob)
         index = {"offsets": offsets, "lengths": lengths, "meta": meta, "bytes": pos, "info": info()}
-        with open(index_tmp, "wb") as f:
-            f.write(json.dumps(index).encode("utf-8"))
-        os.replace(data_tmp, os.path.join(folder, "data.bin"))
-        os.replace(index_tmp, os.path.join(folder, "index.json"))
+        write_json_atomic(os.path.join(folder, "index.json"), index)
     except OSError as e:
         raise HardnegError(
             f"cannot write the spool in {folder}: {type(e).__name__}: {e} (set HARDNEG_CACHE_DIR)"
         ) from None
-    finally:
-        for tmp in (data_tmp, index_tmp):
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return Spool(folder, index)
 
 

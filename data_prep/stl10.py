@@ -15,6 +15,7 @@ import posixpath
 import numpy as np
 
 from data_prep import archive
+from data_prep.atomic import atomic_path, write_json_atomic
 from data_prep.errors import HardnegError
 from data_prep.sources import Record, Source
 
@@ -92,10 +93,7 @@ class Stl10Source(Source):
         if self.kind == "tar":
             spooled = archive.tar_spool(self.url, lambda n: member_of(n) is not None, cache)
             local = {member_of(n): p for n, p in spooled.items()}
-            tmp = f"{index}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(local, f)
-            os.replace(tmp, index)
+            write_json_atomic(index, local)
         else:
             tree = archive.FolderTree(self.url)
             names = {member_of(n): n for n in tree.names if member_of(n) is not None}
@@ -107,9 +105,8 @@ class Stl10Source(Source):
                 for base, n in names.items():
                     target = os.path.join(cache, base)
                     if not (os.path.isfile(target) and os.path.getsize(target) == tree.names[n]):
-                        tmp = f"{target}.tmp-{os.getpid()}"
-                        tree.fs.get_file(tree.path(n), tmp)
-                        os.replace(tmp, target)
+                        with atomic_path(target) as tmp:
+                            tree.fs.get_file(tree.path(n), tmp)
                     local[base] = target
         self._local = local
         return local

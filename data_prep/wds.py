@@ -6,13 +6,13 @@ import hashlib
 import io
 import json
 import posixpath
-import uuid
 from typing import Sequence
 
 import fsspec
 from PIL import Image
 from webdataset import TarWriter
 
+from data_prep.atomic import put_atomic
 from data_prep.errors import HardnegError
 from data_prep.schema import IMAGE_KEY, JPEG_KEY, LABEL_KEY, META_KEY, sample_key
 from data_prep.sources import Record
@@ -78,31 +78,6 @@ def file_sha256(fs, path: str) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _remove_quietly(fs, path: str) -> None:
-    """Remove ``path`` if it exists; cleanup errors never mask the error being handled."""
-    try:
-        if fs.exists(path):
-            fs.rm(path)
-    except Exception:
-        pass
-
-
-def put_atomic(fs, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp name in the same folder, then rename: it appears whole.
-
-    Any failure (a full disk, a lost connection) is one HardnegError; the partial temp file is removed."""
-    directory, name = posixpath.split(path)
-    tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    except Exception as e:
-        raise HardnegError(f"cannot write '{path}': {type(e).__name__}: {e}; the partial file was removed") from None
-    finally:
-        _remove_quietly(fs, tmp)
 
 
 def write_shard(records: Sequence[Record], url: str, image_format: str = "png") -> dict:

@@ -11,12 +11,12 @@ import io
 import json
 import os
 import shutil
-import uuid
 from typing import Optional
 
 import fsspec
 import torch
 
+from data_prep.atomic import atomic_dir
 from pipeline.errors import HardnegError
 
 STATE_FILE = "state.pt"
@@ -25,35 +25,19 @@ META_FILE = "meta.json"
 
 def write(state: dict, directory: str) -> str:
     """Write ``state`` into the local ``directory`` atomically; returns the directory."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(directory, replace=True) as tmp:
+        os.makedirs(tmp)
         torch.save(state, os.path.join(tmp, STATE_FILE))
         meta = {"step": state["step"], "epoch": state.get("epoch"), "mlflow_run_id": state.get("mlflow_run_id")}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return directory
 
 
 def publish(source_dir: str, directory: str) -> str:
     """Copy a finished checkpoint directory to the local ``directory`` atomically."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(directory) as tmp:
         shutil.copytree(source_dir, tmp)
-        os.rename(tmp, directory)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return directory
 
 

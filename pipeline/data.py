@@ -23,6 +23,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep import schema
+from data_prep.atomic import atomic_open
 from data_prep.manifest import read_manifest, shard_urls
 from pipeline.augment import BatchColour, CropFlipViews
 from pipeline.errors import HardnegError
@@ -346,7 +347,6 @@ def _ffcv_file(data_path: str, manifest: dict, split: str, cache_dir) -> str:
     """Local path of ``split``'s .beton: itself when local, else a sha256-named copy in the cache."""
     import hashlib
     import os
-    import uuid
 
     splits = manifest["splits"]
     if split not in splits:
@@ -372,23 +372,18 @@ def _ffcv_file(data_path: str, manifest: dict, split: str, cache_dir) -> str:
     if os.path.isfile(target) and os.path.getsize(target) == entry["bytes"]:
         return target  # named by its sha256 and renamed into place whole: what is there is right
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # every rank of a node may copy at once; each renames whole
     digest = hashlib.sha256()
-    try:
-        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+    try:  # every rank of a node may copy at once; each renames whole, only after the sha256 matched
+        with fs.open(path, "rb") as src, atomic_open(target) as dst:
             for chunk in iter(lambda: src.read(1 << 22), b""):
                 digest.update(chunk)
                 dst.write(chunk)
-        if digest.hexdigest() != entry["sha256"]:
-            raise HardnegError(f"{url} differs from its manifest (sha256); run `hardneg prep verify {data_path}`")
-        os.replace(tmp, target)
+            if digest.hexdigest() != entry["sha256"]:
+                raise HardnegError(f"{url} differs from its manifest (sha256); run `hardneg prep verify {data_path}`")
     except FileNotFoundError:
         raise HardnegError(f"FFCV file listed in the manifest is missing: {url}") from None
     except OSError as e:
         raise HardnegError(f"cannot copy {url} to the cache {cache}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return target
 
 

@@ -24,6 +24,8 @@ import time
 import uuid
 from typing import Callable, Optional
 
+from data_prep.atomic import write_json_atomic
+
 SPOOL_DIR = "tracking-spool"
 RECORDS_FILE = "records.jsonl"
 MAX_QUEUED = 10_000
@@ -158,10 +160,7 @@ def _discard_staged(record: dict) -> None:
 def write_target(spool_dir: str, uri: str, run_id: str) -> None:
     """Note where the spooled records belong (read by ``hardneg runs sync``); written atomically."""
     os.makedirs(spool_dir, exist_ok=True)
-    tmp = os.path.join(spool_dir, f".target.json.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump({"uri": uri, "run_id": run_id}, f)
-    os.replace(tmp, os.path.join(spool_dir, "target.json"))
+    write_json_atomic(os.path.join(spool_dir, "target.json"), {"uri": uri, "run_id": run_id})
 
 
 def read_target(spool_dir: str) -> dict:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
+from data_prep.atomic import write_json_atomic
 from data_prep.manifest import read_manifest
 from pipeline import augment, checkpoint, data, evaluate, plots, run_info
 from pipeline import config as config_mod
@@ -207,9 +208,7 @@ class EpochReporter:
         with open(path) as f:
             meta = json.load(f)
         meta["best_by"] = self._best_record()
-        with open(path + ".tmp", "w") as f:
-            json.dump(meta, f)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, meta)
 
     def _model_description(self, which: str, step: int) -> str:
         record = self._best_record()

@@ -24,6 +24,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from data_prep.atomic import write_atomic, write_json_atomic
 from data_prep.manifest import read_manifest
 from pipeline import checkpoint, data
 from pipeline import config as config_mod
@@ -92,10 +93,7 @@ def _cell_config(
 
 
 def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=2)
 
 
 def _train_cell(cfg: config_mod.Config, root: str) -> tuple[str, float]:
@@ -235,9 +233,7 @@ def reproduce(grid_path: str, only: Optional[int] = None) -> str:
             with open(os.path.join(cells_dir, name)) as f:
                 results.append(json.load(f))
     text = table(grid, results)
-    with open(os.path.join(root, "table.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(root, "table.md.tmp"), os.path.join(root, "table.md"))
+    write_atomic(os.path.join(root, "table.md"), text)
     return text
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import os
 import time
 import traceback
 
 import torch
 
+from data_prep.atomic import write_json_atomic
 from pipeline.app.bench import run_bench
 from pipeline.app.bench.step import machine, print_table
 from pipeline.app.bench.step import run as run_step
@@ -77,9 +76,6 @@ def main(argv: list[str]) -> int:
         }
         if code:
             failed.append(name)
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, report, indent=2)
     print(f"report written to {args.out}" + (f"; failed sections: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
