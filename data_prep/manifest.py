@@ -7,11 +7,11 @@ import io
 import json
 import posixpath
 import tarfile
-import uuid
 from datetime import datetime, timezone
 
 import fsspec
 
+from data_prep.atomic import put_atomic
 from data_prep.errors import HardnegError
 from data_prep.schema import IMAGE_KEY, IMAGE_KEYS, LABEL_KEY, MANIFEST_NAME, MANIFEST_VERSION, META_KEY
 
@@ -54,18 +54,7 @@ def build_manifest(dataset: str, prep: dict, splits: dict, image: dict, skipped:
 def write_manifest(out: str, manifest: dict) -> None:
     """Write ``OUT/manifest.json`` atomically (temp name in the same directory, then rename)."""
     fs, root = out_fs(out)
-    final = posixpath.join(root, MANIFEST_NAME)
-    tmp = posixpath.join(root, f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}")
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-        fs.mv(tmp, final)
-    finally:
-        try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        except Exception:  # cleanup must not mask the error being handled
-            pass
+    put_atomic(fs, posixpath.join(root, MANIFEST_NAME), (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
 
 
 def _check_manifest(m, where: str) -> None:

@@ -134,9 +134,10 @@ class EpochReporter:
         )
         self.tracker.log_artifact(path, "plots/similarities")
 
-    def epoch_end(self, step: int, epoch: int, last: bool, metrics: dict, batch=None, save_due: bool = False) -> None:
+    def epoch_end(self, step: int, epoch: int, last: bool, metrics: dict, batch=None, save_due: bool = False) -> bool:
         """Evaluate and checkpoint as configured (save_due: a step or time checkpoint falls on this epoch end);
-        every rank reports (rank 0 attaches the checkpoint)."""
+        every rank reports (rank 0 attaches the checkpoint). Returns whether this epoch end is a checkpoint
+        (the same answer on every rank)."""
         improved = False
         self.last_step, self.epoch = step, epoch
         if self.ctx.is_main and self._knn_due(epoch, last):
@@ -152,7 +153,7 @@ class EpochReporter:
         save = save_due or last or epoch % self.cfg.train.checkpoint_every_epochs == 0
         if not (self.ctx.is_main and (save or improved)):
             self.hooks.report(metrics, None)
-            return
+            return save
         directory = checkpoint.write(self.make_state(step, epoch), os.path.join(self.tmp, "checkpoint"))
         try:
             if improved:
@@ -163,6 +164,7 @@ class EpochReporter:
             self.hooks.report(metrics | {"mlflow_run_id": self.tracker.run_id}, directory if save else None)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+        return save
 
     def checkpoint(self, step: int, epoch: int, metrics: dict) -> None:
         """A checkpoint between epoch ends (by steps, minutes or a stop request): every rank reports."""

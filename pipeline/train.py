@@ -409,15 +409,14 @@ def _loop(
         mean_epoch = epoch_loss_sum / epoch_loss_count if epoch_loss_count else float("nan")
         epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
         epoch_loss_sum, epoch_loss_count = 0.0, 0
-        reporter.epoch_end(
+        if reporter.epoch_end(
             done,
             epoch,
             last,
             {"step": done, "epoch": epoch, "loss": mean_loss, "epoch_loss": epoch_loss},
             batch=(x1, x2, labels),
             save_due=step_due or time_due > 0,
-        )
-        if step_due or time_due > 0 or last or epoch % cfg.train.checkpoint_every_epochs == 0:
+        ):
             saved_step, saved_at = done, time.monotonic()
         knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if ctx.is_main and reporter._knn_due(epoch, last) else ""
         progress.epoch_line(epoch, cfg.train.epochs, done, mean_loss, knn_text)
