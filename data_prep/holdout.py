@@ -94,7 +94,7 @@ class HoldoutSource(Source):
 
     def load(self, split: str, positions):
         """Records (or skip entries) of ``positions`` of ``split``, through the inner source's own loader."""
-        positions = list(positions)
+        positions = [int(i) for i in positions]
         inner_split = "train" if split in self.positions else split
         mapped = [self._where(split, i)[1] for i in positions] if split in self.positions else list(positions)
         for pos, item in zip(positions, self.inner.load(inner_split, mapped)):

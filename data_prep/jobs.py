@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import fsspec
 
@@ -87,13 +87,13 @@ def load_chunk(source: Source, chunk: tuple) -> list:
     return items
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardJob:
-    """Write shard ``index`` of ``split``: the source's records at ``positions``, in that order."""
+    """Write shard ``index`` of ``split``: the source's records at ``positions`` (an array), in that order."""
 
     split: str
     index: int
-    positions: tuple
+    positions: Sequence[int]
     out: str
     image_format: str
     strict: bool

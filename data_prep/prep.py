@@ -14,6 +14,8 @@ import re
 import uuid
 from typing import Iterator, Optional
 
+import numpy as np
+
 from data_prep import sources
 from data_prep.errors import HardnegError
 from data_prep.holdout import HOLDOUT_SPLIT, HoldoutSource, with_holdout
@@ -171,15 +173,16 @@ def _previous(old: Optional[dict], fingerprint: str, split: str, name: str, posi
         entries = [info["ffcv"]]
     if not entries:
         return None
-    wanted = set(positions)
-    skipped = [s for s in old.get("skipped", []) if s.get("split") == split and s.get("index") in wanted]
+    listed = [s for s in old.get("skipped", []) if s.get("split") == split and isinstance(s.get("index"), int)]
+    wanted = np.isin([s["index"] for s in listed], positions) if listed else []  # no per-record set
+    skipped = [s for s, keep in zip(listed, wanted) if keep]
     return {"entry": entries[0], "skipped": skipped}
 
 
 def _write_ffcv(
     source,
     split: str,
-    positions: list,
+    positions: np.ndarray,
     out: str,
     *,
     image_format: str,
@@ -356,8 +359,9 @@ def _write_all(
     if format in ("ffcv", "both"):
         with _bar(progress, total, f"ffcv -> {out}") as bar:
             for split in src.sizes:
-                positions = [i for spec in specs if spec.split == split for i in spec.records]
-                if positions:
+                parts = [spec.records for spec in specs if spec.split == split]
+                positions = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+                if len(positions):
                     betons[split] = _write_ffcv(
                         src,
                         split,

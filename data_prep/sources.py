@@ -110,6 +110,7 @@ class Source:
     def load(self, split: str, positions) -> Iterator:
         """Records (or skip entries, dicts) of ``positions`` of ``split``, in that order."""
         for i in positions:
+            i = int(i)  # plans are numpy arrays; records and manifests hold Python ints
             try:
                 yield self.record(split, i)
             except SkipImage as e:
@@ -191,13 +192,27 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in name.split("/"))
 
 
+def imagefolder_members(rel: str, prefixes: dict[str, str]) -> list[tuple[str, str]]:
+    """(split, class) of a file ``rel`` of an imagefolder whose splits live under ``prefixes`` ({split: "train/"})."""
+    found = []
+    for split, prefix in prefixes.items():
+        parts = rel[len(prefix) :].split("/") if rel.startswith(prefix) else []
+        if len(parts) >= 2 and not parts[0].startswith(".") and is_image_name(rel[len(prefix) :]):
+            found.append((split, parts[0]))
+    return found
+
+
 class ImageFolderSource(Source):
-    """One sub-folder per class, optionally inside ``train/`` and ``val/``; files decoded on demand."""
+    """One sub-folder per class, optionally inside ``train/`` and ``val/``; files decoded on demand.
+
+    The file listing lives on disk (data_prep/listing.py), so memory does not grow with the number of files."""
 
     decodes_files = True
 
     def __init__(self, path: Optional[str], spec: str, test_size: int = 0):
-        from data_prep.archive import FolderTree
+        from functools import partial
+
+        from data_prep.listing import FolderListing
 
         self.spec, self.url = spec, path
         try:
@@ -210,37 +225,27 @@ class ImageFolderSource(Source):
         top = _subdirs(fs, root)
         split_names = [s for s in SPLIT_DIRS if s in top] if "train" in top else []
         prefixes = {s: s + "/" for s in split_names} or {"train": ""}
-        self.tree = FolderTree(path)
-        files: dict[str, list[tuple[str, str]]] = {s: [] for s in prefixes}
-        for rel in self.tree.names:
-            for split, prefix in prefixes.items():
-                parts = rel[len(prefix) :].split("/") if rel.startswith(prefix) else []
-                if len(parts) >= 2 and not parts[0].startswith(".") and is_image_name(rel[len(prefix) :]):
-                    files[split].append((parts[0], rel))
-        self.classes = sorted({c for fl in files.values() for c, _ in fl})
+        # each split's files sorted by (class, file): the skeleton's order, stable across runs and filesystems
+        self.listing = FolderListing(path, partial(imagefolder_members, prefixes=prefixes), list(prefixes))
+        self.classes = list(self.listing.classes)
         if not self.classes:
             raise HardnegError(f"imagefolder path '{path}' has no class sub-folders")
-        label_of = {c: i for i, c in enumerate(self.classes)}
-        # sorted by (class, file): the skeleton's order, stable across runs and filesystems
-        self.files = {s: [(label_of[c], rel) for c, rel in sorted(fl)] for s, fl in files.items()}
-        self.sizes = {s: len(fl) for s, fl in self.files.items()}
-        self.skipped = [skip_entry("", -1, rel, "link points outside PATH") for rel in self.tree.outside]
+        self.sizes = dict(self.listing.sizes)
+        self.skipped = [skip_entry("", -1, rel, "link points outside PATH") for rel in self.listing.outside]
         if not any(self.sizes.values()):
             raise HardnegError(f"imagefolder path '{path}' has no readable images (no image files)")
 
     def signature(self) -> dict:
-        import hashlib
-
-        listing = repr(sorted(self.tree.names.items())).encode()
-        return {"url": self.url, "files": len(self.tree.names), "listing": hashlib.sha256(listing).hexdigest()}
+        # sha256 of repr(sorted({name: size}.items())) over the files in PATH, streamed while listing
+        return {"url": self.url, "files": self.listing.count, "listing": self.listing.digest}
 
     def record(self, split: str, index: int) -> Record:
-        label, rel = self.files[split][index]
+        label, rel = self.listing.entry(split, int(index))
         try:
-            data = self.tree.read(rel)
+            data = self.listing.read(rel)
         except Exception as e:
             raise SkipImage(rel, f"unreadable: {type(e).__name__}: {e}") from None
-        return decode_record(data, split, index, label, rel, self.spec)
+        return decode_record(data, split, int(index), label, rel, self.spec)
 
 
 def read_imagefolder(path: Optional[str], spec: str, test_size: int) -> Dataset:

@@ -118,6 +118,7 @@ def run_scale(args) -> int:
         f"fit: prep time = {pa:.1f} s {'-' if pb < 0 else '+'} {1000 * abs(pb):.3f} ms x n (start-up + per image; log-log exponent "
         f"{prep_b:.2f}, 1.00 = linear); read {min(reads):.3f}-{max(reads):.3f} ms per image at every size; "
         f"prep peak RSS {rows[0][1]['main_mb']:.0f} -> {rows[-1][1]['main_mb']:.0f} MB from {ns[0]} to {ns[-1]} "
-        f"images ({per_image:.0f} bytes per extra image: the file listing and the shard plan)"
+        f"images ({per_image:.0f} bytes per extra image; the file listing is on disk, the one per-image array kept is "
+        f"the shard plan's permutation, 8 bytes per image)"
     )
     return 0
