@@ -11,7 +11,8 @@ A listing pickles small (its file path and digest): a process that inherits or u
 read-only connection (forked workers never use the parent's); one where the file does not exist (a Ray
 worker on another node) lists the folder again and checks the digest, so a folder changed meanwhile is
 an error instead of mismatched labels. Each file is removed when the object that built it is collected
-or its process exits.
+or its process exits; files a killed process left behind (``PID-UUID-HOST.sqlite``) are swept by the next
+listing built on that host.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
+import socket
 import sqlite3
 import uuid
 import weakref
@@ -32,6 +35,7 @@ from data_prep.errors import HardnegError
 # rel -> the (split, class) pairs a file belongs to (a picklable, module-level function or partial)
 Classify = Callable[[str], Iterable[tuple[str, str]]]
 _BATCH = 4096
+_NAME = re.compile(r"^\.?(\d+)-[0-9a-f]{32}-(.+?)\.sqlite(?:\..*)?$")  # PID-UUID-HOST.sqlite, its temps
 _INHERITED: list = []  # connections opened before a fork: kept, never used or closed, in the child
 
 
@@ -63,13 +67,33 @@ def _remove(path: str, owner: int) -> None:
             pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep(folder: str) -> None:
+    """Remove the listings (and their temp files) that processes of this host left when killed."""
+    host = socket.gethostname()
+    for name in os.listdir(folder):
+        m = _NAME.match(name)
+        if m and m.group(2) == host and not _alive(int(m.group(1))):
+            _remove(os.path.join(folder, name), os.getpid())
+
+
 class FolderListing:
     """The files under a folder URL, each split's numbered in (class, name) order, in a local SQLite file."""
 
     def __init__(self, url: str, classify: Classify, splits: list[str]):
         self.url, self.classify, self.splits = url, classify, list(splits)
         self.fs, self.root = open_fs(url, "PATH")
-        self.db = os.path.join(os.path.abspath(cache_root()), "listings", f"{uuid.uuid4().hex}.sqlite")
+        folder = os.path.join(os.path.abspath(cache_root()), "listings")
+        self.db = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex}-{socket.gethostname()}.sqlite")
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = -1
         facts = self._build()
@@ -82,17 +106,25 @@ class FolderListing:
 
     def _build(self) -> tuple[int, str, list[str], list[str], dict[str, int]]:
         """Walk the folder into ``self.db`` (temp name, then rename): (files, digest, outside, classes, sizes)."""
-        os.makedirs(os.path.dirname(self.db), exist_ok=True)
         scratch = f"{self.db}.scratch-{uuid.uuid4().hex}"  # the raw walk, dropped once sorted
-        with atomic_path(self.db) as tmp:
-            conn = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                conn.execute("ATTACH DATABASE ? AS scratch", (scratch,))
-                facts = self._fill(conn)
-            finally:
-                conn.close()
-                if os.path.exists(scratch):
-                    os.remove(scratch)
+        try:
+            os.makedirs(os.path.dirname(self.db), exist_ok=True)
+            sweep(os.path.dirname(self.db))
+            with atomic_path(self.db) as tmp:
+                conn = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    conn.execute("ATTACH DATABASE ? AS scratch", (scratch,))
+                    facts = self._fill(conn)
+                finally:
+                    conn.close()
+                    if os.path.exists(scratch):
+                        os.remove(scratch)
+        except (OSError, sqlite3.Error) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise HardnegError(
+                f"cannot list imagefolder path '{self.url}' into '{self.db}': {type(e).__name__}: {msg} "
+                f"(set HARDNEG_CACHE_DIR to a writable local folder with room)"
+            ) from None
         weakref.finalize(self, _remove, self.db, os.getpid())
         return facts
 

@@ -8,6 +8,9 @@ import hashlib
 import multiprocessing
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import zlib
 
 import fsspec
@@ -188,3 +191,33 @@ def test_numpy_plan_has_the_positions_of_the_tuple_plan(sizes, shard_size, seed)
     assert [(s.split, s.index, tuple(int(i) for i in s.records)) for s in new] == _old_plan(sizes, shard_size, seed)
     assert all(s.records.dtype == np.int64 for s in new)
     assert len({s.records.base is not None for s in new if len(s.records)}) <= 1  # slices of one permutation
+
+
+def test_listings_of_killed_processes_are_swept(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "listings"
+    folder.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, host, hexes = int(gone.stdout), socket.gethostname(), "0" * 32
+    left = [
+        f"{dead}-{hexes}-{host}.sqlite",
+        f".{dead}-{hexes}-{host}.sqlite.tmp-{hexes}",
+        f"{dead}-{hexes}-{host}.sqlite.scratch-1",
+    ]
+    kept = [f"{os.getpid()}-{hexes}-{host}.sqlite", f"{dead}-{hexes}-other-{host}x.sqlite", "notes.txt"]
+    for name in left + kept:
+        (folder / name).write_bytes(b"x")
+    root = _awkward_tree(tmp_path / "data")
+    src = ImageFolderSource(root, f"imagefolder:{root}")
+    assert sorted(os.listdir(folder)) == sorted(kept + [os.path.basename(src.listing.db)])
+
+
+def test_unwritable_listing_folder_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("HARDNEG_CACHE_DIR", str(tmp_path / "cache"))
+    root = _awkward_tree(tmp_path / "data")
+    with pytest.raises(
+        HardnegError, match=r"cannot list imagefolder path .*NotADirectoryError.*\(set HARDNEG_CACHE_DIR"
+    ) as e:
+        ImageFolderSource(root, f"imagefolder:{root}")
+    assert "\n" not in str(e.value)
