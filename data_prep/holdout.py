@@ -28,35 +28,40 @@ def default_val_fraction(spec: str) -> float:
     return DEFAULT_VAL_FRACTION.get(spec, 0.0)
 
 
-def stratified_holdout(labels: list[int], fraction: float, seed: int = HOLDOUT_SEED) -> list[int]:
+def stratified_holdout(labels, fraction: float, seed: int = HOLDOUT_SEED) -> list[int]:
     """Sorted positions to hold out: round(fraction * n_c) of each class c (at least 1 when fraction > 0 and n_c > 1).
 
     Each class is permuted by a generator seeded with (seed, class), so adding a class changes no other.
     Labels < 0 (unreadable records) are never held out.
     """
+    return held_out(labels, fraction, seed).tolist()
+
+
+def held_out(labels, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """stratified_holdout as a sorted int64 array (``labels``: a sequence or an int array); no per-record objects."""
     if not 0.0 <= fraction < 1.0:
         raise HardnegError(f"val_fraction={fraction!r}; expected a number in [0, 1)")
-    by_class: dict[int, list[int]] = {}
-    for pos, label in enumerate(labels):
-        if label >= 0:
-            by_class.setdefault(int(label), []).append(pos)
-    held: list[int] = []
-    for label, positions in sorted(by_class.items()):
-        n_out = min(len(positions) - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * len(positions) + 0.5))))
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    valid = np.flatnonzero(labels >= 0)
+    by_class = valid[np.argsort(labels[valid], kind="stable")]  # grouped by class, positions ascending within
+    classes, starts = np.unique(labels[by_class], return_index=True)
+    ends = np.append(starts[1:], len(by_class))
+    held: list[np.ndarray] = []
+    for label, start, end in zip(classes.tolist(), starts.tolist(), ends.tolist()):
+        positions, n = by_class[start:end], end - start
+        n_out = min(n - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * n + 0.5))))
         rng = np.random.default_rng([int(seed), zlib.crc32(str(label).encode())])
-        held += [positions[i] for i in rng.permutation(len(positions))[: max(n_out, 0)]]
-    return sorted(held)
+        held.append(positions[rng.permutation(n)[: max(n_out, 0)]])
+    return np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
 
 
-def _labels(source: Source, split: str) -> list[int]:
+def _labels(source: Source, split: str) -> np.ndarray:
     """Every label of ``split`` (-1 where the record cannot be read): the source's own list when it has one."""
     own = getattr(source, "labels", None)
     if callable(own):
-        return [int(v) for v in own(split)]
-    labels = []
-    for item in source.load(split, range(source.sizes[split])):
-        labels.append(-1 if isinstance(item, dict) else int(item.label))
-    return labels
+        return np.asarray(own(split), dtype=np.int64)
+    items = source.load(split, range(source.sizes[split]))
+    return np.fromiter((-1 if isinstance(item, dict) else int(item.label) for item in items), dtype=np.int64)
 
 
 class HoldoutSource(Source):
@@ -70,9 +75,9 @@ class HoldoutSource(Source):
         self.inner, self.fraction, self.seed = source, float(fraction), int(seed)
         self.spec, self.classes, self.decodes_files = source.spec, source.classes, source.decodes_files
         self.info, self.skipped = dict(source.info), list(source.skipped)
-        held = stratified_holdout(_labels(source, "train"), self.fraction, self.seed)
-        held_set = set(held)
-        self.positions = {"train": [i for i in range(source.sizes["train"]) if i not in held_set], HOLDOUT_SPLIT: held}
+        held = held_out(_labels(source, "train"), self.fraction, self.seed)
+        # inner train positions of each outer split, ascending (arrays: no Python int per record)
+        self.positions = {"train": np.setdiff1d(np.arange(source.sizes["train"]), held), HOLDOUT_SPLIT: held}
         self.sizes = {
             **{k: v for k, v in source.sizes.items()},
             "train": len(self.positions["train"]),
@@ -84,7 +89,7 @@ class HoldoutSource(Source):
 
     def _where(self, split: str, index: int) -> tuple[str, int]:
         if split in self.positions:
-            return "train", self.positions[split][index]
+            return "train", int(self.positions[split][index])
         return split, index
 
     def record(self, split: str, index: int) -> Record:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections import Counter
 
+import numpy as np
 import pytest
 
-from data_prep.holdout import HoldoutSource, default_val_fraction, stratified_holdout
+from data_prep.holdout import HoldoutSource, default_val_fraction, held_out, stratified_holdout
 from data_prep.manifest import read_manifest
 from data_prep.sources import open_source
 from pipeline.errors import HardnegError
@@ -46,3 +49,29 @@ def test_prep_records_the_holdout_in_the_manifest(digits_shards, tmp_path):
     plain = prepare("builtin:digits", str(tmp_path / "plain"), val_fraction=0.0)
     assert "holdout" not in plain["splits"] and "val_fraction" not in plain["prep"]
     assert plain["splits"]["train"]["num_samples"] == 1497
+
+
+def _old_stratified_holdout(labels: list, fraction: float, seed: int = 0) -> list:
+    """stratified_holdout as it was, with a Python list per class."""
+    by_class: dict = {}
+    for pos, label in enumerate(labels):
+        if label >= 0:
+            by_class.setdefault(int(label), []).append(pos)
+    held: list = []
+    for label, positions in sorted(by_class.items()):
+        n_out = min(len(positions) - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * len(positions) + 0.5))))
+        rng = np.random.default_rng([int(seed), zlib.crc32(str(label).encode())])
+        held += [positions[i] for i in rng.permutation(len(positions))[: max(n_out, 0)]]
+    return sorted(held)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_array_holdout_holds_out_what_the_list_version_did(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, 13, 5000).tolist() + [20]  # unreadable records, a class of one
+    for fraction in (0.0, 0.01, 0.1, 0.37):
+        new = stratified_holdout(labels, fraction, seed)
+        assert new == _old_stratified_holdout(labels, fraction, seed)
+        assert all(type(i) is int for i in new)
+        assert np.array_equal(held_out(np.asarray(labels), fraction, seed), new)
+    assert stratified_holdout([], 0.1) == [] and stratified_holdout([-1, -1], 0.1) == []
