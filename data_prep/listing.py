@@ -104,8 +104,12 @@ class FolderListing:
         state.update(_conn=None, _pid=-1)
         return state
 
-    def _build(self) -> tuple[int, str, list[str], list[str], dict[str, int]]:
-        """Walk the folder into ``self.db`` (temp name, then rename): (files, digest, outside, classes, sizes)."""
+    def _build(
+        self, expected: Optional[tuple[int, str]] = None
+    ) -> tuple[int, str, list[str], list[str], dict[str, int]]:
+        """Walk the folder into ``self.db`` (temp name, then rename): (files, digest, outside, classes, sizes).
+
+        With ``expected`` (files, digest): HardnegError, and no file, if the folder no longer lists so."""
         scratch = f"{self.db}.scratch-{uuid.uuid4().hex}"  # the raw walk, dropped once sorted
         try:
             os.makedirs(os.path.dirname(self.db), exist_ok=True)
@@ -119,6 +123,11 @@ class FolderListing:
                     conn.close()
                     if os.path.exists(scratch):
                         os.remove(scratch)
+                if expected is not None and facts[:2] != expected:
+                    raise HardnegError(
+                        f"imagefolder path '{self.url}' changed while it was read ({expected[0]} files listed "
+                        f"at the start, {facts[0]} now); rerun prep once it is stable"
+                    )
         except (OSError, sqlite3.Error) as e:
             msg = str(e).splitlines()[0] if str(e) else ""
             raise HardnegError(
@@ -188,14 +197,8 @@ class FolderListing:
         if self._conn is not None:  # made before a fork: SQLite forbids using (or closing) it in the child
             _INHERITED.append(self._conn)
             self._conn = None
-        if not os.path.exists(self.db):
-            expected = (self.count, self.digest)
-            self.count, self.digest, *_ = self._build()
-            if (self.count, self.digest) != expected:
-                raise HardnegError(
-                    f"imagefolder path '{self.url}' changed while it was read ({expected[0]} files listed "
-                    f"at the start, {self.count} now); rerun prep once it is stable"
-                )
+        if not os.path.exists(self.db):  # unpickled on another machine (or after the builder removed it)
+            self._build(expected=(self.count, self.digest))
         uri = Path(self.db).as_uri() + "?mode=ro&immutable=1"
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._conn.execute("PRAGMA cache_size=-1024")  # 1 MB of pages: lookups are by key; the OS caches the file
