@@ -42,13 +42,13 @@ def held_out(labels, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
     if not 0.0 <= fraction < 1.0:
         raise HardnegError(f"val_fraction={fraction!r}; expected a number in [0, 1)")
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    valid = np.flatnonzero(labels >= 0)
-    by_class = valid[np.argsort(labels[valid], kind="stable")]  # grouped by class, positions ascending within
-    classes, starts = np.unique(labels[by_class], return_index=True)
-    ends = np.append(starts[1:], len(by_class))
+    order = np.argsort(labels, kind="stable")  # by class, positions ascending within; unreadable (< 0) first
+    counts = np.bincount(np.maximum(labels, -1) + 1)  # [unreadable, class 0, class 1, ...]
+    ends = np.cumsum(counts)
     held: list[np.ndarray] = []
-    for label, start, end in zip(classes.tolist(), starts.tolist(), ends.tolist()):
-        positions, n = by_class[start:end], end - start
+    for label in np.flatnonzero(counts[1:]).tolist():
+        n, end = int(counts[label + 1]), int(ends[label + 1])
+        positions = order[end - n : end]
         n_out = min(n - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * n + 0.5))))
         rng = np.random.default_rng([int(seed), zlib.crc32(str(label).encode())])
         held.append(positions[rng.permutation(n)[: max(n_out, 0)]])
@@ -60,8 +60,9 @@ def _labels(source: Source, split: str) -> np.ndarray:
     own = getattr(source, "labels", None)
     if callable(own):
         return np.asarray(own(split), dtype=np.int64)
-    items = source.load(split, range(source.sizes[split]))
-    return np.fromiter((-1 if isinstance(item, dict) else int(item.label) for item in items), dtype=np.int64)
+    n = source.sizes[split]
+    items = source.load(split, range(n))
+    return np.fromiter((-1 if isinstance(item, dict) else int(item.label) for item in items), np.int64, count=n)
 
 
 class HoldoutSource(Source):
@@ -77,7 +78,9 @@ class HoldoutSource(Source):
         self.info, self.skipped = dict(source.info), list(source.skipped)
         held = held_out(_labels(source, "train"), self.fraction, self.seed)
         # inner train positions of each outer split, ascending (arrays: no Python int per record)
-        self.positions = {"train": np.setdiff1d(np.arange(source.sizes["train"]), held), HOLDOUT_SPLIT: held}
+        kept = np.ones(source.sizes["train"], dtype=bool)
+        kept[held] = False
+        self.positions = {"train": np.flatnonzero(kept), HOLDOUT_SPLIT: held}
         self.sizes = {
             **{k: v for k, v in source.sizes.items()},
             "train": len(self.positions["train"]),
