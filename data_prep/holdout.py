@@ -42,13 +42,17 @@ def held_out(labels, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
     if not 0.0 <= fraction < 1.0:
         raise HardnegError(f"val_fraction={fraction!r}; expected a number in [0, 1)")
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if not len(labels):
+        return np.zeros(0, dtype=np.int64)
     order = np.argsort(labels, kind="stable")  # by class, positions ascending within; unreadable (< 0) first
-    counts = np.bincount(np.maximum(labels, -1) + 1)  # [unreadable, class 0, class 1, ...]
-    ends = np.cumsum(counts)
+    ordered = labels[order]
+    starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])  # each label's first
+    ends = np.append(starts[1:], len(ordered))
     held: list[np.ndarray] = []
-    for label in np.flatnonzero(counts[1:]).tolist():
-        n, end = int(counts[label + 1]), int(ends[label + 1])
-        positions = order[end - n : end]
+    for label, start, end in zip(ordered[starts].tolist(), starts.tolist(), ends.tolist()):
+        if label < 0:
+            continue
+        positions, n = order[start:end], end - start
         n_out = min(n - 1, max(1 if fraction > 0 else 0, int(math.floor(fraction * n + 0.5))))
         rng = np.random.default_rng([int(seed), zlib.crc32(str(label).encode())])
         held.append(positions[rng.permutation(n)[: max(n_out, 0)]])

@@ -1,7 +1,7 @@
 """Local parallelism for prep: a process pool mapped over jobs (Ray's version lives in cluster/prep.py).
 
 A mapper is ``mapper(fn, context, jobs)``: it yields ``fn(context, job)`` for every job, in any order.
-The ``context`` (the opened source: possibly a long file listing, or arrays) reaches each worker once --
+The ``context`` (the opened source: an on-disk file listing, or arrays) reaches each worker once --
 inherited by forked workers, sent once per worker otherwise -- never once per job.
 """
 

@@ -68,7 +68,7 @@ def _old_stratified_holdout(labels: list, fraction: float, seed: int = 0) -> lis
 @pytest.mark.parametrize("seed", [0, 5])
 def test_array_holdout_holds_out_what_the_list_version_did(seed):
     rng = np.random.default_rng(seed)
-    labels = rng.integers(-1, 13, 5000).tolist() + [20]  # unreadable records, a class of one
+    labels = rng.integers(-1, 13, 5000).tolist() + [20] + [10**12] * 3  # unreadable, a class of one, a huge id
     for fraction in (0.0, 0.01, 0.1, 0.37):
         new = stratified_holdout(labels, fraction, seed)
         assert new == _old_stratified_holdout(labels, fraction, seed)
