@@ -54,9 +54,9 @@ def _print_train_summary(result: dict) -> None:
 
 
 def cmd_train(args) -> None:
+    cfg = _load_config(args)  # first: a bad flag fails in one line before the training stack is imported
     from pipeline.app.train_command import train_run
 
-    cfg = _load_config(args)
     _print_train_summary(train_run(cfg, resume=args.resume))
 
 
