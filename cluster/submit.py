@@ -73,6 +73,7 @@ def job_spec(
     working_dir: Path = PROJECT_ROOT,
     pip: bool = True,
     resume: bool = False,
+    verbose: bool = False,
     environ: Mapping[str, str] = os.environ,
 ) -> dict:
     """{"entrypoint", "runtime_env"} of the training job; HardnegError on a config that cannot run there."""
@@ -102,6 +103,8 @@ def job_spec(
         args += ["--config", path.relative_to(working_dir.resolve()).as_posix()]
     if resume:
         args.append("--resume")
+    if verbose:  # the job's own console: Ray's and the libraries' logs, as `hardneg train --verbose` shows them
+        args.append("--verbose")
     # `hardneg stop` (ray job stop) sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s):
     # too short for the workers to reach a log step and write a checkpoint. The job supervisor reads it from here.
     env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_WAIT_S))}
@@ -189,10 +192,11 @@ def launch_job(
     wait: bool = True,
     pip: bool = True,
     resume: bool = False,
+    verbose: bool = False,
     working_dir: Path = PROJECT_ROOT,
 ) -> str:
     """Submit training as a Ray Job, print its id, stream its logs until it ends (unless not ``wait``)."""
-    spec = job_spec(config_path, overrides, working_dir=working_dir, pip=pip, resume=resume)
+    spec = job_spec(config_path, overrides, working_dir=working_dir, pip=pip, resume=resume, verbose=verbose)
     jobs = client(address)
     try:
         job_id = jobs.submit_job(

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import fsspec
 from PIL import Image
-from webdataset import TarWriter
 
 from data_prep.atomic import put_atomic
 from data_prep.errors import HardnegError
@@ -64,6 +63,9 @@ def encode_sample(record: Record, image_format: str = "png") -> dict:
 def encode_shard(records: Sequence[Record], image_format: str = "png") -> bytes:
     """The tar bytes of a shard: identical records give identical bytes (fixed mtime, owner, mode)."""
     buf = io.BytesIO()
+    # imported here: webdataset imports torch (seconds), which `hardneg prep` never needs otherwise
+    from webdataset import TarWriter
+
     writer = TarWriter(buf, encoder=False, mtime=0, user="hardneg", group="hardneg", mode=0o444)  # int: no PAX headers
     for record in records:
         writer.write(encode_sample(record, image_format))

@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models import resnet
 
 if TYPE_CHECKING:  # annotations only: config builds its loss union from the methods, which build models
     from pipeline.config import ModelConfig
 
+# name -> (torchvision block class name, blocks per stage)
 _BLOCKS = {
-    "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (resnet.BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
 }
 
 
@@ -28,7 +28,12 @@ def build_backbone(name: str, stem: str, width: int = 64, maxpool: bool = False)
     ``maxpool`` (SSCL/PSM's network keeps a 3x3 stride-1 one); width rescales every stage (64 = the
     standard network) so small demos fit a CPU.
     """
-    block, layers = _BLOCKS[name]
+    # imported here, not at the top: torchvision pulls in torch._dynamo (seconds), and `import pipeline.config`
+    # (every CLI call, even one that fails on a bad flag) reaches this module through the method registry
+    from torchvision.models import resnet
+
+    block_name, layers = _BLOCKS[name]
+    block = getattr(resnet, block_name)
     net = resnet.ResNet(block, layers)
     if width != 64:
         # Rebuild the stages with torchvision's own blocks at the requested width.

@@ -488,6 +488,9 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
     """
     from pipeline.config import own_loss_keys
 
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
+        # MlflowClient would create an empty store there: a read-only command must not
+        raise HardnegError(f"no MLflow store at {uri[len('sqlite:///') :]} (from --tracking-uri {uri})")
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

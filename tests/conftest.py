@@ -34,6 +34,9 @@ def digits_shards(tmp_path_factory) -> str:
     return str(out)
 
 
+ARTIFACTS_ON = ("tracking.plots=true", "tracking.log_model=true")  # what a real run logs besides metrics
+
+
 def tiny_overrides(tmp_path, shards: str, *overrides: str) -> list[str]:
     """The dotted overrides of tiny_config, for tests that go through the real CLI."""
     return [
@@ -52,6 +55,10 @@ def tiny_overrides(tmp_path, shards: str, *overrides: str) -> list[str]:
         "optim.lr=0.1",
         f"cluster.storage_path={tmp_path / 'runs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        # the plots (t-SNE, histograms) and the exported model cost ~10 s a run; the tests of what a run logs
+        # (test_tracking, test_mlflow_ui, test_security) turn them back on with ARTIFACTS_ON
+        "tracking.plots=false",
+        "tracking.log_model=false",
         *overrides,
     ]
 

@@ -144,6 +144,10 @@ def test_job_spec_runs_train_in_the_uploaded_repo():
         resume=True,
     )
     assert "pip" not in resumed["runtime_env"] and "--resume" in shlex.split(resumed["entrypoint"])
+    assert "--verbose" not in args
+    remote = ["data.path=/d", "cluster.storage_path=/r", "tracking.uri=sqlite:////m.db"]
+    verbose = job_spec(None, remote, working_dir=ROOT, verbose=True)
+    assert shlex.split(verbose["entrypoint"])[:5] == ["python", "-m", "pipeline.app.cli", "train", "--verbose"]
     # no MLflow account in this environment: only the stop wait travels (hardneg stop checkpoints first)
     assert env["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "300")}
     authed = job_spec(

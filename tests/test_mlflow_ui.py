@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port, tiny_config
+from conftest import ARTIFACTS_ON, free_port, tiny_config
 
 CHROMIUM = os.environ.get("HARDNEG_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
@@ -58,6 +58,7 @@ def ui_run(tmp_path_factory, request):
                 "loss.name=sscl",
                 "train.knn_every_epochs=1",
                 "tracking.system_metrics_every_s=0",
+                *ARTIFACTS_ON,
             )
         )
         uri = f"sqlite:///{tmp / 'mlflow.db'}"

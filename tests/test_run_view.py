@@ -176,3 +176,11 @@ def test_bank_methods_histogram_their_own_groups(tmp_path, method, extra):
     assert samples["negative of unknown class (bank warm-up)"].numel() == 5 * (64 - n_known)
     assert samples["8 hardest negatives per anchor"].numel() == 5 * 8 and samples[extra].numel() > 0
     assert all(v.abs().max() <= 1 + 1e-5 for v in samples.values())  # cosines
+
+
+def test_runs_on_a_missing_sqlite_store_is_one_line_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "no" / "mlflow.db"
+    assert cli_main(["runs", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"hardneg: error: no MLflow store at {missing} (from --tracking-uri sqlite:///{missing})"
+    assert not (tmp_path / "no").exists()  # MlflowClient would have created an empty store and its folder

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import logged_text, mlflow_server, tiny_config, tiny_overrides
+from conftest import ARTIFACTS_ON, logged_text, mlflow_server, tiny_config, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from cluster.train import AUTH_OVERRIDE, local_ray, require_token_auth
@@ -119,6 +119,7 @@ def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_
         f"tracking.uri={auth_server}",
         "tracking.run_name=authed",
         "tracking.experiment=secured",
+        *ARTIFACTS_ON,  # the plots and the exported model must not carry the credentials either
     )
     result = train_command.train_run(cfg)
     client = MlflowClient(auth_server)

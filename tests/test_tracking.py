@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import logged_text, tiny_config
+from conftest import ARTIFACTS_ON, logged_text, tiny_config
 from conftest import mlflow_server as start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -38,6 +38,7 @@ def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards,
         # fake secrets in places a user might put them; none may reach params, tags or config.yaml
         f"cluster.address=ray://admin:{SECRET}@10.0.0.1:10001",
         "train.knn_every_epochs=1",
+        *ARTIFACTS_ON,
     ]
     first = train_command.train_run(tiny_config(tmp_path, digits_shards, *common))
     client = MlflowClient(uri)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -54,9 +55,9 @@ def _print_train_summary(result: dict) -> None:
 
 
 def cmd_train(args) -> None:
+    cfg = _load_config(args)  # first: a bad flag fails in one line before the training stack is imported
     from pipeline.app.train_command import train_run
 
-    cfg = _load_config(args)
     _print_train_summary(train_run(cfg, resume=args.resume))
 
 
@@ -72,6 +73,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    from pipeline import config
+
+    config.load(args.config, args.overrides)  # a bad config fails in one line before the stack is imported
     from pipeline.app.demo import run_demo
 
     run_demo(args.config, args.out, args.overrides)
@@ -96,6 +100,8 @@ def cmd_runs(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
+    if not os.path.isfile(args.grid):  # before importing the training stack (seconds)
+        raise HardnegError(f"grid file not found: {args.grid}")
     from pipeline.app.reproduce import reproduce
 
     print(reproduce(args.grid, only=args.max_cells), end="")

@@ -25,6 +25,9 @@ def add_cluster_parsers(sub) -> None:
         help="no pip runtime env: the cluster's Python already has the project's dependencies",
     )
     p.add_argument("--resume", action="store_true", help="continue tracking.run_name (else the latest run)")
+    p.add_argument(
+        "--verbose", action="store_true", help="the job shows Ray's, MLflow's and the libraries' own logs and warnings"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_launch)
     for name, text in (("status", "print a submitted job's status"), ("stop", "stop a submitted job")):
@@ -39,7 +42,13 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
     try:
         launch_job(
-            args.address, args.config, args.overrides, wait=not args.no_wait, pip=not args.no_pip, resume=args.resume
+            args.address,
+            args.config,
+            args.overrides,
+            wait=not args.no_wait,
+            pip=not args.no_pip,
+            resume=args.resume,
+            verbose=args.verbose,
         )
     except KeyboardInterrupt:
         raise SystemExit(130) from None
