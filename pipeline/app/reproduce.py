@@ -92,10 +92,6 @@ def _cell_config(
     )
 
 
-def _write_json(path: str, payload: dict) -> None:
-    write_json_atomic(path, payload, indent=2)
-
-
 def _train_cell(cfg: config_mod.Config, root: str) -> tuple[str, float]:
     """Train (or resume, or skip when trained) one cell; (its final checkpoint, training seconds spent now)."""
     cell = cfg.tracking.run_name
@@ -153,7 +149,7 @@ def choose_lr(grid: Grid, method: str, dataset: str, root: str) -> Optional[floa
         )["knn_top1"]
         print(f"[reproduce] {cfg.tracking.run_name}: val kNN top-1 {scores[lr]:.4f}", flush=True)
     chosen = max(candidates, key=lambda lr: (scores[lr], -candidates.index(lr)))
-    _write_json(
+    write_json_atomic(
         path,
         {
             "method": method,
@@ -162,6 +158,7 @@ def choose_lr(grid: Grid, method: str, dataset: str, root: str) -> Optional[floa
             "chosen_lr": chosen,
             "chosen_on": f"knn_top1 on the validation split, seed {grid.seeds[0]}",
         },
+        indent=2,
     )
     return chosen
 
@@ -218,7 +215,7 @@ def reproduce(grid_path: str, only: Optional[int] = None) -> str:
             if only is not None and ran >= only:
                 break
             result = run_cell(grid, method, dataset, seed, root, choose_lr(grid, method, dataset, root))
-            _write_json(path, result)
+            write_json_atomic(path, result, indent=2)
             ran += 1
             published = grid.published.get(method, {}).get(dataset)
             print(
