@@ -227,11 +227,18 @@ class EpochReporter:
             f"{self.cfg.augment.image_size}) float images as the eval transform makes them."
         )
 
+    def _knn_at(self, step: Optional[int]) -> Optional[float]:
+        """The kNN top-1 the monitor logged at ``step``, or None (no monitor split, or not evaluated then)."""
+        name = name_of("knn_top1")
+        history = self.tracker.history(name) or self.tracker.history(LEGACY.get(name, name))
+        return next((value for s, value in reversed(history) if s == step), None)
+
     def _log_models(self) -> None:
         """The last encoder (alias "last"; MLflow reserves "latest") and, where it is not the last, the best one
-        (alias "best"); a resumed run whose best epoch came before the restart has only the last."""
+        (alias "last-run-best"); a resumed run whose best epoch came before the restart has only the last. Each
+        carries its kNN top-1, and the registry's "best" alias follows the highest across all versions."""
         size = self.cfg.augment.image_size
-        example = torch.zeros(1, 3, size, size)
+        example = torch.zeros(2, 3, size, size)  # a batch of 2: torch.export keeps the batch dimension dynamic
         backbone = self.objective.backbone
         backbone = backbone.cpu() if self.ctx.device.type != "cpu" else backbone  # training is over
         links = [name_of(self.best_by), name_of(f"{self.best_by}_best")]
@@ -244,8 +251,9 @@ class EpochReporter:
             step=self.last_step,
             link_metrics=links,
             description=self._model_description("last" + (" (= best)" if best_is_last else ""), self.last_step),
-            aliases=("last", "best") if best_is_last else ("last",),
+            aliases=("last", "last-run-best") if best_is_last else ("last",),
             tags=tags,
+            knn_top1=self._knn_at(self.last_step),
         )
         if not best_is_last and self.best_encoder is not None:
             best = copy.deepcopy(backbone).cpu()
@@ -257,8 +265,9 @@ class EpochReporter:
                 step=self.best_step,
                 link_metrics=links,
                 description=self._model_description("best", self.best_step),
-                aliases=("best",),
+                aliases=("last-run-best",),
                 tags=tags,
+                knn_top1=self._knn_at(self.best_step),
             )
 
     def finish(self) -> None:

@@ -249,13 +249,19 @@ class MlflowTracker(NullTracker):
         description: Optional[str] = None,
         aliases: Sequence[str] = (),
         tags: Optional[Mapping[str, str]] = None,
+        knn_top1: Optional[float] = None,
     ) -> Optional[str]:
         """Log ``module`` as an MLflow PyTorch model at ``step``; returns the registered version (or None).
 
-        The run's values of ``link_metrics`` at ``step`` become the logged model's metrics (re-logged with the
-        same timestamp, so the run's own history gets no duplicate). When tracking.registered_model is set, the
-        new version gets ``description`` and ``aliases`` (e.g. "best", "latest").
+        The model is a ``torch.export`` program (MLflow's "pt2": loading it unpickles no code) traced in eval mode
+        with a dynamic batch dimension, so it runs on any batch size; ``example`` must have a batch of 2 or more
+        (torch.export makes a batch of 1 static). The run's values of ``link_metrics`` at ``step`` become the
+        logged model's metrics (re-logged with the same timestamp, so the run's own history gets no duplicate).
+        When tracking.registered_model is set, the new version gets ``description``, ``aliases`` and a
+        ``knn_top1`` tag, and the alias "best" moves to the version with the highest ``knn_top1`` of all.
         """
+        if example.shape[0] < 2:
+            raise ValueError(f"example batch {example.shape[0]}; expected >= 2 so that the batch stays dynamic")
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
@@ -285,6 +291,7 @@ class MlflowTracker(NullTracker):
                     signature=signature,
                     registered_model_name=self.cfg.registered_model,
                     input_example=example.numpy(),
+                    serialization_format="pt2",  # never pickle: a loaded model must run no one's code
                     step=step,
                     tags=dict(tags or {}),
                     pip_requirements=[
@@ -305,18 +312,19 @@ class MlflowTracker(NullTracker):
         version = getattr(info, "registered_model_version", None)
         if self.cfg.registered_model and version is not None:
             version = str(version)
-            if not self.client.get_registered_model(self.cfg.registered_model).description:
-                self.client.update_registered_model(
-                    self.cfg.registered_model,
-                    description=(
-                        "Backbones pretrained by hardneg. Aliases: best (highest kNN top-1 of its run), last (the end of "
-                        "a run); each version's description names its run, method, dataset and step."
-                    ),
-                )
+            name = self.cfg.registered_model
+            if self.client.get_registered_model(name).description != REGISTRY_DESCRIPTION:
+                self.client.update_registered_model(name, description=REGISTRY_DESCRIPTION)
             if description:
-                self.client.update_model_version(self.cfg.registered_model, version, description=description)
+                self.client.update_model_version(name, version, description=description)
+            self.client.set_model_version_tag(name, version, "step", str(step))
+            if knn_top1 is not None:
+                self.client.set_model_version_tag(name, version, "knn_top1", f"{knn_top1:.6f}")
             for alias in aliases:
-                self.client.set_registered_model_alias(self.cfg.registered_model, alias, version)
+                self.client.set_registered_model_alias(name, alias, version)
+            best = best_version(self.client, name)
+            if best is not None:
+                self.client.set_registered_model_alias(name, "best", best)
             return version
         return None
 
@@ -330,6 +338,26 @@ class MlflowTracker(NullTracker):
             kept = box.close(self.cfg.flush_timeout_s)
             if kept:
                 outbox_mod.warn_spooled(kept, box.describe, os.path.dirname(box.spool_dir.rstrip("/")))
+
+
+REGISTRY_DESCRIPTION = (
+    "Backbones pretrained by hardneg, as torch.export programs in eval mode (any batch size; call the model "
+    "directly, .eval() is not needed and export programs refuse it). Aliases: best = the version with the highest "
+    "kNN top-1 (tag knn_top1, on its run's monitor split) across all versions; last = the final weights of the "
+    "newest run; last-run-best = the best weights of the newest run (its train.best_by). Each version's "
+    "description names its run, method, dataset and step."
+)
+
+
+def best_version(client: MlflowClient, name: str) -> Optional[str]:
+    """The version of registered model ``name`` with the highest ``knn_top1`` tag (the newest on a tie), or None."""
+    scored = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        try:
+            scored.append((float(mv.tags["knn_top1"]), int(mv.version)))
+        except (KeyError, ValueError):  # versions logged without a kNN (no monitor split) are not candidates
+            continue
+    return str(max(scored)[1]) if scored else None
 
 
 def send_record(client: MlflowClient, record: dict) -> None:

@@ -120,8 +120,9 @@ def _state(
         "mlflow_run_id": run_id,
         # redacted: checkpoints travel as MLflow artifacts; credentials belong in the environment, not here
         "config": redact(config_mod.to_dict(cfg)),
-        # informational: every RNG stream is re-seeded from (seed, rank, step) at each step, see _seed_step
-        "rng": {"torch": torch.get_rng_state()},
+        # torch's stream is re-seeded from (seed, rank, step) at each step (see _seed_step); numpy's and Python's
+        # are restored on resume, so code that draws from them continues as it would have
+        "rng": checkpoint.rng_state(),
         "counters": dict(counters or {}),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``
     }
 
@@ -168,6 +169,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
             raise HardnegError("cannot resume: the config differs from the checkpoint's: " + "; ".join(mismatches))
         objective.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        checkpoint.restore_rng(state.get("rng", {}))
         start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
     base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0} | (state or {}).get("counters", {})
     counters = dict(base)

@@ -14,6 +14,7 @@ import threading
 
 from pipeline import console
 from pipeline.app.bench import BENCHES, run_bench
+from pipeline.app.encoder_commands import add_encoder_parsers
 from pipeline.app.job_commands import add_cluster_parsers
 from pipeline.app.prep_command import add_prep_parser
 from pipeline.errors import HardnegError
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(p)
     p.set_defaults(func=cmd_reproduce)
 
+    add_encoder_parsers(sub)
     add_cluster_parsers(sub)
 
     p = sub.add_parser(

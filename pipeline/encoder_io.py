@@ -1,0 +1,184 @@
+"""The trained encoder outside hardneg: its weights as safetensors plus a JSON of how to build it, and its
+features of a prepared split (what one does next with a self-supervised encoder).
+
+The export holds no code and no pickle: ``encoder.safetensors`` is the backbone's plain state dict (the
+keys of a torchvision ResNet without ``fc``) and ``encoder.json`` names the architecture, the input it
+expects (size, normalisation) and, as text to read or copy, the torchvision lines that build the module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_prep.atomic import atomic_dir, atomic_path, write_json_atomic
+from data_prep.manifest import read_manifest
+from pipeline import augment, data
+from pipeline.errors import HardnegError
+from pipeline.evaluate import encoder_from_checkpoint
+from pipeline.features import extract_features
+
+WEIGHTS_FILE = "encoder.safetensors"
+SPEC_FILE = "encoder.json"
+SPEC_FORMAT = "hardneg-encoder/1"
+_BLOCKS = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
+}
+
+
+def torchvision_code(backbone: str, stem: str, width: int, maxpool: bool) -> str:
+    """Python source (torch + torchvision only) that builds the backbone models.build_backbone builds, as ``net``."""
+    block, layers = _BLOCKS[backbone]
+    lines = [
+        "import torch",
+        "from torchvision.models import resnet",
+        f"net = resnet.ResNet(resnet.{block}, {layers})",
+    ]
+    if width != 64:  # the stages rebuilt at another width with torchvision's own blocks
+        lines += [
+            f"net.inplanes = {width}",
+            f"net.bn1 = torch.nn.BatchNorm2d({width})",
+            *(
+                f"net.layer{i + 1} = net._make_layer(resnet.{block}, {width * 2**i}, {n}{', stride=2' if i else ''})"
+                for i, n in enumerate(layers)
+            ),
+        ]
+    if stem == "cifar":
+        lines.append(f"net.conv1 = torch.nn.Conv2d(3, {width}, kernel_size=3, stride=1, padding=1, bias=False)")
+        lines.append(
+            "net.maxpool = torch.nn.MaxPool2d(kernel_size=3, stride=1, padding=0)"
+            if maxpool
+            else "net.maxpool = torch.nn.Identity()"
+        )
+    elif width != 64:
+        lines.append(f"net.conv1 = torch.nn.Conv2d(3, {width}, kernel_size=7, stride=2, padding=3, bias=False)")
+    lines.append("net.fc = torch.nn.Identity()")
+    return "\n".join(lines) + "\n"
+
+
+def encoder_spec(cfg, state: dict, feat_dim: int) -> dict:
+    """The JSON that says how to build and feed the exported backbone."""
+    m, a = cfg.model, cfg.augment
+    size = cfg.eval.eval_image_size or a.image_size
+    return {
+        "format": SPEC_FORMAT,
+        "architecture": f"torchvision {m.backbone} without fc",
+        "backbone": m.backbone,
+        "stem": m.stem,
+        "width": m.width,
+        "stem_maxpool": m.stem_maxpool,
+        "feature_dim": feat_dim,
+        "input": {
+            "shape": ["N", 3, size, size],
+            "dtype": "float32",
+            "transform": f"resize to {size}x{size}, scale to [0, 1], then normalise with mean and std",
+            "mean": list(a.mean),
+            "std": list(a.std),
+        },
+        "weights": WEIGHTS_FILE,
+        "torchvision_code": torchvision_code(m.backbone, m.stem, m.width, m.stem_maxpool),
+        "trained": {
+            "method": cfg.loss.name,
+            "step": state["step"],
+            "run": cfg.tracking.run_name,
+            "dataset": cfg.data.path,
+        },
+    }
+
+
+def export_encoder(checkpoint_path: str, out: str) -> dict:
+    """Write ``out``/encoder.safetensors (the backbone's state dict) and ``out``/encoder.json; returns the spec."""
+    from safetensors.torch import save_file
+
+    if "://" in out:
+        raise HardnegError(f"hardneg export writes a local folder; got {out}")
+    if os.path.isfile(out):
+        raise HardnegError(f"cannot export to {out}: it is a file, not a folder")
+    backbone, cfg, state = encoder_from_checkpoint(checkpoint_path)
+    spec = encoder_spec(cfg, state, _feature_dim(backbone, cfg))
+    weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    with atomic_dir(out, replace=True) as tmp:  # a folder appears whole: weights and spec together
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": SPEC_FORMAT})
+        write_json_atomic(os.path.join(tmp, SPEC_FILE), spec, indent=2)
+    return spec
+
+
+def _feature_dim(backbone: torch.nn.Module, cfg) -> int:
+    size = cfg.eval.eval_image_size or cfg.augment.image_size
+    was = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            return int(backbone(torch.zeros(1, 3, size, size)).shape[1])
+    finally:
+        backbone.train(was)
+
+
+def _progress(batches, total: int, what: str):
+    """A tqdm bar on stderr over ``batches`` (``total`` images)."""
+    bar = tqdm(total=total, unit="img", desc=what, file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        for x, y in batches:
+            yield x, y
+            bar.update(len(y))
+    finally:
+        bar.close()
+
+
+def embed_split(
+    checkpoint_path: str, data_path: str, out: str, split: Optional[str] = None, batch_size: Optional[int] = None
+) -> dict:
+    """Features (n, d) and labels (n,) of ``split`` of prepared data, written to ``out``: a ``.parquet`` file
+    (columns label, feature) or a folder of features.npy + labels.npy; returns a summary."""
+    if "://" in out:
+        raise HardnegError(f"hardneg embed writes a local file or folder; got {out}")
+    backbone, cfg, state = encoder_from_checkpoint(checkpoint_path)
+    split = split or cfg.data.eval_split
+    splits = read_manifest(data_path)["splits"]
+    if split not in splits:
+        raise HardnegError(f"split '{split}' not in {data_path}; it has: {', '.join(splits)}")
+    total = int(splits[split]["num_samples"])
+    transform = augment.eval_transform(cfg.augment, cfg.eval.eval_image_size)
+    batches = data.eval_batches(data_path, split, transform, batch_size or cfg.eval.batch_size)
+    features, labels = extract_features(backbone, _progress(batches, total, f"embed {split}"))
+    feats, ys = features.numpy().astype(np.float32), labels.numpy().astype(np.int64)
+    if out.endswith(".parquet"):
+        _write_parquet(out, feats, ys)
+    else:
+        if os.path.isfile(out):
+            raise HardnegError(f"cannot embed to {out}: it is a file (give a folder, or a path ending in .parquet)")
+        with atomic_dir(out, replace=True) as tmp:
+            os.makedirs(tmp)
+            np.save(os.path.join(tmp, "features.npy"), feats)
+            np.save(os.path.join(tmp, "labels.npy"), ys)
+    return {
+        "out": out,
+        "split": split,
+        "samples": int(len(ys)),
+        "feature_dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+        "checkpoint_step": state["step"],
+        "batches": math.ceil(total / (batch_size or cfg.eval.batch_size)),
+    }
+
+
+def _write_parquet(out: str, feats: np.ndarray, labels: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise HardnegError(f"cannot write {out}: folder {directory} does not exist")
+    dim = feats.shape[1]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=pa.float32()), dim)
+    table = pa.table({"label": pa.array(labels, type=pa.int64()), "feature": column})
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
