@@ -119,7 +119,7 @@ def _state(
         "epoch": epoch,
         "mlflow_run_id": run_id,
         # redacted: checkpoints travel as MLflow artifacts; credentials belong in the environment, not here
-        "config": redact(config_mod.to_dict(cfg)),
+        "config": redact(config_mod.to_dict(cfg)) | {"format": config_mod.STORED_FORMAT},
         # informational: every RNG stream is re-seeded from (seed, rank, step) at each step, see _seed_step
         "rng": {"torch": torch.get_rng_state()},
         "counters": dict(counters or {}),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``

@@ -6,6 +6,7 @@ the loss math is pipeline/losses/psm.py.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Optional
 
 import torch
@@ -42,6 +43,19 @@ class Settings(MethodConfig):
     psm_variant: Literal["release", "release_rowwise", "paper"] = "release"
     psm_aa: float = Field(1.0, ge=0.0)  # weight of L_hard
     DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ("n_hard",)
+
+    @classmethod
+    def upgrade_stored(cls, loss: dict, stored_format: int) -> dict:
+        """Stored before format 2 (2026-12-04), psm_variant=release ran the per-anchor L_hard: release_rowwise."""
+        if stored_format >= 2 or loss.get("psm_variant", "release") != "release":
+            return loss
+        print(
+            "hardneg: note: this checkpoint's config predates 2026-12-04, when loss.psm_variant=release computed "
+            "L_hard's per-anchor mean; loaded as release_rowwise, which computes that (docs/methods.md)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return loss | {"psm_variant": "release_rowwise"}
 
     @model_validator(mode="after")
     def _bank_holds_what_is_mined(self) -> "Settings":
