@@ -112,18 +112,20 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
 def _state(
     objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str], counters: Optional[dict] = None
 ) -> dict:
-    return {
+    state = {
         "model": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "epoch": epoch,
         "mlflow_run_id": run_id,
         # redacted: checkpoints travel as MLflow artifacts; credentials belong in the environment, not here
-        "config": redact(config_mod.to_dict(cfg)) | {"format": config_mod.STORED_FORMAT},
+        "config": redact(config_mod.to_dict(cfg)),
         # informational: every RNG stream is re-seeded from (seed, rank, step) at each step, see _seed_step
         "rng": {"torch": torch.get_rng_state()},
         "counters": dict(counters or {}),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``
     }
+    state["config"]["config_format"] = config_mod.CONFIG_FORMAT  # what its names meant when written: config.upgrade
+    return state
 
 
 def _run_dir(cfg: Config) -> str:

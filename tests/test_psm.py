@@ -655,14 +655,14 @@ def test_checkpoints_stored_before_the_pairs_mean_load_as_release_rowwise(capsys
     from pipeline import train
 
     cfg = config.load(None, ["loss.name=psm"])  # psm_variant=release: today's pair mean
-    old = config.to_dict(cfg)  # as checkpoints stored it before: no "format"
+    old = config.to_dict(cfg)  # as checkpoints stored it before: no "config_format"
     assert config.from_dict(config.upgrade(old)).loss.psm_variant == "release_rowwise"
     note = capsys.readouterr().err
     assert note.count("\n") == 1 and "loaded as release_rowwise" in note  # one line, at load time
     assert train.resume_mismatches(old, cfg) == ["loss.psm_variant: 'release_rowwise' -> 'release'"]
     capsys.readouterr()
     stored = train._state(torch.nn.Linear(2, 2), torch.optim.SGD([torch.zeros(1)], lr=0.1), 3, 1, cfg, None)["config"]
-    assert stored["format"] == config.STORED_FORMAT == 2
+    assert stored["config_format"] == config.CONFIG_FORMAT == 2
     assert config.from_dict(config.upgrade(stored)) == cfg and train.resume_mismatches(stored, cfg) == []
     paper = config.to_dict(config.load(None, ["loss.name=psm", "loss.psm_variant=paper"]))
     assert config.from_dict(config.upgrade(paper)).loss.psm_variant == "paper"  # only `release` changed meaning

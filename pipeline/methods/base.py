@@ -40,7 +40,7 @@ class MethodConfig(BaseModel):
 
     @classmethod
     def upgrade_stored(cls, loss: dict, stored_format: int) -> dict:
-        """A stored ``loss:`` section (a checkpoint's, written at config.STORED_FORMAT ``stored_format``) in today's names."""
+        """A stored ``loss:`` section (a checkpoint's, written at config.CONFIG_FORMAT ``stored_format``) in today's names."""
         return loss
 
 
