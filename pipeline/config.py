@@ -395,16 +395,26 @@ def own_loss_keys(name: str) -> tuple[str, ...]:
     return tuple(k for k in loss_keys(name) if k not in skip)
 
 
+# stamped into every checkpoint's config as "config_format" (what its names mean; checkpoint.FORMAT, where it
+# exists, is the file's layout); absent: 1. 2 (2026-12-04): loss.psm_variant=release is the release's L_hard as it
+# runs (the pair mean), no longer the per-anchor mean (now release_rowwise)
+CONFIG_FORMAT = 2
+
+
 def upgrade(data: dict) -> dict:
     """A stored config (checkpoint, MLflow) in today's shape: drop loss.* keys its method does not have.
 
     Before ``loss`` was a union per method, every method's keys were stored; they had no effect on the run.
+    The "config_format" stamp is removed, and the method maps names whose meaning changed since (upgrade_stored).
     """
+    stored_format = int(data.get("config_format", 1))
+    data = {k: v for k, v in data.items() if k != "config_format"}
     loss = data.get("loss")
     if not isinstance(loss, dict) or loss.get("name", DEFAULT_METHOD) not in METHODS:
         return data
-    own = METHODS[loss.get("name", DEFAULT_METHOD)].Settings.model_fields
-    return data | {"loss": {k: v for k, v in loss.items() if k in own}}
+    settings = METHODS[loss.get("name", DEFAULT_METHOD)].Settings
+    own = {k: v for k, v in loss.items() if k in settings.model_fields}
+    return data | {"loss": settings.upgrade_stored(own, stored_format)}
 
 
 def refresh_methods() -> None:

@@ -112,7 +112,7 @@ def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
 def _state(
     objective, optimizer, step: int, epoch: int, cfg: Config, run_id: Optional[str], counters: Optional[dict] = None
 ) -> dict:
-    return {
+    state = {
         "model": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
@@ -125,6 +125,8 @@ def _state(
         "rng": checkpoint.rng_state(),
         "counters": dict(counters or {}),  # all ranks: data_skipped, data_read, nonfinite_steps up to ``step``
     }
+    state["config"]["config_format"] = config_mod.CONFIG_FORMAT  # what its names meant when written: config.upgrade
+    return state
 
 
 def _run_dir(cfg: Config) -> str:

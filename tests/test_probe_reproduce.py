@@ -97,6 +97,30 @@ def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards):
     assert (root / "table.md").read_text() == text
 
 
+def test_grid_runs_only_the_named_methods(tmp_path, monkeypatch):
+    import pipeline.app.reproduce as reproduce_mod
+
+    grid_path = write_grid(tmp_path, str(tmp_path / "shards"), epochs=1)
+    ran = []
+
+    def fake_cell(grid, method, dataset, seed, root, lr=None):
+        ran.append(method)
+        return {
+            "method": method,
+            "dataset": dataset,
+            "seed": seed,
+            "cell": f"{method}-{dataset}-s{seed}",
+            "knn_top1": 0.5,
+        }
+
+    monkeypatch.setattr(reproduce_mod, "run_cell", fake_cell)
+    text = reproduce(grid_path, methods=["hcl"])
+    assert ran == ["hcl"] and os.listdir(tmp_path / "results" / "tiny" / "cells") == ["hcl-digits-s0.json"]
+    assert "| hcl | digits | – | 50.00 ± 0.00 |" in text and "| nt_xent | digits | – | – |" in text
+    with pytest.raises(HardnegError, match="no method simclr; it has: nt_xent, hcl"):
+        reproduce(grid_path, methods=["simclr"])
+
+
 def test_grid_file_errors(tmp_path):
     with pytest.raises(HardnegError, match="grid file not found"):
         load_grid(str(tmp_path / "none.yaml"))

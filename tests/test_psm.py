@@ -14,6 +14,7 @@ from conftest import save_rank, spawn_ranks
 from pipeline import config, dist
 from pipeline.losses import nt_xent
 from pipeline.losses.psm import (
+    VARIANTS,
     acceptance_probability,
     counter_uniform,
     draw_seed,
@@ -71,6 +72,44 @@ def ref_hard(q, k, accept, t):
     return torch.stack(terms).mean()
 
 
+def release_hard_contrastive(out_1, out_2, selected, t):
+    """The release's hard_contrastive (dhkdhk/PSM src/model/psm.py:234-282, commit 724775d) given its draw.
+
+    ``selected`` (2B, 2B - 2) is the Bernoulli sample of lines 260-261 over the masked_select-ed negatives
+    (self and partner removed, row order). Everything after the draw as the release runs it, in float64:
+    pos (2B, 1) + Ng (2B,) broadcast to (2B, 2B) before the mean, and the x55 == 1 entries dropped.
+    """
+    out_1, out_2 = out_1.double(), out_2.double()
+    feat_q, feat_k = F.normalize(out_1, dim=1), F.normalize(out_2, dim=1)
+    pos = torch.exp((feat_q * feat_k).sum(dim=1)[:, None] / t)  # (B, 1), lines 242-244
+    pos = torch.cat([pos, pos], dim=0)  # (2B, 1), line 245
+    out = torch.cat([feat_q, feat_k], dim=0)  # (2B, d), line 264
+    b = out_1.shape[0]
+    mask = torch.ones(2 * b, 2 * b, dtype=torch.bool)  # get_negative_mask: no self, no partner
+    mask[torch.arange(2 * b), torch.arange(2 * b)] = False
+    mask[torch.arange(2 * b), (torch.arange(2 * b) + b) % (2 * b)] = False
+    neg_true = (out @ out.T).masked_select(mask).view(2 * b, -1)  # (2B, 2B - 2), lines 265-268
+    x55 = torch.exp(neg_true * selected.double() / t)  # lines 270-271: a rejected negative gives e^0 = 1
+    x55 = x55 * (x55 != 1).double()  # lines 273-276: ... and every 1 is removed
+    ng = x55.sum(dim=-1)  # (2B,), line 279
+    return (-torch.log(pos / (pos + ng))).mean()  # line 281: (2B, 1) against (2B,) -> (2B, 2B)
+
+
+def _release_draw(q, k, a, b_shift, generator):
+    """The release's acceptance draw (lines 239-261): Bernoulli on raw dot products -> (2B, 2B - 2) and our (2B, 2B) mask."""
+    b = q.shape[0]
+    raw = torch.cat([q, k]) @ torch.cat([q, k]).T  # (2B, 2B)
+    pos = (q * k).sum(dim=1).repeat(2)[:, None]  # (2B, 1)
+    off = ~torch.eye(2 * b, dtype=torch.bool)
+    off[torch.arange(2 * b), (torch.arange(2 * b) + b) % (2 * b)] = False
+    neg = raw.masked_select(off).view(2 * b, -1)
+    p = torch.exp(-a * (neg - pos - b_shift) ** 2).clamp(0.0, 0.999)
+    selected = torch.bernoulli(p, generator=generator)  # (2B, 2B - 2)
+    accept = torch.zeros(2 * b, 2 * b, dtype=torch.bool)
+    accept[off] = selected.bool().reshape(-1)
+    return selected, accept
+
+
 def _data(b=5, d=4, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, d, generator=g, dtype=torch.float64)
@@ -108,6 +147,44 @@ def test_hard_matches_reference(t):
     accept = torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5
     f = lambda a: psm_hard_loss(a, k, temperature=t, accept=accept)  # noqa: E731
     _close(_vg(f, q), _vg(lambda a: ref_hard(a, k, accept, t), q))
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("t", [0.5, 0.2])
+def test_release_variant_is_the_release_broadcast(t, scale):
+    """loss.psm_variant=release: L_hard equals a transcription of the release's lines, loss and gradient to 1e-12."""
+    g = torch.Generator().manual_seed(17)
+    b, d = 6, 8
+    q = scale * torch.randn(b, d, generator=g, dtype=torch.float64)
+    k = q + scale * 0.8 * torch.randn(b, d, generator=g, dtype=torch.float64)
+    selected, accept = _release_draw(q, k, 0.5, 0.0, torch.Generator().manual_seed(5))
+    assert 0 < selected.mean() < 1  # some negatives kept, some rejected
+    _, _, mean_over = VARIANTS["release"]
+    ours = _vg(lambda a: psm_hard_loss(a, k, temperature=t, accept=accept, mean_over=mean_over), q)
+    theirs = _vg(lambda a: release_hard_contrastive(a, k, selected, t), q)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-12)
+    rowwise = psm_hard_loss(q, k, temperature=t, accept=accept, mean_over=VARIANTS["release_rowwise"][2])
+    torch.testing.assert_close(rowwise, ref_hard(q, k, accept, t), rtol=0, atol=1e-12)  # the paper's equation
+    assert abs(rowwise - ours[0]) > 1e-3  # the two reductions are different losses
+
+
+def test_hard_pairs_limits():
+    """Pairs mean: equal to the row mean when every Ng_j is the same; 0 with nothing kept, with a zero gradient."""
+    q, _, keep, _ = _data(b=6)
+    k = keep[:, 0]
+    kw = dict(temperature=0.5, mean_over="pairs")
+    none = torch.zeros(12, 12, dtype=torch.bool)
+    got = _vg(lambda a: psm_hard_loss(a, k, accept=none, **kw), q)
+    assert got[0].item() == 0.0 and torch.equal(got[1], torch.zeros_like(q))
+    # q = k, B = 2, every negative kept: all four rows have the same positive and the same Ng
+    z = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+    every = torch.ones(4, 4, dtype=torch.bool)
+    pairs = psm_hard_loss(z, z, temperature=0.5, accept=every, mean_over="pairs")
+    rows = psm_hard_loss(z, z, temperature=0.5, accept=every, mean_over="anchors")
+    torch.testing.assert_close(pairs, rows, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="mean_over='rows'"):
+        psm_hard_loss(q, k, temperature=0.5, mean_over="rows")
 
 
 def test_soft_k0_accept_all_is_infonce():
@@ -250,6 +327,11 @@ def test_low_temperature_is_finite_and_exact():
         hard_mask = torch.ones(12, 12, dtype=torch.bool)
         got = psm_hard_loss(q.float(), keep[:, 0].float(), temperature=t, accept=hard_mask)
         torch.testing.assert_close(got.double(), ref_hard(q, keep[:, 0], hard_mask, t), rtol=2e-5, atol=2e-5)
+        k = keep[:, 0]
+        selected, accept_release = _release_draw(q, k, 0.5, 0.0, torch.Generator().manual_seed(1))
+        got = psm_hard_loss(q.float(), k.float(), temperature=t, accept=accept_release, mean_over="pairs")
+        assert torch.isfinite(got)  # e^{1/t} ~ e^20 in float64 inside the transcription; log space here
+        torch.testing.assert_close(got.double(), release_hard_contrastive(q, k, selected, t), rtol=2e-5, atol=2e-5)
 
 
 def test_bf16_autocast_still_computes_in_float32():
@@ -276,9 +358,13 @@ def test_gradcheck(weighting):
     f = lambda a, b: psm_soft_loss(a, b, keep, temperature=0.5, weighting=weighting, accept=accept)  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, q_pre), eps=1e-6, atol=1e-5)
     hard_accept = torch.rand(6, 6, generator=torch.Generator().manual_seed(2)) < 0.5
-    assert torch.autograd.gradcheck(
-        lambda a: psm_hard_loss(a, keep[:, 0], temperature=0.5, accept=hard_accept), (q,), eps=1e-6, atol=1e-5
-    )
+    for mean_over in ("anchors", "pairs"):
+        assert torch.autograd.gradcheck(
+            lambda a: psm_hard_loss(a, keep[:, 0], temperature=0.5, accept=hard_accept, mean_over=mean_over),
+            (q,),
+            eps=1e-6,
+            atol=1e-5,
+        )
 
 
 def test_argument_validation():
@@ -458,7 +544,15 @@ def _losses(q, q_pre, keep, gather, offset):
         generator=torch.Generator().manual_seed(4),
         acceptance_on="raw",
     )  # the release's acceptance
-    return soft, hard, raw
+    pairs = psm_hard_loss(
+        q,
+        keep[:, 0][offset : offset + q.shape[0]],
+        temperature=0.5,
+        gather=gather,
+        generator=torch.Generator().manual_seed(4),
+        mean_over="pairs",
+    )  # the release's broadcast: Ng of the other rank's rows gathered with its gradient
+    return soft, hard, raw, pairs
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -469,7 +563,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         q_all, q_pre_all, keep = _global()
         result = {}
-        for which in (0, 1, 2):
+        for which in (0, 1, 2, 3):
             q = q_all[rows].clone().requires_grad_(True)
             q_pre = q_pre_all[rows].clone().requires_grad_(True)
             loss = _losses(q, q_pre, keep, gather, rank * N_LOCAL)[which]
@@ -497,7 +591,7 @@ def ranks(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, out_dir)
 
 
-@pytest.mark.parametrize("which", [0, 1, 2], ids=["soft", "hard", "hard_raw_acceptance"])
+@pytest.mark.parametrize("which", [0, 1, 2, 3], ids=["soft", "hard", "hard_raw_acceptance", "hard_pairs"])
 def test_gathered_loss_and_grads_equal_single_process(ranks, which):
     q, q_pre, keep = _global()
     q.requires_grad_(True)
@@ -544,8 +638,32 @@ def test_hard_loss_acceptance_on_raw_dot_products_as_the_release():
         loss(q, k, "dot")
 
 
-def test_variant_release_is_hard_weighting_and_raw_acceptance():
-    from pipeline.losses.psm import VARIANTS
-
-    assert VARIANTS == {"release": ("hard", "raw"), "paper": ("soft", "cosine")}
+def test_variant_release_is_hard_weighting_raw_acceptance_and_the_pairs_mean():
+    assert VARIANTS == {
+        "release": ("hard", "raw", "pairs"),
+        "release_rowwise": ("hard", "raw", "anchors"),
+        "paper": ("soft", "cosine", "anchors"),
+    }
     assert config.load(None, ["loss.name=psm"]).loss.psm_variant == "release"
+    assert config.load(None, ["loss.name=psm", "loss.psm_variant=release_rowwise"]).loss.psm_variant == (
+        "release_rowwise"
+    )
+
+
+def test_checkpoints_stored_before_the_pairs_mean_load_as_release_rowwise(capsys):
+    """A config stored without the format stamp (before 2026-12-04) that names `release` ran the per-anchor mean."""
+    from pipeline import train
+
+    cfg = config.load(None, ["loss.name=psm"])  # psm_variant=release: today's pair mean
+    old = config.to_dict(cfg)  # as checkpoints stored it before: no "config_format"
+    assert config.from_dict(config.upgrade(old)).loss.psm_variant == "release_rowwise"
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "loaded as release_rowwise" in note  # one line, at load time
+    assert train.resume_mismatches(old, cfg) == ["loss.psm_variant: 'release_rowwise' -> 'release'"]
+    capsys.readouterr()
+    stored = train._state(torch.nn.Linear(2, 2), torch.optim.SGD([torch.zeros(1)], lr=0.1), 3, 1, cfg, None)["config"]
+    assert stored["config_format"] == config.CONFIG_FORMAT == 2
+    assert config.from_dict(config.upgrade(stored)) == cfg and train.resume_mismatches(stored, cfg) == []
+    paper = config.to_dict(config.load(None, ["loss.name=psm", "loss.psm_variant=paper"]))
+    assert config.from_dict(config.upgrade(paper)).loss.psm_variant == "paper"  # only `release` changed meaning
+    assert capsys.readouterr().err == ""

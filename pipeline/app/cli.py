@@ -105,7 +105,7 @@ def cmd_reproduce(args) -> None:
         raise HardnegError(f"grid file not found: {args.grid}")
     from pipeline.app.reproduce import reproduce
 
-    print(reproduce(args.grid, only=args.max_cells), end="")
+    print(reproduce(args.grid, only=args.max_cells, methods=args.method), end="")
 
 
 def cmd_bench(args) -> None:
@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("grid", metavar="GRID.yaml")
     p.add_argument("--max-cells", type=int, default=None, help="run at most this many unfinished cells")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this method's cells (repeatable; the table still shows every finished cell)",
+    )
     _verbose_arg(p)
     p.set_defaults(func=cmd_reproduce)
 

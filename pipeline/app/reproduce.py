@@ -197,13 +197,18 @@ def table(grid: Grid, results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reproduce(grid_path: str, only: Optional[int] = None) -> str:
-    """Run every unfinished cell of the grid (at most ``only`` of them), write and return the table."""
+def reproduce(grid_path: str, only: Optional[int] = None, methods: Optional[list[str]] = None) -> str:
+    """Run every unfinished cell of the grid (at most ``only`` of them; only ``methods``' cells when given),
+    write and return the table (every method of the grid, from the finished cells)."""
     grid = load_grid(grid_path)
+    unknown = [m for m in methods or [] if m not in grid.methods]
+    if unknown:
+        raise HardnegError(f"grid {grid.name}: no method {', '.join(unknown)}; it has: {', '.join(grid.methods)}")
     root = os.path.abspath(os.path.join(grid.out, grid.name))
     cells_dir = os.path.join(root, "cells")
     os.makedirs(cells_dir, exist_ok=True)
-    todo = [(m, d, s) for m in grid.methods for d in grid.datasets for s in grid.seeds]
+    picked = [m for m in grid.methods if not methods or m in methods]
+    todo = [(m, d, s) for m in picked for d in grid.datasets for s in grid.seeds]
     ran = 0
     first_cfg = _cell_config(grid, *todo[0], root)
     with _ray_session(first_cfg):

@@ -1,7 +1,9 @@
 """PSM, potential sample mining (Dong, Long, Li, arXiv:2311.00358; github.com/dhkdhk/PSM src/model/psm.py).
 
 Pure pieces: the FIFO memory bank and its nearest-neighbour lookup (mined positives), the acceptance
-rule for negatives "neither too hard nor too easy", and the two loss terms L_soft and L_hard.
+rule for negatives "neither too hard nor too easy", and the two loss terms L_soft and L_hard (whose mean
+runs over anchors, as the paper writes it, or over every anchor x negative-sum pair, as the release's
+broadcast computes it: docs/methods.md).
 
 Acceptance draws. Each negative n of anchor i is kept with probability
 p = clip(exp(-a (s_in - s_i+ - b)^2), 0, 0.999), computed on cosines and not differentiated. The
@@ -25,8 +27,13 @@ from .precision import full_precision
 
 WEIGHTINGS = ("soft", "hard")
 ACCEPTANCE_ON = ("cosine", "raw")
-# loss.psm_variant -> (positive weighting, what L_hard's acceptance rule reads)
-VARIANTS = {"release": ("hard", "raw"), "paper": ("soft", "cosine")}
+HARD_MEANS = ("anchors", "pairs")
+# loss.psm_variant -> (positive weighting, what L_hard's acceptance rule reads, what L_hard averages over)
+VARIANTS = {
+    "release": ("hard", "raw", "pairs"),  # the release as it runs: src/model/psm.py:245,279,281 broadcast
+    "release_rowwise": ("hard", "raw", "anchors"),  # the release's settings with the paper's per-anchor mean
+    "paper": ("soft", "cosine", "anchors"),
+}
 
 # SplitMix64 constants as signed int64 (multiplication wraps modulo 2^64 either way)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -219,6 +226,13 @@ def psm_soft_loss(
     ).loss
 
 
+def _log_negative_sum(neg: Tensor, kept: Tensor) -> Tensor:
+    """log sum_{kept n} e^{neg_in}: neg (R, C) logits, kept (R, C) bool -> (R,), -inf (zero gradient) if none kept."""
+    some = kept.any(dim=1)  # (R,)
+    safe = neg.masked_fill(~some[:, None], 0.0)  # (R, C): no all -inf row, whose logsumexp backward is NaN
+    return torch.logsumexp(safe, dim=1).masked_fill(~some, float("-inf"))
+
+
 @full_precision
 def psm_hard_loss(
     q: Tensor,
@@ -231,12 +245,16 @@ def psm_hard_loss(
     accept: Optional[Tensor] = None,
     gather: Optional[Gather] = None,
     acceptance_on: str = "cosine",
+    mean_over: str = "anchors",
 ) -> Tensor:
     """PSM's L_hard: the in-batch loss between predictor outputs q (n, d) and momentum keys k (n, d).
 
     Rows [q; k] (2n local anchors) against the gathered columns [Q; K] (2B): row i's positive is its
     partner (s_i+ = cos(q_i, k_i) for both), the other 2B - 2 columns are negatives, each kept by the
-    acceptance rule; mean_i -log(pos_i / (pos_i + sum_kept neg_in)). k is detached (momentum keys).
+    acceptance rule, Ng_i = sum_kept e^{s_in/t}. ``mean_over``: "anchors" (the paper's equation)
+    mean_i -log(pos_i / (pos_i + Ng_i)); "pairs" (the release as it runs: its pos (2B, 1) and Ng (2B,)
+    broadcast, src/model/psm.py:245,279,281) mean_{i,j} -log(pos_i / (pos_i + Ng_j)) over every anchor i
+    and every row j of the global batch (Ng gathered with its gradient). k is detached (momentum keys).
     ``acceptance_on``: "raw" computes the acceptance on raw (un-normalised) dot products of q and k, as
     the release does (hard_contrastive in github.com/dhkdhk/PSM src/model/psm.py): with BN outputs of
     norm ~sqrt(d) it rejects nearly every negative once s_in and s_i+ differ, so L_hard ~ 0; "cosine"
@@ -245,6 +263,8 @@ def psm_hard_loss(
     """
     if acceptance_on not in ACCEPTANCE_ON:
         raise ValueError(f"acceptance_on={acceptance_on!r}; expected one of {ACCEPTANCE_ON}")
+    if mean_over not in HARD_MEANS:
+        raise ValueError(f"mean_over={mean_over!r}; expected one of {HARD_MEANS}")
     t = _check_psm(temperature, accept_a, accept_b)
     b = _batch(q, k.detach(), t, gather)
     n_rows, n_cols = b.logits.shape
@@ -267,5 +287,12 @@ def psm_hard_loss(
             raise ValueError(f"accept {tuple(accept.shape)}; expected {tuple(sim.shape)}")
         kept = accept.bool() & b.neg_mask  # (R, C)
     neg = b.logits.masked_fill(~kept, float("-inf"))  # (R, C)
-    log_den = torch.logsumexp(torch.cat([b.pos[:, None], neg], dim=1), dim=1)  # (R,)
-    return (log_den - b.pos).mean()
+    if mean_over == "anchors":
+        log_den = torch.logsumexp(torch.cat([b.pos[:, None], neg], dim=1), dim=1)  # (R,)
+        return (log_den - b.pos).mean()
+    log_ng = _log_negative_sum(neg, kept)  # (R,) log Ng_i of the local rows
+    n = q.shape[0]
+    by_view = torch.stack([log_ng[:n], log_ng[n:]], dim=1)  # (n, 2): one collective for both views
+    every = gather(by_view) if gather is not None else by_view  # (B, 2)
+    log_ng_all = torch.cat([every[:, 0], every[:, 1]])  # (C,) log Ng_j of every global row, column order
+    return (torch.logaddexp(b.pos[:, None], log_ng_all[None, :]) - b.pos[:, None]).mean()  # (R, C) pairs

@@ -38,6 +38,11 @@ class MethodConfig(BaseModel):
     # keys the method reads only for its diagnostics: not listed among its settings (hardneg runs, run notes)
     DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def upgrade_stored(cls, loss: dict, stored_format: int) -> dict:
+        """A stored ``loss:`` section (a checkpoint's, written at config.CONFIG_FORMAT ``stored_format``) in today's names."""
+        return loss
+
 
 class Method(Protocol):
     """A method module, as the registry holds it."""

@@ -6,6 +6,7 @@ the loss math is pipeline/losses/psm.py.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Optional
 
 import torch
@@ -35,11 +36,26 @@ class Settings(MethodConfig):
     psm_n_neighbors: int = Field(5, ge=0)  # K mined positives per key
     psm_accept_a: float = Field(0.5, ge=0.0)  # acceptance p = clip(exp(-a (s_in - s_i+ - b)^2), 0, 0.999)
     psm_accept_b: float = Field(0.0, ge=-2.0, le=2.0)
-    # release (default): hard positive weighting (all 1) and L_hard's acceptance on raw dot products, as
-    # github.com/dhkdhk/PSM src/model/psm.py computes them; paper: soft weighting, acceptance on cosines
-    psm_variant: Literal["release", "paper"] = "release"
+    # release (default): hard positive weighting (all 1), L_hard's acceptance on raw dot products and its
+    # mean over every anchor x negative-sum pair, as github.com/dhkdhk/PSM src/model/psm.py computes them;
+    # release_rowwise: the same with L_hard's per-anchor mean (what `release` computed before 2026-12-04);
+    # paper: soft weighting, acceptance on cosines, per-anchor mean (docs/methods.md)
+    psm_variant: Literal["release", "release_rowwise", "paper"] = "release"
     psm_aa: float = Field(1.0, ge=0.0)  # weight of L_hard
     DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ("n_hard",)
+
+    @classmethod
+    def upgrade_stored(cls, loss: dict, stored_format: int) -> dict:
+        """Stored before format 2 (2026-12-04), psm_variant=release ran the per-anchor L_hard: release_rowwise."""
+        if stored_format >= 2 or loss.get("psm_variant", "release") != "release":
+            return loss
+        print(
+            "hardneg: note: this checkpoint's config predates 2026-12-04, when loss.psm_variant=release computed "
+            "L_hard's per-anchor mean; loaded as release_rowwise, which computes that (docs/methods.md)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return loss | {"psm_variant": "release_rowwise"}
 
     @model_validator(mode="after")
     def _bank_holds_what_is_mined(self) -> "Settings":
@@ -113,7 +129,7 @@ class PSMObjective(nn.Module):
             all_labels = gathered[:, width].long()  # (B,)
             nn_labels = gathered[:, width + 1 :].long().reshape(n_global, 2, k_nn)  # (B, 2, K)
         offset = int(getattr(self.gather, "rank", 0) or 0) * n
-        weighting, acceptance_on = VARIANTS[c.psm_variant]
+        weighting, acceptance_on, mean_over = VARIANTS[c.psm_variant]
         soft = dict(
             temperature=c.temperature,
             accept_a=c.psm_accept_a,
@@ -132,6 +148,7 @@ class PSMObjective(nn.Module):
                 generator=self.generator,
                 gather=self.gather,
                 acceptance_on=acceptance_on,
+                mean_over=mean_over,
             )
             loss = loss + c.psm_aa * 0.5 * (psm_hard_loss(q1, k2, **hard) + psm_hard_loss(q2, k1, **hard))
         push_keys_(self, "bank", keep[:, 1, 0], all_labels)  # AFTER the lookup: the global view-2 keys, rank order
