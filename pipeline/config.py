@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from pipeline.backbones import BACKBONES
 from pipeline.errors import HardnegError
 from pipeline.methods import DEFAULT_METHOD, METHODS
 from pipeline.methods.base import MethodConfig
@@ -89,9 +90,12 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    backbone: str = "resnet18"  # a row of pipeline/backbones.py's BACKBONES: resnet18/34/50, vit_tiny, vit_small
+    # ResNets only (backbones.RESNET_KEYS)
     stem: Literal["cifar", "imagenet"] = "cifar"
     width: int = Field(64, ge=4)  # channels of the first stage; 64 is the standard ResNet
+    # ViTs only (backbones.VIT_KEYS): pixels per patch side; None: 16 from 128 px images on, else image_size // 8
+    patch_size: Optional[int] = Field(None, ge=1)
     proj_hidden_dim: int = Field(512, ge=1)
     proj_dim: int = Field(128, ge=1)
     proj_bn: bool = True  # False: Linear-ReLU-Linear (MoCo-v2's head)
@@ -100,6 +104,27 @@ class ModelConfig(_Section):
     # MoCo's shuffle-BN, single-process form: the key encoder's BN runs over this many sub-batches of a random
     # permutation and the query encoder's over as many sub-batches in order (1: off). MoCo-family only.
     shuffle_bn_groups: int = Field(1, ge=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"model.backbone={value!r}; expected one of {', '.join(BACKBONES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_of_this_backbone(self) -> "ModelConfig":
+        """A ResNet key set for a ViT (or the reverse) is refused, as a loss key of another method is."""
+        own = BACKBONES[self.backbone]
+        others = {k for b in BACKBONES.values() if b.family != own.family for k in b.keys} - set(own.keys)
+        # set to something other than its default: a stored config of a ViT still holds the ResNet defaults
+        foreign = sorted(k for k in others if getattr(self, k) != type(self).model_fields[k].default)
+        if foreign:
+            raise ValueError(
+                f"model.{foreign[0]} does not apply to model.backbone={self.backbone} ({own.family}); "
+                f"its own keys: {', '.join('model.' + k for k in own.keys)}"
+            )
+        return self
 
 
 def _loss_union() -> Any:

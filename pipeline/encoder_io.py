@@ -3,7 +3,8 @@ features of a prepared split (what one does next with a self-supervised encoder)
 
 The export holds no code and no pickle: ``encoder.safetensors`` is the backbone's plain state dict (the
 keys of a torchvision ResNet without ``fc``) and ``encoder.json`` names the architecture, the input it
-expects (size, normalisation) and, as text to read or copy, the torchvision lines that build the module.
+expects (size, normalisation) and, as text to read or copy, the torchvision (ResNets) or timm (ViTs) lines
+that build the module.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from data_prep.atomic import atomic_dir, atomic_path, write_json_atomic
 from data_prep.manifest import read_manifest
 from pipeline import augment, data
+from pipeline.backbones import BACKBONES, build_code, vit_patch_size
 from pipeline.errors import HardnegError
 from pipeline.evaluate import encoder_from_checkpoint
 from pipeline.features import extract_features
@@ -27,54 +29,22 @@ from pipeline.features import extract_features
 WEIGHTS_FILE = "encoder.safetensors"
 SPEC_FILE = "encoder.json"
 SPEC_FORMAT = "hardneg-encoder/1"
-_BLOCKS = {
-    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
-    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
-    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
-}
-
-
-def torchvision_code(backbone: str, stem: str, width: int, maxpool: bool) -> str:
-    """Python source (torch + torchvision only) that builds the backbone models.build_backbone builds, as ``net``."""
-    block, layers = _BLOCKS[backbone]
-    lines = [
-        "import torch",
-        "from torchvision.models import resnet",
-        f"net = resnet.ResNet(resnet.{block}, {layers})",
-    ]
-    if width != 64:  # the stages rebuilt at another width with torchvision's own blocks
-        lines += [
-            f"net.inplanes = {width}",
-            f"net.bn1 = torch.nn.BatchNorm2d({width})",
-            *(
-                f"net.layer{i + 1} = net._make_layer(resnet.{block}, {width * 2**i}, {n}{', stride=2' if i else ''})"
-                for i, n in enumerate(layers)
-            ),
-        ]
-    if stem == "cifar":
-        lines.append(f"net.conv1 = torch.nn.Conv2d(3, {width}, kernel_size=3, stride=1, padding=1, bias=False)")
-        lines.append(
-            "net.maxpool = torch.nn.MaxPool2d(kernel_size=3, stride=1, padding=0)"
-            if maxpool
-            else "net.maxpool = torch.nn.Identity()"
-        )
-    elif width != 64:
-        lines.append(f"net.conv1 = torch.nn.Conv2d(3, {width}, kernel_size=7, stride=2, padding=3, bias=False)")
-    lines.append("net.fc = torch.nn.Identity()")
-    return "\n".join(lines) + "\n"
 
 
 def encoder_spec(cfg, state: dict, feat_dim: int) -> dict:
     """The JSON that says how to build and feed the exported backbone."""
     m, a = cfg.model, cfg.augment
     size = cfg.eval.eval_image_size or a.image_size
+    family = BACKBONES[m.backbone].family
+    own = {k: getattr(m, k) for k in BACKBONES[m.backbone].keys}
+    if family == "vit":
+        own["patch_size"] = vit_patch_size(m, a.image_size)
     return {
         "format": SPEC_FORMAT,
-        "architecture": f"torchvision {m.backbone} without fc",
+        "architecture": f"{'timm' if family == 'vit' else 'torchvision'} {m.backbone} without its head",
         "backbone": m.backbone,
-        "stem": m.stem,
-        "width": m.width,
-        "stem_maxpool": m.stem_maxpool,
+        "family": family,
+        **own,
         "feature_dim": feat_dim,
         "input": {
             "shape": ["N", 3, size, size],
@@ -84,7 +54,7 @@ def encoder_spec(cfg, state: dict, feat_dim: int) -> dict:
             "std": list(a.std),
         },
         "weights": WEIGHTS_FILE,
-        "torchvision_code": torchvision_code(m.backbone, m.stem, m.width, m.stem_maxpool),
+        "build_code": build_code(m, a.image_size),
         "trained": {
             "method": cfg.loss.name,
             "step": state["step"],

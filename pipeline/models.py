@@ -1,4 +1,4 @@
-"""Backbones and heads: torchvision ResNets with the CIFAR or ImageNet stem, and the MLP projector.
+"""Heads and the encoder + projector module; the backbones themselves are a table in backbones.py.
 
 Modules hold parameters only; no collectives and no device moves happen in here.
 """
@@ -10,46 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pipeline.backbones import build_backbone
+
 if TYPE_CHECKING:  # annotations only: config builds its loss union from the methods, which build models
     from pipeline.config import ModelConfig
-
-# name -> (torchvision block class name, blocks per stage)
-_BLOCKS = {
-    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
-    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
-    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
-}
-
-
-def build_backbone(name: str, stem: str, width: int = 64, maxpool: bool = False) -> tuple[nn.Module, int]:
-    """torchvision ResNet without its classifier: (B, 3, H, W) -> (B, feat_dim); returns (module, feat_dim).
-
-    stem="cifar" is the 3x3 stride-1 conv used by SimCLR/HCL on 32 px images, without max-pool unless
-    ``maxpool`` (SSCL/PSM's network keeps a 3x3 stride-1 one); width rescales every stage (64 = the
-    standard network) so small demos fit a CPU.
-    """
-    # imported here, not at the top: torchvision pulls in torch._dynamo (seconds), and `import pipeline.config`
-    # (every CLI call, even one that fails on a bad flag) reaches this module through the method registry
-    from torchvision.models import resnet
-
-    block_name, layers = _BLOCKS[name]
-    block = getattr(resnet, block_name)
-    net = resnet.ResNet(block, layers)
-    if width != 64:
-        # Rebuild the stages with torchvision's own blocks at the requested width.
-        net.inplanes = width
-        net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        net.bn1 = nn.BatchNorm2d(width)
-        net.layer1 = net._make_layer(block, width, layers[0])
-        net.layer2 = net._make_layer(block, width * 2, layers[1], stride=2)
-        net.layer3 = net._make_layer(block, width * 4, layers[2], stride=2)
-        net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
-    if stem == "cifar":
-        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.MaxPool2d(kernel_size=3, stride=1, padding=0) if maxpool else nn.Identity()  # 32 -> 30 px
-    feat_dim = width * 8 * block.expansion
-    net.fc = nn.Identity()
-    return net, feat_dim
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> nn.Sequential:
@@ -64,18 +28,18 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool
 class ContrastiveModel(nn.Module):
     """Encoder f and projector g: forward(x (B,3,H,W)) -> projections (B, proj_dim), un-normalised."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
-        self.backbone, self.feat_dim = build_backbone(cfg.backbone, cfg.stem, cfg.width, cfg.stem_maxpool)
+        self.backbone, self.feat_dim = build_backbone(cfg, image_size)
         self.projector = projection_head(self.feat_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
 
-def build_model(cfg: ModelConfig) -> ContrastiveModel:
-    """The model a config names."""
-    return ContrastiveModel(cfg)
+def build_model(cfg: ModelConfig, image_size: int) -> ContrastiveModel:
+    """The model a config names, for ``image_size`` px inputs (a ViT's patch grid depends on it)."""
+    return ContrastiveModel(cfg, image_size)
 
 
 def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

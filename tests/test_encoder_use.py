@@ -137,7 +137,7 @@ def test_export_writes_safetensors_and_a_json_whose_torchvision_lines_build_it(t
 
     x = torch.randn(5, 3, 8, 8)
     torch.save(x, tmp_path / "x.pt")
-    script = spec["torchvision_code"] + (
+    script = spec["build_code"] + (
         "import safetensors.torch\n"
         f"net.load_state_dict(safetensors.torch.load_file({str(out / WEIGHTS_FILE)!r})); net.eval()\n"
         "with torch.no_grad(): torch.save(net(torch.load('x.pt')), 'y.pt')\n"

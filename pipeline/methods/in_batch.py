@@ -48,7 +48,7 @@ class InBatchObjective(nn.Module):
     ):
         super().__init__()
         assert isinstance(cfg.loss, InBatchConfig), type(cfg.loss)
-        self.model = build_model(cfg.model)
+        self.model = build_model(cfg.model, cfg.augment.image_size)
         self.loss_fn = loss_fn
         self.cfg: InBatchConfig = cfg.loss
         self.gather = gather

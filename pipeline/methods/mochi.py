@@ -86,7 +86,7 @@ class MoCHiObjective(nn.Module):
         super().__init__()
         assert isinstance(cfg.loss, Settings), type(cfg.loss)
         self.cfg, self.bn_groups = cfg.loss, cfg.model.shuffle_bn_groups
-        self.encoder = build_model(cfg.model)
+        self.encoder = build_model(cfg.model, cfg.augment.image_size)
         self.momentum = momentum_copy(self.encoder)
         register_key_bank(self, "queue", self.cfg.mochi_queue_size, cfg.model.proj_dim)  # (Q, d)
         self.gather, self.generator = gather, generator

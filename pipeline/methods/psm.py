@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from pipeline.backbones import build_backbone
 from pipeline.losses import diagnostics
 from pipeline.losses.psm import VARIANTS, nearest_neighbors, psm_hard_loss, psm_soft_parts
 from pipeline.methods.banks import bank_samples, labels_or_unknown, no_grad_gather, push_keys_, register_key_bank
 from pipeline.methods.base import MethodConfig, NHard
-from pipeline.models import bn_mlp, build_backbone, ema_update_, momentum_copy
+from pipeline.models import bn_mlp, ema_update_, momentum_copy
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -91,7 +92,7 @@ class PSMObjective(nn.Module):
         super().__init__()
         assert isinstance(cfg.loss, Settings), type(cfg.loss)
         m, self.cfg = cfg.model, cfg.loss
-        self.encoder, feat_dim = build_backbone(m.backbone, m.stem, m.width, m.stem_maxpool)
+        self.encoder, feat_dim = build_backbone(m, cfg.augment.image_size)
         self.projector = bn_mlp(feat_dim, m.proj_hidden_dim, m.proj_dim)
         self.predictor = bn_mlp(m.proj_dim, m.proj_hidden_dim, m.proj_dim)
         self.momentum_encoder = momentum_copy(self.encoder)
