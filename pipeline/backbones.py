@@ -147,7 +147,7 @@ def build_vit(name: str, m: "ModelConfig", image_size: int) -> tuple["nn.Module"
     import timm
 
     net = timm.create_model(_VIT_ARCH[name], pretrained=False, **_vit_kwargs(name, m, image_size))
-    return net, int(net.num_features)
+    return net, int(getattr(net, "num_features"))  # timm sets it: the embedding width
 
 
 def vit_code(name: str, m: "ModelConfig", image_size: int) -> str:

@@ -9,6 +9,7 @@ from data_prep.manifest import read_manifest, verify
 from data_prep.prep import prepare
 from pipeline import config as config_mod
 from pipeline.app.train_command import train_run
+from pipeline.backbones import BACKBONES
 from pipeline.evaluate import evaluate_checkpoint, random_init_knn, raw_pixel_knn
 from pipeline.tracking import ui_command
 
@@ -39,7 +40,8 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
         ],
     )
     print(
-        f"[demo] training {cfg.model.backbone} (width {cfg.model.width}) with {cfg.loss.name} "
+        f"[demo] training {cfg.model.backbone} "
+        f"({', '.join(f'{k} {getattr(cfg.model, k)}' for k in BACKBONES[cfg.model.backbone].keys)}) with {cfg.loss.name} "
         f"for {cfg.train.epochs} epochs on {cfg.world_size} {cfg.cluster.launcher} worker(s)",
         flush=True,
     )
