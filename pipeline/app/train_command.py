@@ -137,12 +137,34 @@ def check_shards_per_reader(cfg: Config, manifest: dict) -> None:
         )
 
 
+def check_format(cfg: Config, manifest: dict) -> None:
+    """The pretraining splits hold the files data.format reads; else one line naming the setting that fits."""
+    path = cfg.data.path
+    for split in cfg.data.pretrain:
+        shards, beton = data.split_files(manifest, split)
+        if cfg.data.format == "wds" and not shards:
+            fix = "set data.format=ffcv" if beton else f"rerun `hardneg prep SOURCE {path} --format wds`"
+            raise HardnegError(
+                f"data.format=wds but split '{split}' of {path} has no WebDataset shards"
+                + (" (it was prepared with --format ffcv)" if beton else "")
+                + f": {fix}"
+            )
+        if cfg.data.format == "ffcv" and not beton:
+            raise HardnegError(
+                f"data.format=ffcv but split '{split}' of {path} has no FFCV file (it was prepared with --format wds): "
+                f"set data.format=wds, or rerun `hardneg prep SOURCE {path} --format both`"
+            )
+    if cfg.data.format == "ffcv":
+        data.require_ffcv()
+
+
 def preflight(cfg: Config, run_name: str) -> None:
     """Fail early and in one line on anything a worker would trip over later."""
     manifest = read_manifest(cfg.data.path)
     for split in dict.fromkeys((*cfg.data.pretrain, cfg.data.train_split, cfg.data.eval_split)):
         if split not in manifest["splits"]:
             raise HardnegError(f"data split '{split}' not in {cfg.data.path}; it has: {', '.join(manifest['splits'])}")
+    check_format(cfg, manifest)
     data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
     check_shards_per_reader(cfg, manifest)
     found = checkpoint.latest(f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}")
