@@ -244,8 +244,10 @@ def prepare(
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise HardnegError(f"workers={workers!r}; expected an integer >= 1")
     cap = parse_bytes(shard_bytes) if shard_bytes is not None else None
+    if not isinstance(shard_size, (int, np.integer)) or isinstance(shard_size, bool) or shard_size < 1:
+        raise HardnegError(f"--shard-size {shard_size!r}: a shard holds at least 1 sample; expected an integer >= 1")
     sources.resolve(source)
-    plan_shards({}, shard_size, seed)  # checks shard_size and seed before any work
+    plan_shards({}, shard_size, seed)  # checks seed before any work
     if format != "wds":
         from data_prep import ffcv
 

@@ -216,6 +216,13 @@ class Config(_Section):
         return value
 
     @model_validator(mode="after")
+    def _batch_serves_method(self) -> "Config":
+        problem = self.loss.batch_problem(self.train.global_batch_size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
         workers = 1 if self.cluster.launcher == "local" else self.cluster.num_workers
         if self.train.global_batch_size % workers:

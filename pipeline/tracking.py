@@ -66,6 +66,40 @@ def absolute_uri(uri: str, base_dir: str) -> str:
     return uri
 
 
+def local_store_path(uri: str) -> Optional[str]:
+    """The local file (SQLite) or directory (file store) a tracking URI names, or None for a server."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///") :] or None
+    if uri.startswith("file://"):
+        return uri[len("file://") :] or None
+    return None if "://" in uri else uri
+
+
+def check_store_path(cfg: TrackingConfig) -> None:
+    """A local tracking store (sqlite:///FILE, file://DIR) can be created where the URI says: its nearest
+    existing ancestor is a writable directory and the store is not the wrong kind of file. HardnegError else,
+    before any run or run folder exists (MLflow would raise FileExistsError from its own makedirs)."""
+    path = local_store_path(cfg.uri) if cfg.enabled else None
+    if path is None:
+        return
+    sqlite = cfg.uri.startswith("sqlite:")
+    if sqlite and os.path.isdir(path):
+        raise HardnegError(
+            f"tracking.uri={cfg.uri}: {path} is a directory; name a database file in it, e.g. {path}/mlflow.db"
+        )
+    if not sqlite and os.path.exists(path) and not os.path.isdir(path):
+        raise HardnegError(f"tracking.uri={cfg.uri}: {path} is a file; a file store needs a directory")
+    parent = os.path.dirname(os.path.abspath(path)) if sqlite else os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise HardnegError(
+            f"tracking.uri={cfg.uri}: {parent} is a file, not a directory, so the store cannot be created under it"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK) and not (sqlite and os.access(path, os.W_OK)):
+        raise HardnegError(f"tracking.uri={cfg.uri}: cannot write in {parent} (permission denied)")
+
+
 def default_artifact_location(cfg: TrackingConfig) -> Optional[str]:
     """Where a new experiment's artifacts go: tracking.artifact_location, else beside a SQLite file."""
     if cfg.artifact_location:

@@ -83,3 +83,99 @@ def test_a_format_missing_from_the_data_is_one_line_before_any_run(tmp_path, for
         assert_one_line_error(proc, "data.format=wds", "no WebDataset shards", "set data.format=ffcv")
     assert mlflow_runs(db) == 0
     assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []
+
+
+def test_a_tracking_uri_under_a_regular_file_is_one_line_and_leaves_nothing(tmp_path, formats):
+    (tmp_path / "afile").write_text("x")
+    overrides = tiny_overrides(tmp_path, formats["wds"], "cluster.launcher=local")
+    proc = hardneg("train", *overrides, f"tracking.uri=sqlite:///{tmp_path / 'afile' / 'm.db'}")
+    assert_one_line_error(proc, "tracking.uri=", "afile is a file, not a directory")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # no run folder, no storage folder, no store
+
+
+@pytest.mark.parametrize(
+    ("settings", "needles"),
+    [
+        (
+            ["loss.name=sscl", "train.global_batch_size=3"],
+            ["loss.n_hard=32", "4 negatives per anchor", "train.global_batch_size=3", "train.global_batch_size>=17"],
+        ),
+        (["loss.name=sscl", "loss.n_hard=1000"], ["loss.n_hard=1000", "254 negatives", "loss.n_hard<=254"]),
+        (["loss.name=hcl", "loss.n_hard=1000"], ["loss.n_hard=1000", "254 negatives"]),
+    ],
+)
+def test_a_batch_too_small_for_the_method_is_refused(tmp_path, formats, settings, needles):
+    proc = hardneg("train", *tiny_overrides(tmp_path, formats["wds"], "cluster.launcher=local", *settings))
+    assert_one_line_error(proc, *needles)
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "mlflow.db")
+
+
+def test_use_gpu_without_a_gpu_is_refused_unless_forced(tmp_path, formats):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    overrides = tiny_overrides(tmp_path, formats["wds"], "cluster.launcher=local", "cluster.use_gpu=true")
+    assert_one_line_error(hardneg("train", *overrides), "cluster.use_gpu=true", "no CUDA GPU", "HARDNEG_ALLOW_NO_GPU=1")
+    assert not os.path.exists(tmp_path / "runs") and mlflow_runs(tmp_path / "mlflow.db") == 0
+    forced = subprocess.run(
+        [HARDNEG, "train", *overrides, "train.knn_every_epochs=0", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"HARDNEG_ALLOW_NO_GPU": "1"},
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert "training on CPU" in forced.stderr
+
+
+def test_shard_size_zero_is_refused(tmp_path):
+    proc = hardneg("prep", "builtin:digits", str(tmp_path / "out"), "--shard-size", "0", "--quiet")
+    assert_one_line_error(proc, "--shard-size 0", ">= 1")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_eval_shows_each_stage_on_stderr_and_json_on_stdout(tmp_path, formats):
+    data = formats["wds"]
+    overrides = tiny_overrides(
+        tmp_path, data, "cluster.launcher=local", "tracking.enabled=false", "tracking.run_name=e"
+    )
+    assert hardneg("train", *overrides, "train.knn_every_epochs=0").returncode == 0
+    proc = hardneg(
+        "eval", "--checkpoint", str(tmp_path / "runs" / "e"), "--data", data, "--protocol", "all", "eval.probe_epochs=1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # stdout stays pure JSON
+    stages = [line for line in proc.stderr.splitlines() if not line.startswith("hardneg: warning:")]
+    assert stages == [
+        "kNN: features of split train: 1347 img",
+        "kNN: features of split test: 300 img",
+        "probe: features of split test: 300 img",
+        "probe: 1 epochs over split train: 1347 img",
+    ]
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # not a terminal: no live bar
+    assert ("warning" in result) == (result["linear_top1"] < result["chance_top1"])
+
+
+def test_a_probe_below_chance_says_so_with_its_settings(formats):
+    """A constant encoder: the probe can only answer one class; below chance unless it is the commonest."""
+    import torch
+    from torch import nn
+
+    from pipeline.config import AugmentConfig, EvalConfig
+    from pipeline.probe import below_chance, linear_probe
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return torch.zeros(len(x), 4)
+
+    eval_cfg = EvalConfig(probe_epochs=1, probe_lr=1e-12, probe_augment=False)
+    aug = AugmentConfig(image_size=8)
+    results = [linear_probe(Zero(), formats["wds"], "train", "test", eval_cfg, aug, seed=s) for s in range(4)]
+    assert all(r["linear_top1"] <= r["chance_top1"] for r in results)
+    below = [r for r in results if r["linear_top1"] < r["chance_top1"]]
+    assert below, "a random constant answer is below chance for some seed"
+    for r in below:
+        assert r["warning"] == below_chance(r["linear_top1"], r["chance_top1"], eval_cfg)
+        for needle in ("below chance", "eval.probe_epochs=1", "eval.probe_optimizer=adam", "eval.probe_lr=1e-12"):
+            assert needle in r["warning"]

@@ -64,12 +64,12 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
-    print(
-        json.dumps(
-            evaluate_checkpoint(args.checkpoint, args.data, args.overrides, protocol=args.protocol, track=args.track),
-            indent=2,
-        )
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, args.overrides, protocol=args.protocol, track=args.track, progress=True
     )
+    print(json.dumps(result, indent=2))
+    if result.get("warning"):  # a probe below chance says so
+        print(f"hardneg: warning: {result['warning']}", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:

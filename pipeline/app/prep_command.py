@@ -87,7 +87,7 @@ def cmd_prep(args: argparse.Namespace) -> None:
         manifest = prepare(
             args.source,
             args.out,
-            shard_size=args.shard_size or 512,
+            shard_size=512 if args.shard_size is None else args.shard_size,  # 0 is refused, not the default
             seed=args.seed,
             test_size=args.test_size,
             progress=not args.quiet,

@@ -10,6 +10,7 @@ config, no Ray at cluster.address, more workers than the cluster's CPUs/GPUs.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from pipeline import checkpoint, data, dist, faults, train
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, create_run
+from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, check_store_path, create_run
 
 
 def _absolute(url: str) -> str:
@@ -158,8 +159,33 @@ def check_format(cfg: Config, manifest: dict) -> None:
         data.require_ffcv()
 
 
-def preflight(cfg: Config, run_name: str) -> None:
-    """Fail early and in one line on anything a worker would trip over later."""
+NO_GPU_OVERRIDE = "HARDNEG_ALLOW_NO_GPU"
+
+
+def check_gpu(cfg: Config, environ=os.environ) -> Config:
+    """cluster.use_gpu=true where the workers run on this machine (local launcher, or a private Ray) and it has
+    no CUDA GPU: one line, unless HARDNEG_ALLOW_NO_GPU=1 forces the run, which then trains on CPU and says so."""
+    if not cfg.cluster.use_gpu or (cfg.cluster.launcher == "ray" and cfg.cluster.address):
+        return cfg
+    import torch
+
+    if torch.cuda.is_available():
+        return cfg
+    if environ.get(NO_GPU_OVERRIDE) != "1":
+        raise HardnegError(
+            f"cluster.use_gpu=true but this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+            f"set cluster.use_gpu=false, or {NO_GPU_OVERRIDE}=1 to train on CPU anyway"
+        )
+    print(
+        f"hardneg: warning: cluster.use_gpu=true without a GPU ({NO_GPU_OVERRIDE}=1): training on CPU",
+        file=sys.stderr,
+        flush=True,
+    )
+    return _with(cfg, "cluster", use_gpu=False)
+
+
+def check_data(cfg: Config) -> None:
+    """The config against the data, before anything is written: splits, format, sizes, readers."""
     manifest = read_manifest(cfg.data.path)
     for split in dict.fromkeys((*cfg.data.pretrain, cfg.data.train_split, cfg.data.eval_split)):
         if split not in manifest["splits"]:
@@ -167,6 +193,11 @@ def preflight(cfg: Config, run_name: str) -> None:
     check_format(cfg, manifest)
     data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
     check_shards_per_reader(cfg, manifest)
+
+
+def preflight(cfg: Config, run_name: str) -> None:
+    """Fail early and in one line on anything a worker would trip over later."""
+    check_data(cfg)
     found = checkpoint.latest(f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}")
     if found is not None:
         mismatches = train.resume_mismatches(checkpoint.load(found)["config"], cfg)
@@ -200,6 +231,9 @@ def _failed_run_marked(cfg: Config) -> Iterator[None]:
 def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     """Train as configured (Ray Train or one local process); returns final metrics incl. run name."""
     cfg = resolve_paths(cfg)
+    check_store_path(cfg.tracking)  # a sqlite file under a regular file: one line, before any folder exists
+    check_data(cfg)  # the config against the data: nothing has been written yet
+    cfg = check_gpu(cfg)
     _check_writable(cfg.cluster.storage_path)  # first touch of the storage: a bad URL or credentials fail here
     run_name = choose_run_name(cfg, resume)
     cfg = _with(cfg, "tracking", run_name=run_name)
@@ -209,8 +243,9 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     faults.clear_stop(run_dir)  # a stop request answered by the previous attempt
     if cfg.cluster.launcher == "local":
         cfg = _attach_mlflow_run(cfg, resume)
+        device = "cuda" if cfg.cluster.use_gpu else "cpu"  # check_gpu: there is one
         with _failed_run_marked(cfg):
-            result = train.run(cfg, dist.current_context(), train.LocalHooks(run_dir))
+            result = train.run(cfg, dist.current_context(device), train.LocalHooks(run_dir))
             if result.get("stopped"):  # SIGTERM: checkpointed at the current step, the run ends KILLED
                 raise KeyboardInterrupt(f"stopped at step {result['step']}")
         result["checkpoint"] = checkpoint.latest(run_dir)

@@ -38,6 +38,10 @@ class MethodConfig(BaseModel):
     # keys the method reads only for its diagnostics: not listed among its settings (hardneg runs, run notes)
     DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ()
 
+    def batch_problem(self, global_batch: int) -> Optional[str]:
+        """Why a global batch of ``global_batch`` samples cannot serve these settings (None: it can)."""
+        return None
+
 
 class Method(Protocol):
     """A method module, as the registry holds it."""
