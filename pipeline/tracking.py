@@ -534,7 +534,8 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
         p, tags, info = run.data.params, run.data.tags, run.info
         method = tags.get("method") or p.get("loss.name", "?")
-        settings = [(k, p[f"loss.{k}"]) for k in own_loss_keys(method) if f"loss.{k}" in p]
+        own = own_loss_keys(p.get("loss.name") or method)  # the tag may be a label: moco_v2 is loss.name=mochi
+        settings = [(k, p[f"loss.{k}"]) for k in own if f"loss.{k}" in p]
         last_knn = _metric(client, run, "eval/knn_top1")
         best_knn = _metric(client, run, "eval/knn_top1_best")
         best_knn = _metric(client, run, "eval/knn_top1", max) if best_knn is None else best_knn

@@ -131,7 +131,7 @@ def test_use_gpu_without_a_gpu_is_refused_unless_forced(tmp_path, formats):
 
 def test_shard_size_zero_is_refused(tmp_path):
     proc = hardneg("prep", "builtin:digits", str(tmp_path / "out"), "--shard-size", "0", "--quiet")
-    assert_one_line_error(proc, "--shard-size 0", ">= 1")
+    assert_one_line_error(proc, "shard_size=0 (--shard-size)", "integer >= 1")
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -179,3 +179,45 @@ def test_a_probe_below_chance_says_so_with_its_settings(formats):
         assert r["warning"] == below_chance(r["linear_top1"], r["chance_top1"], eval_cfg)
         for needle in ("below chance", "eval.probe_epochs=1", "eval.probe_optimizer=adam", "eval.probe_lr=1e-12"):
             assert needle in r["warning"]
+
+
+def test_a_prep_rerun_writes_nothing_and_says_so(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "img"
+    for c in "ab":
+        (src / "train" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(src / "train" / c / f"{i}.png")
+    (src / "train" / "a" / "bad.png").write_bytes(b"not an image")  # skipped: PIL names an object address
+    out = tmp_path / "out"
+    first = hardneg("prep", f"imagefolder:{src}", str(out), "--quiet")
+    assert first.returncode == 0 and first.stdout.startswith(f"wrote {out} "), first.stderr
+    manifest = (out / "manifest.json").read_bytes()
+    assert b" at 0x" not in manifest and b"created" not in manifest and b"workers" not in manifest
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = hardneg("prep", f"imagefolder:{src}", str(out), "--quiet", "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"nothing to do: every file is in place in {out} ")
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # not one file rewritten
+    assert json.loads((out / "prep_run.json").read_text())["workers"] == 1  # the run that wrote it
+
+
+def test_messages_name_commands_that_exist(tmp_path):
+    proc = hardneg("prep", "verify", str(tmp_path / "none"))
+    assert_one_line_error(proc, "no manifest", f"hardneg prep SOURCE {tmp_path / 'none'}")
+    assert "prepare first" not in proc.stderr
+
+
+def test_moco_v2_is_labelled_moco_v2(tmp_path):
+    from pipeline import config, run_info
+    from pipeline.app.train_command import choose_run_name
+
+    manifest = {"dataset": "builtin:digits", "splits": {"train": {"num_samples": 10}}}
+    moco = config.load("configs/digits/moco_v2.yaml", [f"cluster.storage_path={tmp_path}"])
+    mochi = config.load("configs/digits/mochi.yaml", [f"cluster.storage_path={tmp_path}"])
+    assert run_info.run_tags(moco, manifest, 1)["method"] == "moco_v2"
+    assert run_info.run_note(moco, manifest, 1).startswith("moco_v2 (")
+    assert choose_run_name(moco, None).startswith("moco_v2-")
+    assert run_info.run_tags(mochi, manifest, 1)["method"] == "mochi"

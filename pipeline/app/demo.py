@@ -39,7 +39,7 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
         ],
     )
     print(
-        f"[demo] training {cfg.model.backbone} (width {cfg.model.width}) with {cfg.loss.name} "
+        f"[demo] training {cfg.model.backbone} (width {cfg.model.width}) with {cfg.loss.label()} "
         f"for {cfg.train.epochs} epochs on {cfg.world_size} {cfg.cluster.launcher} worker(s)",
         flush=True,
     )
@@ -54,7 +54,7 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
         f"\nkNN top-1 on the builtin:digits {cfg.data.eval_split} split ({n_test} images, "
         f"k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}):"
     )
-    print(f"  trained encoder ({cfg.loss.name})  {trained:.4f}")
+    print(f"  trained encoder ({cfg.loss.label()})  {trained:.4f}")
     print(f"  same network, random init  {random_init:.4f}")
     print(f"  raw pixels                 {pixels:.4f}")
     print(f"MLflow run id: {result.get('mlflow_run_id')}")

@@ -83,6 +83,7 @@ def cmd_prep(args: argparse.Namespace) -> None:
         from cluster.prep import ray_mapper
 
         mapper = ray_mapper(args.ray)
+    status: dict = {}
     try:
         manifest = prepare(
             args.source,
@@ -98,6 +99,7 @@ def cmd_prep(args: argparse.Namespace) -> None:
             image_format=args.image_format,
             mapper=mapper,
             val_fraction=args.val_fraction,
+            status=status,
         )
     except KeyboardInterrupt:
         raise HardnegError("interrupted; rerun the same command to resume (finished files are kept)") from None
@@ -107,4 +109,5 @@ def cmd_prep(args: argparse.Namespace) -> None:
         files += ["1 FFCV file"] if info.get("ffcv") else []
         parts.append(f"{split}: {info['num_samples']} in {' + '.join(files)}")
     skipped = f"; {len(manifest['skipped'])} inputs skipped (listed in the manifest)" if manifest["skipped"] else ""
-    print(f"wrote {args.out} ({', '.join(parts)}){skipped}")
+    done = "wrote" if status.get("wrote", True) else "nothing to do: every file is in place in"
+    print(f"{done} {args.out} ({', '.join(parts)}){skipped}")

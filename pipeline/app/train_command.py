@@ -98,7 +98,7 @@ def choose_run_name(cfg: Config, resume: Optional[str]) -> str:
             raise HardnegError(f"run '{name}' already exists under {storage}; pass --resume {name} to continue it")
         return name
     # a fresh timestamped name; two runs started within one second get -2, -3, ...
-    stamp = f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = f"{cfg.loss.label()}-{time.strftime('%Y%m%d-%H%M%S')}"
     name, n = stamp, 1
     while taken(name):
         n += 1

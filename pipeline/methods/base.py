@@ -38,6 +38,10 @@ class MethodConfig(BaseModel):
     # keys the method reads only for its diagnostics: not listed among its settings (hardneg runs, run notes)
     DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ()
 
+    def label(self) -> str:
+        """What runs, tags, notes and tables call this method (its name, unless a setting makes it another)."""
+        return self.name
+
     def batch_problem(self, global_batch: int) -> Optional[str]:
         """Why a global batch of ``global_batch`` samples cannot serve these settings (None: it can)."""
         return None
