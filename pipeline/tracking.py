@@ -511,10 +511,6 @@ def _metric(client: MlflowClient, run, name: str, reduce=None) -> Optional[float
     return None
 
 
-def _duration(start_ms: Optional[int], end_ms: Optional[int]) -> Optional[float]:
-    return (end_ms - start_ms) / 1000.0 if start_ms and end_ms and end_ms >= start_ms else None
-
-
 def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
     """One row per run of ``experiment`` (newest first): who, when, what method with which settings, and scores.
 
@@ -546,7 +542,8 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
                 "method": method,
                 "dataset": tags.get("dataset") or os.path.basename(p.get("data.path", "").rstrip("/")) or None,
                 "started": info.start_time / 1000.0 if info.start_time else None,
-                "duration": _duration(info.start_time, info.end_time),
+                # time in the step loop, not the run's wall span (a resume's gap, a later eval --track)
+                "train time": _metric(client, run, "perf/train_seconds"),
                 "temperature": p.get("loss.temperature"),
                 "settings": " ".join(f"{k}={v}" for k, v in settings) or None,
                 "batch": p.get("train.global_batch_size"),

@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_overrides
 
 HARDNEG = os.path.join(os.path.dirname(sys.executable), "hardneg")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hardneg(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -215,9 +216,93 @@ def test_moco_v2_is_labelled_moco_v2(tmp_path):
     from pipeline.app.train_command import choose_run_name
 
     manifest = {"dataset": "builtin:digits", "splits": {"train": {"num_samples": 10}}}
-    moco = config.load("configs/digits/moco_v2.yaml", [f"cluster.storage_path={tmp_path}"])
-    mochi = config.load("configs/digits/mochi.yaml", [f"cluster.storage_path={tmp_path}"])
+    moco = config.load(os.path.join(ROOT, "configs/digits/moco_v2.yaml"), [f"cluster.storage_path={tmp_path}"])
+    mochi = config.load(os.path.join(ROOT, "configs/digits/mochi.yaml"), [f"cluster.storage_path={tmp_path}"])
     assert run_info.run_tags(moco, manifest, 1)["method"] == "moco_v2"
     assert run_info.run_note(moco, manifest, 1).startswith("moco_v2 (")
     assert choose_run_name(moco, None).startswith("moco_v2-")
     assert run_info.run_tags(mochi, manifest, 1)["method"] == "mochi"
+
+
+def test_runs_fits_120_columns_and_shows_training_time():
+    from pipeline.app.runs_view import COLUMNS, NARROW, render
+
+    row = {
+        "run": "sscl-20261203-145200-a-very-long-name-given-by-tracking-run-name",
+        "run id": "e007062f97834212ba09ebe13940f1ad",
+        "method": "moco_v2",
+        "dataset": "imagefolder:/data/a/rather/long/path/to/the/images",
+        "started": 1796354102.0,
+        "train time": 125.0,
+        "settings": "mochi_momentum=0.99 mochi_queue_size=256 mochi_n_hard=64 mochi_s=0 mochi_s_prime=0",
+        "best kNN": 0.9,
+        "last kNN": 0.89,
+        "probe top-1": None,
+        "status": "FINISHED",
+    }
+    narrow = render([row], "text", NARROW).splitlines()
+    assert max(len(line) for line in narrow) <= 120, narrow
+    assert "2m05s" in narrow[1] and "\u2026" in narrow[1]
+    wide = render([row], "text", COLUMNS)
+    assert row["run id"] in wide and row["settings"] in wide and row["dataset"] in wide
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_max_steps_checkpoints_by_step_keeps_the_newest_and_a_quiet_console(tmp_path, formats, launcher):
+    """train.max_steps ends the run mid-epoch like an epoch end; checkpoint folders are named by step under both
+    launchers and only the newest cluster.checkpoints_to_keep stay; without --verbose a Ray run's console holds
+    the training lines only: no Ray C++ log lines, no "(RayTrainWorker pid=...)" prefixes, no ANSI codes."""
+    overrides = tiny_overrides(
+        tmp_path,
+        formats["wds"],
+        f"cluster.launcher={launcher}",
+        "cluster.num_workers=1",
+        "train.epochs=4",
+        "train.max_steps=25",  # 10 steps per epoch: checkpoints at 10, 20 and 25
+        "train.knn_every_epochs=0",
+        "cluster.checkpoints_to_keep=2",
+        "tracking.run_name=short",
+    )
+    proc = hardneg("train", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    console = proc.stdout + proc.stderr
+    assert "epoch 3/3 step 25/25" in proc.stdout
+    assert "run short: 25 steps" in proc.stdout
+    for noise in ("RayTrainWorker", "TrainController", "pid=", ".cc:", "\x1b[", "Traceback"):
+        assert noise not in console, console
+    run_dir = tmp_path / "runs" / "short"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_00000020",
+        "checkpoint_00000025",
+    ]
+
+
+def test_version():
+    from importlib.metadata import version
+
+    proc = hardneg("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hardneg {version('hardneg')}"
+
+
+def test_reproduce_refuses_a_file_that_is_not_a_grid_before_the_heavy_imports(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"version": 1, "splits": {}}')
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    cases = [
+        (
+            os.path.join(ROOT, "configs/demo.yaml"),
+            ("is not a grid", "lacks name, datasets, methods", "hardneg train --config"),
+        ),
+        (str(tmp_path / "manifest.json"), ("is not a grid", "lacks name, datasets, methods")),
+        (str(tmp_path / "list.yaml"), ("is not a grid", "holds list")),
+        (str(tmp_path / "none.yaml"), ("grid file not found",)),
+    ]
+    for path, needles in cases:
+        assert_one_line_error(hardneg("reproduce", path), *needles)
+    # the check imports YAML only: not torch, MLflow or Ray
+    probe = (
+        "import sys; from pipeline.app.grid_file import check_grid_file\n"
+        "try: check_grid_file('configs/demo.yaml')\nexcept Exception: pass\n"
+        "print(sorted(m for m in ('torch', 'mlflow', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stderr

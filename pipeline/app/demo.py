@@ -44,7 +44,8 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
         flush=True,
     )
     result = train_run(cfg)
-    trained = evaluate_checkpoint(result["checkpoint"], shards)["knn_top1"]
+    # --track: the test-split figure printed below goes into the run too (eval/knn_top1_checkpoint)
+    trained = evaluate_checkpoint(result["checkpoint"], shards, track=True)["knn_top1"]
     random_init = random_init_knn(cfg, shards)
     pixels = raw_pixel_knn(
         shards, cfg.data.train_split, cfg.data.eval_split, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature

@@ -245,7 +245,9 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
         cfg = _attach_mlflow_run(cfg, resume)
         device = "cuda" if cfg.cluster.use_gpu else "cpu"  # check_gpu: there is one
         with _failed_run_marked(cfg):
-            result = train.run(cfg, dist.current_context(device), train.LocalHooks(run_dir))
+            result = train.run(
+                cfg, dist.current_context(device), train.LocalHooks(run_dir, cfg.cluster.checkpoints_to_keep)
+            )
             if result.get("stopped"):  # SIGTERM: checkpointed at the current step, the run ends KILLED
                 raise KeyboardInterrupt(f"stopped at step {result['step']}")
         result["checkpoint"] = checkpoint.latest(run_dir)
@@ -257,6 +259,7 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
             with _failed_run_marked(cfg):
                 result = fit(cfg, run_name)
     result["run_name"] = run_name
+    result["knn_split"] = cfg.data.val_split  # what knn_top1 was measured on (the kNN monitor's split)
     result["run_dir"] = run_dir
     result["tracking_uri"] = cfg.tracking.uri
     return result
