@@ -18,7 +18,7 @@ import numpy as np
 
 from data_prep import sources
 from data_prep.errors import HardnegError
-from data_prep.holdout import HOLDOUT_SPLIT, HoldoutSource, with_holdout
+from data_prep.holdout import HoldoutSource, with_holdout, with_test
 from data_prep.jobs import (
     PROGRESS_DIR,
     ShardJob,
@@ -250,6 +250,7 @@ def prepare(
     image_format: str = "auto",
     mapper: Optional[Mapper] = None,
     val_fraction: Optional[float] = None,
+    test_fraction: Optional[float] = None,
     status: Optional[dict] = None,
 ) -> dict:
     """Shard ``source`` into ``out`` (path or fsspec URL) and return the manifest; reruns write nothing
@@ -280,7 +281,8 @@ def prepare(
         raise HardnegError(
             "--workers > 1 needs storage every worker process can reach; memory:// is private to one process"
         )
-    src = with_holdout(sources.open_source(source, test_size=test_size), val_fraction)
+    # --test-fraction first: the test images leave train before the holdout is drawn from what remains
+    src = with_holdout(with_test(sources.open_source(source, test_size=test_size), test_fraction), val_fraction)
     if cap is not None:
         shard_size = estimate_shard_size(src, cap, seed, image_format)
     specs = plan_shards(src.sizes, shard_size, seed)
@@ -291,7 +293,7 @@ def prepare(
         "image_format": image_format,
     }
     if isinstance(src, HoldoutSource):  # recorded in the manifest's prep section (and the fingerprint)
-        settings |= {"val_fraction": src.fraction, "val_seed": src.seed, "val_split": HOLDOUT_SPLIT}
+        settings |= src.settings()
     fingerprint = fingerprint_of(src, settings)
 
     fs, root = out_fs(out)

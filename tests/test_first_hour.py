@@ -306,3 +306,31 @@ def test_reproduce_refuses_a_file_that_is_not_a_grid_before_the_heavy_imports(tm
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_prep_test_fraction_gives_a_source_without_one_a_test_split(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "img"
+    for c in "ab":
+        (src / "train" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (8, 8), (i * 30, 100 if c == "a" else 0, 0)).save(src / "train" / c / f"{i}.png")
+    out = tmp_path / "out"
+    proc = hardneg("prep", f"imagefolder:{src}", str(out), "--quiet", "--test-fraction", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    assert "train: 12 in 1 shards, test: 4 in 1 shards" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["prep"]["test_fraction"], manifest["prep"]["test_split"]) == (0.25, "test")
+    from pipeline.data import labelled_images
+
+    test = list(labelled_images(str(out), "test"))
+    train = list(labelled_images(str(out), "train"))
+    assert sorted(label for _, label in test) == [0, 0, 1, 1]  # per class
+    pixels = {image.tobytes() for image, _ in train}
+    assert not any(image.tobytes() in pixels for image, _ in test)  # no image in both
+    assert_one_line_error(
+        hardneg("prep", "builtin:digits", str(tmp_path / "d"), "--test-fraction", "0.2", "--quiet"),
+        "already has a 'test' split",
+        "--test-fraction 0",
+    )

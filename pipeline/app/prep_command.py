@@ -61,6 +61,14 @@ def add_prep_parser(sub) -> None:
         help="hold out this share of train, per class (fixed seed), as the 'holdout' split that the kNN "
         "monitor and checkpoints/best use (default 0.1 for builtin:digits, else 0)",
     )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="for a source without a test split (an imagefolder): hold out this share of train, per class "
+        "(fixed seed), as the 'test' split that `hardneg eval` reads (default: none)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prep)
 
@@ -99,6 +107,7 @@ def cmd_prep(args: argparse.Namespace) -> None:
             image_format=args.image_format,
             mapper=mapper,
             val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
             status=status,
         )
     except KeyboardInterrupt:
