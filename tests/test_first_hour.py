@@ -39,11 +39,11 @@ def mlflow_runs(db) -> int:
 
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory) -> dict:
-    """builtin:digits prepared as WebDataset only, FFCV only (when FFCV is built here)."""
+    """builtin:digits prepared as WebDataset only, and FFCV only and both (when FFCV is built here)."""
     root = tmp_path_factory.mktemp("formats")
     out = {}
-    for fmt in ("wds", "ffcv"):
-        if fmt == "ffcv":
+    for fmt in ("wds", "ffcv", "both"):
+        if fmt != "wds":
             try:
                 import ffcv.loader  # noqa: F401
             except Exception:
@@ -54,15 +54,18 @@ def formats(tmp_path_factory) -> dict:
     return out
 
 
-def test_ffcv_only_data_trains_monitors_evaluates_and_probes(tmp_path, formats):
-    if "ffcv" not in formats:
+@pytest.mark.parametrize(("prepared", "read"), [("ffcv", "ffcv"), ("both", "ffcv"), ("wds", "wds")])
+def test_every_format_trains_monitors_evaluates_and_probes(tmp_path, formats, prepared, read):
+    """`hardneg prep --format ffcv|both|wds`, then train (kNN monitor on), eval --protocol all --track."""
+    if prepared not in formats:
         pytest.skip("FFCV is not built in this environment (`python -c 'import ffcv'` fails; make setup builds it)")
-    data = formats["ffcv"]
-    overrides = tiny_overrides(tmp_path, data, "data.format=ffcv", "cluster.launcher=local", "tracking.run_name=ff")
+    data = formats[prepared]
+    overrides = tiny_overrides(tmp_path, data, f"data.format={read}", "cluster.launcher=local", "tracking.run_name=ff")
     proc = hardneg("train", *overrides)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "knn_top1" in proc.stdout  # the kNN monitor ran on the holdout split, read from holdout.beton
+    assert "kNN top-1" in proc.stdout and "on split holdout" in proc.stdout  # the summary names the split
     run_dir = tmp_path / "runs" / "ff"
     proc = hardneg(
         "eval", "--checkpoint", str(run_dir), "--data", data, "--protocol", "all", "eval.probe_epochs=1", "--track"
