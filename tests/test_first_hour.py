@@ -105,13 +105,20 @@ def test_a_tracking_uri_under_a_regular_file_is_one_line_and_leaves_nothing(tmp_
             ["loss.n_hard=32", "4 negatives per anchor", "train.global_batch_size=3", "train.global_batch_size>=17"],
         ),
         (["loss.name=sscl", "loss.n_hard=1000"], ["loss.n_hard=1000", "254 negatives", "loss.n_hard<=254"]),
-        (["loss.name=hcl", "loss.n_hard=1000"], ["loss.n_hard=1000", "254 negatives"]),
     ],
 )
 def test_a_batch_too_small_for_the_method_is_refused(tmp_path, formats, settings, needles):
     proc = hardneg("train", *tiny_overrides(tmp_path, formats["wds"], "cluster.launcher=local", *settings))
     assert_one_line_error(proc, *needles)
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "mlflow.db")
+
+
+def test_n_hard_as_a_diagnostic_count_is_not_refused():
+    """Outside SSCL, n_hard only counts the hardest negatives a diagnostic reports (clamped to what exists)."""
+    from pipeline import config
+
+    cfg = config.load(None, ["loss.name=hcl", "loss.n_hard=1000", "train.global_batch_size=128"])
+    assert config.from_dict(config.to_dict(cfg)).loss.n_hard == 1000  # also after a round trip (checkpoints)
 
 
 def test_use_gpu_without_a_gpu_is_refused_unless_forced(tmp_path, formats):

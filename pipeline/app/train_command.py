@@ -1,10 +1,12 @@
 """From a loaded config to a finished run: resolve paths, name the run, pick the launcher.
 
 Everything that can be checked before a worker starts is checked here (or, for the cluster itself,
-in cluster.train.ray_session), so bad input fails in one line before any training: unreadable data,
-too few shards for the readers, a storage path (local or s3:// / gs://) that cannot be written, a
-run name that already exists without --resume, a resume whose checkpoint came from a different
-config, no Ray at cluster.address, more workers than the cluster's CPUs/GPUs.
+in cluster.train.ray_session), so bad input fails in one line before any training: a local tracking
+store that cannot be created, unreadable data, a data.format the data lacks, cluster.use_gpu without a
+GPU, too few shards for the readers (these before anything is written: no run folder, no MLflow run), a
+storage path (local or s3:// / gs://) that cannot be written, a run name that already exists without
+--resume, a resume whose checkpoint came from a different config, no Ray at cluster.address, more
+workers than the cluster's CPUs/GPUs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from typing import Iterator, Optional
 
 import fsspec
+import torch
 
 from data_prep.manifest import read_manifest
 from pipeline import checkpoint, data, dist, faults, train
@@ -167,8 +170,6 @@ def check_gpu(cfg: Config, environ=os.environ) -> Config:
     no CUDA GPU: one line, unless HARDNEG_ALLOW_NO_GPU=1 forces the run, which then trains on CPU and says so."""
     if not cfg.cluster.use_gpu or (cfg.cluster.launcher == "ray" and cfg.cluster.address):
         return cfg
-    import torch
-
     if torch.cuda.is_available():
         return cfg
     if environ.get(NO_GPU_OVERRIDE) != "1":

@@ -29,10 +29,9 @@ class InBatchConfig(MethodConfig):
 
     def batch_problem(self, global_batch: int) -> Optional[str]:
         """n_hard hardest negatives must exist among an anchor's 2 x batch - 2 (the other views of the global
-        batch): where n_hard is the method's own setting (SSCL's s), or where it was set explicitly."""
+        batch) where n_hard is the method's own setting (SSCL's s); as a diagnostic's count it is clamped."""
         negatives = 2 * global_batch - 2
-        uses = "n_hard" not in self.DIAGNOSTIC_KEYS or "n_hard" in self.model_fields_set
-        if uses and self.n_hard > negatives:
+        if "n_hard" not in self.DIAGNOSTIC_KEYS and self.n_hard > negatives:
             return (
                 f"loss.n_hard={self.n_hard} exceeds the {negatives} negatives per anchor of "
                 f"train.global_batch_size={global_batch} (2 x {global_batch} views - 2); set "
