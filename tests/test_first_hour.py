@@ -344,3 +344,37 @@ def test_prep_test_fraction_gives_a_source_without_one_a_test_split(tmp_path):
         "already has a 'test' split",
         "--test-fraction 0",
     )
+
+
+def test_a_quiet_console_keeps_the_training_workers_lines_only():
+    pytest.importorskip("ray")
+    from cluster.connect import training_lines
+
+    e_line = (
+        "[2026-12-03 14:52:00,554 E 24388 24453] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: '7cd4' has constructor arguments in the object store and max_restarts > 0."
+    )
+    assert (
+        training_lines({"actor_name": "TrainController", "lines": [e_line, "Traceback (most recent call last):"]}) == []
+    )
+    worker = {"actor_name": "RayTrainWorker", "pid": 7, "lines": ["epoch 1/3 step 10/30 loss 5.4", e_line]}
+    assert training_lines(worker) == ["epoch 1/3 step 10/30 loss 5.4"]
+
+
+def test_a_tracking_store_path_that_cannot_be_a_store_is_one_line(tmp_path):
+    from pipeline.config import TrackingConfig
+    from pipeline.errors import HardnegError
+    from pipeline.tracking import check_store_path
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for uri, needle in [
+        (f"sqlite:///{tmp_path}/afile/deeper/m.db", "afile is a file, not a directory"),
+        (f"sqlite:///{tmp_path}/adir", "adir is a directory; name a database file in it"),
+        (f"file://{tmp_path}/afile", "afile is a file; a file store needs a directory"),
+    ]:
+        with pytest.raises(HardnegError, match=needle):
+            check_store_path(TrackingConfig(uri=uri))
+    check_store_path(TrackingConfig(uri=f"sqlite:///{tmp_path}/new/dirs/m.db"))  # MLflow creates those
+    check_store_path(TrackingConfig(uri="http://127.0.0.1:1"))  # a server: checked by check_server_access
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"]
