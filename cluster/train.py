@@ -27,7 +27,7 @@ import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution import context as ray_train_context
 
-from cluster.connect import init_ray
+from cluster.connect import init_ray, quiet_worker_logs
 from pipeline import checkpoint, console, dist, faults, train
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.errors import HardnegError
@@ -53,7 +53,12 @@ class RayHooks:
     def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None:
         saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # every rank adds the same key, so the restart step reaches Result.metrics whichever rank it comes from
-        ray.train.report(metrics | {"restored_from_step": self.restored_step}, checkpoint=saved)
+        ray.train.report(
+            metrics | {"restored_from_step": self.restored_step},
+            checkpoint=saved,
+            # named by step as under the local launcher (Ray's default is a timestamp)
+            checkpoint_dir_name=checkpoint.dir_name(metrics["step"]) if saved is not None else None,
+        )
 
 
 def _worker_loop(loop_config: dict) -> None:
@@ -96,8 +101,12 @@ def _start_ray(cfg: Config) -> bool:
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HardnegError(f"no Ray cluster reachable at cluster.address={cfg.cluster.address}: {reason}") from None
+        if not console.is_verbose():
+            quiet_worker_logs()
         return True
     _init_local(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
+    if not console.is_verbose():
+        quiet_worker_logs()
     return True
 
 

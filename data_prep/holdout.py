@@ -19,6 +19,8 @@ from data_prep.sources import Record, Source
 
 HOLDOUT_SPLIT = "holdout"
 HOLDOUT_SEED = 0  # fixed: the same images are held out whatever --seed shuffles the shards with
+TEST_SPLIT = "test"  # `hardneg prep --test-fraction`: a test split for a source that has none (an imagefolder)
+TEST_SEED = 1
 # sources that hold one out by default (a recipe on them selects on it); others: --val-fraction to opt in
 DEFAULT_VAL_FRACTION = {"builtin:digits": 0.1}
 
@@ -70,29 +72,46 @@ def _labels(source: Source, split: str) -> np.ndarray:
 
 
 class HoldoutSource(Source):
-    """``source`` with ``fraction`` of its train split (per class) moved to a ``holdout`` split."""
+    """``source`` with ``fraction`` of its train split (per class) moved to a ``holdout`` split (or, with
+    ``split="test"``, to a test split for a source that has none)."""
 
-    def __init__(self, source: Source, fraction: float, seed: int = HOLDOUT_SEED):
+    def __init__(self, source: Source, fraction: float, seed: int = HOLDOUT_SEED, split: str = HOLDOUT_SPLIT):
+        flag = "--val-fraction" if split == HOLDOUT_SPLIT else f"--{split}-fraction"
         if "train" not in source.sizes:
-            raise HardnegError(f"--val-fraction needs a 'train' split; {source.spec} has {', '.join(source.sizes)}")
-        if HOLDOUT_SPLIT in source.sizes:
-            raise HardnegError(f"{source.spec} already has a '{HOLDOUT_SPLIT}' split; use --val-fraction 0")
-        self.inner, self.fraction, self.seed = source, float(fraction), int(seed)
+            raise HardnegError(f"{flag} needs a 'train' split; {source.spec} has {', '.join(source.sizes)}")
+        if split in source.sizes:
+            raise HardnegError(f"{source.spec} already has a '{split}' split; use {flag} 0")
+        self.inner, self.fraction, self.seed, self.split = source, float(fraction), int(seed), split
+        self.key = "val" if split == HOLDOUT_SPLIT else split  # the manifest's prep.<key>_fraction
         self.spec, self.classes, self.decodes_files = source.spec, source.classes, source.decodes_files
         self.info, self.skipped = dict(source.info), list(source.skipped)
         held = held_out(_labels(source, "train"), self.fraction, self.seed)
         # inner train positions of each outer split, ascending (arrays: no Python int per record)
         kept = np.ones(source.sizes["train"], dtype=bool)
         kept[held] = False
-        self.positions = {"train": np.flatnonzero(kept), HOLDOUT_SPLIT: held}
+        self.positions = {"train": np.flatnonzero(kept), split: held}
         self.sizes = {
             **{k: v for k, v in source.sizes.items()},
             "train": len(self.positions["train"]),
-            HOLDOUT_SPLIT: len(held),
+            split: len(held),
         }
 
+    def settings(self) -> dict:
+        """What the manifest's prep section records of this division (and of the ones inside it)."""
+        inner = self.inner.settings() if isinstance(self.inner, HoldoutSource) else {}
+        return inner | {
+            f"{self.key}_fraction": self.fraction,
+            f"{self.key}_seed": self.seed,
+            f"{self.key}_split": self.split,
+        }
+
+    def labels(self, split: str) -> np.ndarray:
+        """Every label of ``split`` (-1: unreadable), from the inner source's labels: nothing is decoded twice."""
+        inner = _labels(self.inner, "train" if split in self.positions else split)
+        return inner[self.positions[split]] if split in self.positions else inner
+
     def signature(self) -> dict:
-        return {**self.inner.signature(), "val_fraction": self.fraction, "val_seed": self.seed}
+        return {**self.inner.signature(), f"{self.key}_fraction": self.fraction, f"{self.key}_seed": self.seed}
 
     def _where(self, split: str, index: int) -> tuple[str, int]:
         if split in self.positions:
@@ -114,6 +133,16 @@ class HoldoutSource(Source):
                 yield dict(item, split=split, index=int(pos))
             else:
                 yield item if split == inner_split else dataclasses.replace(item, split=split)
+
+
+def with_test(source: Source, fraction: Optional[float]) -> Source:
+    """``source`` itself when ``fraction`` is None or 0, else a HoldoutSource whose ``test`` split is that share
+    of train, per class (`hardneg prep --test-fraction`)."""
+    if fraction is None or fraction == 0:
+        return source
+    if not 0.0 < fraction < 1.0:
+        raise HardnegError(f"--test-fraction={fraction!r}; expected a number in [0, 1)")
+    return HoldoutSource(source, fraction, TEST_SEED, TEST_SPLIT)
 
 
 def with_holdout(source: Source, fraction: Optional[float]) -> Source:

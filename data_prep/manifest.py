@@ -8,6 +8,7 @@ import json
 import posixpath
 import tarfile
 from datetime import datetime, timezone
+from typing import Optional
 
 import fsspec
 
@@ -38,12 +39,15 @@ def join_url(out: str, rel: str) -> str:
     return posixpath.join(root, rel)
 
 
+RUN_NAME = "prep_run.json"  # facts of the prep run that wrote the manifest (time, workers): not in the manifest
+
+
 def build_manifest(dataset: str, prep: dict, splits: dict, image: dict, skipped: list) -> dict:
-    """The manifest dict (``splits``: name -> {num_samples, classes, shards}); stamped with the time."""
+    """The manifest dict (``splits``: name -> {num_samples, classes, shards}): a function of the inputs and the
+    prep settings only, so the same command writes the same bytes (the run's time goes to RUN_NAME)."""
     return {
         "version": MANIFEST_VERSION,
         "dataset": dataset,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "prep": dict(prep),
         "image": dict(image),
         "splits": splits,
@@ -51,10 +55,18 @@ def build_manifest(dataset: str, prep: dict, splits: dict, image: dict, skipped:
     }
 
 
-def write_manifest(out: str, manifest: dict) -> None:
-    """Write ``OUT/manifest.json`` atomically (temp name in the same directory, then rename)."""
+def manifest_bytes(manifest: dict) -> bytes:
+    """The bytes ``OUT/manifest.json`` holds for ``manifest``."""
+    return (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
+
+
+def write_manifest(out: str, manifest: dict, run: Optional[dict] = None) -> None:
+    """Write ``OUT/manifest.json`` atomically (temp name in the same directory, then rename), then ``run``'s
+    facts (workers ...) with the time into ``OUT/prep_run.json``."""
     fs, root = out_fs(out)
-    put_atomic(fs, posixpath.join(root, MANIFEST_NAME), (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    put_atomic(fs, posixpath.join(root, MANIFEST_NAME), manifest_bytes(manifest))
+    facts = {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(run or {})}
+    put_atomic(fs, posixpath.join(root, RUN_NAME), (json.dumps(facts, indent=1) + "\n").encode("utf-8"))
 
 
 def _check_manifest(m, where: str) -> None:
@@ -96,7 +108,7 @@ def read_manifest(out: str) -> dict:
         with fs.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise HardnegError(f"no manifest {where}; run prepare first") from None
+        raise HardnegError(f"no manifest {where}; write one with `hardneg prep SOURCE {out}`") from None
     except Exception as e:
         raise HardnegError(f"cannot read manifest {where}: {type(e).__name__}: {e}") from None
     try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from data_prep import sources
 from data_prep.errors import HardnegError
-from data_prep.holdout import HOLDOUT_SPLIT, HoldoutSource, with_holdout
+from data_prep.holdout import HoldoutSource, with_holdout, with_test
 from data_prep.jobs import (
     PROGRESS_DIR,
     ShardJob,
@@ -32,7 +32,7 @@ from data_prep.jobs import (
 from data_prep.manifest import build_manifest, join_url, out_fs, write_manifest
 from data_prep.parallel import Mapper, local_mapper, ordered_chunks
 from data_prep.plan import plan_shards
-from data_prep.schema import MANIFEST_NAME, ffcv_name, shard_name
+from data_prep.schema import MANIFEST_NAME, MANIFEST_VERSION, ffcv_name, shard_name
 from data_prep.wds import IMAGE_FORMATS, encode_shard
 
 FORMAT = "wds"
@@ -105,6 +105,25 @@ def _old_files(old: Optional[dict]) -> set[str]:
         return set()
     # Only plain shard / FFCV names in OUT itself are ever deleted, whatever a stale manifest says.
     return {p for p in paths if isinstance(p, str) and "/" not in p and p.endswith((".tar", ".beton")) and p[:1] != "."}
+
+
+def _prep_section(settings: dict, format: str, strict: bool, cap, fingerprint: str) -> dict:
+    """The manifest's ``prep`` section: what the bytes written depend on (how many workers wrote them is a fact of
+    the run, kept in prep_run.json: the same bytes either way)."""
+    return dict(settings, format=format, strict=strict, shard_bytes=cap, fingerprint=fingerprint)
+
+
+def _nothing_to_do(old: dict, source: str, out: str, prep: dict) -> bool:
+    """Whether ``old`` (the manifest in OUT) is what this command would write and every file it lists is intact."""
+    try:
+        if old.get("version") != MANIFEST_VERSION or old.get("dataset") != source or old.get("prep") != prep:
+            return False
+        if prep["strict"] and old.get("skipped"):
+            return False  # --strict now: the skipped inputs must fail the run
+        files = [f for split in old["splits"].values() for f in [*split["shards"], split.get("ffcv")] if f]
+        return all(intact(join_url(out, f["path"]), f) for f in files)
+    except Exception:  # a manifest of another shape: rewrite
+        return False
 
 
 def _old_shards(fs, root: str) -> set[str]:
@@ -231,8 +250,11 @@ def prepare(
     image_format: str = "auto",
     mapper: Optional[Mapper] = None,
     val_fraction: Optional[float] = None,
+    test_fraction: Optional[float] = None,
+    status: Optional[dict] = None,
 ) -> dict:
-    """Shard ``source`` into ``out`` (path or fsspec URL) and return the manifest; reruns rewrite nothing.
+    """Shard ``source`` into ``out`` (path or fsspec URL) and return the manifest; reruns write nothing
+    (``status``, when given, gets "wrote": False then, True when anything was written).
 
     ``format``: wds | ffcv | both. ``shard_bytes`` (e.g. "64MB") sets the shard size from the data.
     ``mapper`` runs the shard jobs (default: ``workers`` local processes). ``val_fraction``: the share of
@@ -244,8 +266,12 @@ def prepare(
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise HardnegError(f"workers={workers!r}; expected an integer >= 1")
     cap = parse_bytes(shard_bytes) if shard_bytes is not None else None
+    if not isinstance(shard_size, (int, np.integer)) or isinstance(shard_size, bool) or shard_size < 1:
+        raise HardnegError(
+            f"shard_size={shard_size!r} (--shard-size): a shard holds at least 1 sample; expected an integer >= 1"
+        )
     sources.resolve(source)
-    plan_shards({}, shard_size, seed)  # checks shard_size and seed before any work
+    plan_shards({}, shard_size, seed)  # checks seed before any work
     if format != "wds":
         from data_prep import ffcv
 
@@ -255,7 +281,8 @@ def prepare(
         raise HardnegError(
             "--workers > 1 needs storage every worker process can reach; memory:// is private to one process"
         )
-    src = with_holdout(sources.open_source(source, test_size=test_size), val_fraction)
+    # --test-fraction first: the test images leave train before the holdout is drawn from what remains
+    src = with_holdout(with_test(sources.open_source(source, test_size=test_size), test_fraction), val_fraction)
     if cap is not None:
         shard_size = estimate_shard_size(src, cap, seed, image_format)
     specs = plan_shards(src.sizes, shard_size, seed)
@@ -266,7 +293,7 @@ def prepare(
         "image_format": image_format,
     }
     if isinstance(src, HoldoutSource):  # recorded in the manifest's prep section (and the fingerprint)
-        settings |= {"val_fraction": src.fraction, "val_seed": src.seed, "val_split": HOLDOUT_SPLIT}
+        settings |= src.settings()
     fingerprint = fingerprint_of(src, settings)
 
     fs, root = out_fs(out)
@@ -275,6 +302,10 @@ def prepare(
     old = _old_manifest(fs, root)
     stale = _old_files(old)
     _remove_temps(fs, root)
+    if old is not None and _nothing_to_do(old, source, out, _prep_section(settings, format, strict, cap, fingerprint)):
+        if status is not None:
+            status["wrote"] = False
+        return old  # the same command ran to its end before: not one byte is written
     # Without a manifest nothing is "done": a failure below leaves no manifest pointing at a mix.
     if fs.exists(posixpath.join(root, MANIFEST_NAME)):
         fs.rm(posixpath.join(root, MANIFEST_NAME))
@@ -302,7 +333,9 @@ def prepare(
     if sum(v["num_samples"] for v in manifest["splits"].values()) == 0:
         _clean_failed(fs, root, existed, fingerprint)
         raise HardnegError(f"{source} has no readable images ({len(manifest['skipped'])} skipped)")
-    write_manifest(out, manifest)
+    write_manifest(out, manifest, {"workers": workers})
+    if status is not None:
+        status["wrote"] = True
     try:
         fs.rm(posixpath.join(root, PROGRESS_DIR), recursive=True)
     except Exception:  # object stores may report a missing prefix
@@ -375,7 +408,7 @@ def _write_all(
                         bar=bar,
                     )
 
-    return _assemble(source, src, results, betons, format, settings, fingerprint, workers, cap, strict)
+    return _assemble(source, src, results, betons, format, settings, fingerprint, cap, strict)
 
 
 def _clean_failed(fs, root: str, existed: bool, fingerprint: str, only_if_empty: bool = False) -> None:
@@ -401,7 +434,6 @@ def _assemble(
     format: str,
     settings: dict,
     fingerprint: str,
-    workers: int,
     cap,
     strict: bool,
 ) -> dict:
@@ -429,7 +461,7 @@ def _assemble(
     uniform = {tuple(s) if s else None for s in sizes}
     size = uniform.pop() if len(uniform) == 1 else None
     image = {"height": size[0] if size else None, "width": size[1] if size else None, "channels": 3}
-    prep = dict(settings, format=format, strict=strict, workers=workers, shard_bytes=cap, fingerprint=fingerprint)
+    prep = _prep_section(settings, format, strict, cap, fingerprint)
     ordered = sorted(skipped.values(), key=lambda s: (s["split"], s["index"], s["file"] or ""))
     manifest = build_manifest(spec, prep, splits, image, ordered)
     manifest["info"] = dict(src.info)

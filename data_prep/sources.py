@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -71,9 +72,14 @@ class SkipImage(Exception):
         self.file, self.error = file, error
 
 
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
 def skip_entry(split: str, index: int, file: Optional[str], error: str) -> dict:
-    """How a skipped input is listed in the manifest."""
-    return {"split": split, "index": int(index), "file": file, "error": error.splitlines()[0] if error else ""}
+    """How a skipped input is listed in the manifest: the error's first line, without object addresses
+    (PIL names the ``<_io.BytesIO object at 0x...>`` it read), so a rerun lists it in the same bytes."""
+    text = _OBJECT_REPR.sub(r"<\1>", error.splitlines()[0]) if error else ""
+    return {"split": split, "index": int(index), "file": file, "error": text}
 
 
 def decode_record(data: bytes, split: str, index: int, label: int, file: str, spec: str) -> Record:

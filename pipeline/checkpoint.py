@@ -67,6 +67,22 @@ def publish(source_dir: str, directory: str) -> str:
     return directory
 
 
+def dir_name(step: int) -> str:
+    """A checkpoint's folder name under either launcher: by step, so names sort by step."""
+    return f"checkpoint_{step:08d}"
+
+
+def prune(run_dir: str, keep: int) -> list[str]:
+    """Remove all but the ``keep`` newest (highest-step) checkpoint folders of the local ``run_dir``; the removed."""
+    names = sorted(
+        n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, n))
+    )
+    gone = names[: max(len(names) - keep, 0)]
+    for name in gone:
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    return gone
+
+
 def _read_meta(fs, path: str) -> Optional[dict]:
     try:
         with fs.open(f"{path}/{META_FILE}", "r") as f:

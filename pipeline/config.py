@@ -151,6 +151,9 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
+    # stop after this many optimizer steps when that comes before train.epochs (short trials); the last, partial
+    # epoch ends like any other (kNN, checkpoint) and the learning-rate schedule follows the shorter run
+    max_steps: Optional[int] = Field(None, ge=1)
     global_batch_size: int = Field(256, ge=2)
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: int = Field(1, ge=0)  # 0: never during training
@@ -180,7 +183,9 @@ class ClusterConfig(_Section):
     gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu; a fraction shares a GPU
     storage_path: str = "runs"  # checkpoints; any fsspec URL (s3://, gs://: shared storage for multi-node)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
-    checkpoints_to_keep: Optional[int] = Field(None, ge=1)  # None: keep all
+    # the newest N checkpoints stay in cluster.storage_path under either launcher (null: all); the best one by
+    # train.best_by is kept apart, in the MLflow run's artifacts (checkpoints/best)
+    checkpoints_to_keep: Optional[int] = Field(3, ge=1)
 
 
 class TrackingConfig(_Section):
@@ -239,6 +244,13 @@ class Config(_Section):
         if isinstance(value, dict) and "name" not in value:
             return {"name": DEFAULT_METHOD, **value}
         return value
+
+    @model_validator(mode="after")
+    def _batch_serves_method(self) -> "Config":
+        problem = self.loss.batch_problem(self.train.global_batch_size)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":

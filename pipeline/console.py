@@ -86,3 +86,19 @@ class Progress:
     def close(self) -> None:
         """Remove the live bar (the epoch lines stay)."""
         self.bar.close()
+
+
+def stage_bar(desc: str, total: int, unit: str = "img", enabled: bool = True) -> tqdm:
+    """A progress bar on stderr for one stage of a long command (hardneg eval): live on a terminal; elsewhere
+    (a log file) one line naming the stage when it starts, so no carriage returns reach the file."""
+    live = enabled and sys.stderr.isatty()
+    if enabled and not live:
+        print(f"{desc}: {total} {unit}", file=sys.stderr, flush=True)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not live, leave=False, dynamic_ncols=True)
+
+
+def counted(batches, bar: tqdm):
+    """Pass (x, y) batches through, advancing ``bar`` by each batch's size."""
+    for x, y in batches:
+        yield x, y
+        bar.update(len(y))

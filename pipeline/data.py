@@ -287,10 +287,76 @@ def _readable(urls: Iterator[str], ledger: SkipLedger) -> Iterator[tuple[Image.I
             ledger.add({"read": 0, "bad": [(sample.get("__url__"), _reason(exn))]})
 
 
+def split_files(manifest: dict, split: str) -> tuple[bool, bool]:
+    """(has WebDataset shards, has an FFCV file) for ``split`` of a manifest."""
+    info = manifest["splits"][split]
+    return bool(info["shards"]), bool(info.get("ffcv"))
+
+
+def require_ffcv() -> None:
+    """HardnegError, one line, when FFCV's loader cannot be imported here (data.format=ffcv needs it)."""
+    try:
+        import ffcv.loader  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native build (OSError, numba errors)
+        raise HardnegError(
+            f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"install it with `make setup` or set data.format=wds"
+        ) from None
+
+
+def _ffcv_images(path: str, order: Optional[np.ndarray] = None) -> Iterator[tuple[Image.Image, int]]:
+    """(image, label) of a local .beton, in file order or ``order``: read straight from the file (FFCV's Reader
+    for the metadata and allocation table), so evaluation needs no compiled loader and no fixed image size."""
+    try:
+        from ffcv.reader import Reader
+    except Exception as e:
+        raise HardnegError(
+            f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"install it with `make setup`, or evaluate data prepared with --format wds or both"
+        ) from None
+    reader = Reader(path)
+    image_col = f"f{reader.field_names.index(schema.FFCV_IMAGE_FIELD)}"
+    label_col = f"f{reader.field_names.index(schema.FFCV_LABEL_FIELD)}"
+    images, labels = reader.metadata[image_col], np.asarray(reader.metadata[label_col]).reshape(-1)
+    table = reader.alloc_table
+    by_ptr = np.argsort(table["ptr"])
+    ptrs, sizes = table["ptr"][by_ptr], table["size"][by_ptr]
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    for i in range(len(labels)) if order is None else order:
+        meta = images[i]
+        start = int(meta["data_ptr"])
+        size = int(sizes[np.searchsorted(ptrs, start)])
+        blob = raw[start : start + size]
+        h, w = int(meta["height"]), int(meta["width"])
+        if int(meta["mode"]) == 1:  # raw: h*w*3 RGB bytes (FFCV's IMAGE_MODES["raw"])
+            image = Image.fromarray(np.array(blob[: h * w * 3]).reshape(h, w, 3), "RGB")
+        else:
+            image = _decode_rgb(blob.tobytes())
+        yield image, int(labels[i])
+
+
+def _labelled_stream(data_path: str, split: str, rng: Optional[random.Random]) -> Iterator[tuple[Image.Image, int]]:
+    """(image, label) of every readable sample of ``split``: from its WebDataset shards (shard order shuffled by
+    ``rng``, at once), or from its FFCV file when it has no shards (data prepared with --format ffcv; sample order
+    shuffled by ``rng``)."""
+    manifest = read_manifest(data_path)
+    urls = shard_urls(data_path, manifest, split)
+    if not urls and split_files(manifest, split)[1]:
+        path = _ffcv_file(data_path, manifest, split, None)
+        n = manifest["splits"][split]["ffcv"]["num_samples"]
+        order = None if rng is None else np.random.default_rng(rng.randrange(2**32)).permutation(n)
+        return _ffcv_images(path, order)
+    if not urls:
+        raise HardnegError(f"split '{split}' of {data_path} holds no WebDataset shards and no FFCV file")
+    if rng is not None:
+        rng.shuffle(urls)
+    return _readable(iter(urls), SkipLedger())
+
+
 def labelled_images(data_path: str, split: str) -> Iterator[tuple[Image.Image, int]]:
-    """Every readable (image, label) of ``split`` once, in manifest order (bad samples skipped and named)."""
-    urls = shard_urls(data_path, read_manifest(data_path), split)
-    yield from _readable(iter(urls), SkipLedger())
+    """Every readable (image, label) of ``split`` once, in manifest order (bad samples skipped and named);
+    read from the split's FFCV file when it has no WebDataset shards."""
+    yield from _labelled_stream(data_path, split, None)
 
 
 def _batched(pairs: Iterator[tuple[Image.Image, int]], transform: Callable, batch_size: int):
@@ -331,10 +397,8 @@ def labelled_batches(
     data_path: str, split: str, transform: Callable, batch_size: int, *, seed: int, shuffle_buffer: int = 1000
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled pass over ``split``: (images (b,3,S,S), labels (b,)), the last batch may be short."""
-    urls = shard_urls(data_path, read_manifest(data_path), split)
     rng = random.Random(seed)
-    rng.shuffle(urls)
-    stream = _readable(iter(urls), SkipLedger())
+    stream = _labelled_stream(data_path, split, rng)
     if shuffle_buffer:
         stream = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)(stream)
     yield from _batched(stream, transform, batch_size)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import data
+from pipeline import console, data
 from pipeline.features import extract_features
 
 
@@ -59,10 +59,19 @@ def knn_eval(
     temperature: float,
     batch_size: int = 512,
     device: torch.device = torch.device("cpu"),
+    progress: bool = False,
 ) -> float:
-    """kNN top-1 of ``encoder``'s features: memory = bank_split, queries = query_split."""
-    bank, bank_y = extract_features(encoder, data.eval_batches(data_path, bank_split, transform, batch_size), device)
-    query, query_y = extract_features(encoder, data.eval_batches(data_path, query_split, transform, batch_size), device)
+    """kNN top-1 of ``encoder``'s features: memory = bank_split, queries = query_split (progress: bars on stderr)."""
+    feats = []
+    for split in (bank_split, query_split):
+        batches = data.eval_batches(data_path, split, transform, batch_size)
+        if progress:
+            total = data.read_manifest(data_path)["splits"][split]["num_samples"]
+            with console.stage_bar(f"kNN: features of split {split}", total) as bar:
+                feats.append(extract_features(encoder, console.counted(batches, bar), device))
+        else:
+            feats.append(extract_features(encoder, batches, device))
+    (bank, bank_y), (query, query_y) = feats
     return knn_top1(bank, bank_y, query, query_y, k=k, temperature=temperature)
 
 
@@ -92,10 +101,13 @@ def encoder_from_checkpoint(path: str, overrides=()) -> tuple[nn.Module, "object
 PROTOCOLS = ("knn", "linear", "all")
 
 
-def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str = "knn", track: bool = False) -> dict:
+def evaluate_checkpoint(
+    path: str, data_path: str, overrides=(), protocol: str = "knn", track: bool = False, progress: bool = False
+) -> dict:
     """kNN and/or linear-probe top-1 of a checkpoint's backbone on ``data_path`` (settings: its eval section).
 
-    With ``track``, the results go into the checkpoint's MLflow run (or a new run when it had none).
+    With ``track``, the results go into the checkpoint's MLflow run (or a new run when it had none);
+    ``progress``: a bar per stage on stderr.
     """
     from pipeline import augment
     from pipeline.probe import linear_probe
@@ -119,11 +131,19 @@ def evaluate_checkpoint(path: str, data_path: str, overrides=(), protocol: str =
             k=cfg.eval.knn_k,
             temperature=cfg.eval.knn_temperature,
             batch_size=cfg.eval.batch_size,
+            progress=progress,
         )
         result |= {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
     if protocol in ("linear", "all"):
         result |= linear_probe(
-            backbone, data_path, cfg.data.train_split, cfg.data.eval_split, cfg.eval, cfg.augment, seed=cfg.train.seed
+            backbone,
+            data_path,
+            cfg.data.train_split,
+            cfg.data.eval_split,
+            cfg.eval,
+            cfg.augment,
+            seed=cfg.train.seed,
+            progress=progress,
         )
     if track and cfg.tracking.enabled:
         from pipeline.metric_names import grouped

@@ -123,6 +123,11 @@ METRICS: dict[str, Optional[MetricName]] = {
         "training throughput over the steps since the last log, all ranks",
         "dips at evaluation and checkpoint steps are expected",
     ),
+    "train_seconds": MetricName(
+        "perf/train_seconds",
+        "seconds the run has spent in its step loop so far, over all its attempts (rank 0's clock)",
+        "what `hardneg runs` shows as train time: a resume's idle gap and a later `hardneg eval --track` are not in it",
+    ),
     "data_wait_share": MetricName(
         "perf/data_wait_share",
         "share of wall time the step loop waited for the next batch since the last log",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from pipeline import augment, data
+from pipeline import augment, console, data
 from pipeline.config import AugmentConfig, EvalConfig
 from pipeline.features import extract_features
 
@@ -87,13 +87,19 @@ def linear_probe(
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
     num_classes: Optional[int] = None,
+    progress: bool = False,
 ) -> dict:
-    """Linear top-1 of a frozen ``backbone``: train on ``train_split``, test on ``test_split``."""
+    """Linear top-1 of a frozen ``backbone``: train on ``train_split``, test on ``test_split`` (progress: bars on
+    stderr, one for the test features and one over all probe epochs)."""
     backbone = backbone.to(device).eval()
     test_tf = augment.eval_transform(augment_cfg, eval_cfg.eval_image_size)
-    test_feats, test_y = extract_features(
-        backbone, data.eval_batches(data_path, test_split, test_tf, eval_cfg.batch_size), device
-    )
+    sizes = {name: info["num_samples"] for name, info in data.read_manifest(data_path)["splits"].items()}
+    with console.stage_bar(f"probe: features of split {test_split}", sizes[test_split], enabled=progress) as bar:
+        test_feats, test_y = extract_features(
+            backbone,
+            console.counted(data.eval_batches(data_path, test_split, test_tf, eval_cfg.batch_size), bar),
+            device,
+        )
     if eval_cfg.probe_augment:
         train_tf = probe_transform(augment_cfg, eval_cfg)
 
@@ -115,10 +121,31 @@ def linear_probe(
     if num_classes is None:
         num_classes = len(data.read_manifest(data_path)["splits"][train_split]["classes"])
     torch.manual_seed(seed)
-    classifier = fit_linear(epoch_batches, test_feats.shape[1], num_classes, eval_cfg)
-    return {
-        "linear_top1": accuracy(classifier, test_feats, test_y),
+    desc = f"probe: {eval_cfg.probe_epochs} epochs over split {train_split}"
+    with console.stage_bar(desc, eval_cfg.probe_epochs * sizes[train_split], enabled=progress) as bar:
+        classifier = fit_linear(
+            lambda epoch: console.counted(epoch_batches(epoch), bar), test_feats.shape[1], num_classes, eval_cfg
+        )
+    top1 = accuracy(classifier, test_feats, test_y)
+    chance = float(torch.bincount(test_y).max()) / max(len(test_y), 1)  # always answering the commonest class
+    result = {
+        "linear_top1": top1,
+        "chance_top1": chance,
         "probe_epochs": eval_cfg.probe_epochs,
         "probe_optimizer": eval_cfg.probe_optimizer,
         "probe_augment": eval_cfg.probe_augment,
     }
+    if top1 < chance:
+        result["warning"] = below_chance(top1, chance, eval_cfg)
+    return result
+
+
+def below_chance(top1: float, chance: float, eval_cfg: EvalConfig) -> str:
+    """The one line saying a probe scored below chance, with the settings it was trained with."""
+    return (
+        f"linear-probe top-1 {top1:.4f} is below chance ({chance:.4f}: always answering the commonest test class) "
+        f"after eval.probe_epochs={eval_cfg.probe_epochs} with eval.probe_optimizer={eval_cfg.probe_optimizer}, "
+        f"eval.probe_lr={eval_cfg.probe_lr:g}, eval.probe_batch_size={eval_cfg.probe_batch_size}, "
+        f"eval.probe_augment={str(eval_cfg.probe_augment).lower()}: the probe is undertrained "
+        f"(the papers train it for 100 epochs), not a measure of the encoder"
+    )

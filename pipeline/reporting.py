@@ -130,7 +130,7 @@ class EpochReporter:
         path = plots.similarity_histogram_png(
             samples,
             os.path.join(self.tmp, f"similarities_step{step:08d}.png"),
-            f"{self.cfg.loss.name}: cosine similarities of one training batch, epoch {self.epoch}, step {step}",
+            f"{self.cfg.loss.label()}: cosine similarities of one training batch, epoch {self.epoch}, step {step}",
         )
         self.tracker.log_artifact(path, "plots/similarities")
 
@@ -221,7 +221,7 @@ class EpochReporter:
         )
         return (
             f"Backbone (encoder without projection head) of run {self.cfg.tracking.run_name} "
-            f"(MLflow run {self.tracker.run_id}): {self.cfg.loss.name} on "
+            f"(MLflow run {self.tracker.run_id}): {self.cfg.loss.label()} on "
             f"{read_manifest(self.cfg.data.path).get('dataset') or self.cfg.data.path}, "
             f"{which} weights, from step {step}. Best: {best}. Input: (N, 3, {self.cfg.augment.image_size}, "
             f"{self.cfg.augment.image_size}) float images as the eval transform makes them."

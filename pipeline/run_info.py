@@ -105,7 +105,7 @@ def dataset_input(cfg: Config, manifest: dict) -> dict[str, Any]:
 def run_tags(cfg: Config, manifest: dict, world_size: int) -> dict[str, str]:
     """Tags a reader filters and sorts by: method, dataset, world size, and the source tags."""
     return {
-        "method": cfg.loss.name,
+        "method": cfg.loss.label(),
         "dataset": str(manifest.get("dataset") or cfg.data.path),
         "world_size": str(world_size),
         **source_tags(),
@@ -117,7 +117,7 @@ def run_note(cfg: Config, manifest: dict, world_size: int) -> str:
     m, t = cfg.model, cfg.train
     dataset = manifest.get("dataset") or cfg.data.path
     return (
-        f"{cfg.loss.name} ({method_settings(cfg)}) pretraining of a {m.backbone} (width {m.width}) on {dataset}: "
+        f"{cfg.loss.label()} ({method_settings(cfg)}) pretraining of a {m.backbone} (width {m.width}) on {dataset}: "
         f"{_count(manifest, cfg.data.pretrain)} images of split(s) {', '.join(cfg.data.pretrain)}, "
         f"{t.epochs} epochs of global batch {t.global_batch_size} on {world_size} worker(s). "
         f"Scored by weighted kNN top-1 (k={cfg.eval.knn_k}) of split {cfg.data.eval_split} "

@@ -66,6 +66,40 @@ def absolute_uri(uri: str, base_dir: str) -> str:
     return uri
 
 
+def local_store_path(uri: str) -> Optional[str]:
+    """The local file (SQLite) or directory (file store) a tracking URI names, or None for a server."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///") :] or None
+    if uri.startswith("file://"):
+        return uri[len("file://") :] or None
+    return None if "://" in uri else uri
+
+
+def check_store_path(cfg: TrackingConfig) -> None:
+    """A local tracking store (sqlite:///FILE, file://DIR) can be created where the URI says: its nearest
+    existing ancestor is a writable directory and the store is not the wrong kind of file. HardnegError else,
+    before any run or run folder exists (MLflow would raise FileExistsError from its own makedirs)."""
+    path = local_store_path(cfg.uri) if cfg.enabled else None
+    if path is None:
+        return
+    sqlite = cfg.uri.startswith("sqlite:")
+    if sqlite and os.path.isdir(path):
+        raise HardnegError(
+            f"tracking.uri={cfg.uri}: {path} is a directory; name a database file in it, e.g. {path}/mlflow.db"
+        )
+    if not sqlite and os.path.exists(path) and not os.path.isdir(path):
+        raise HardnegError(f"tracking.uri={cfg.uri}: {path} is a file; a file store needs a directory")
+    parent = os.path.dirname(os.path.abspath(path)) if sqlite else os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise HardnegError(
+            f"tracking.uri={cfg.uri}: {parent} is a file, not a directory, so the store cannot be created under it"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK) and not (sqlite and os.access(path, os.W_OK)):
+        raise HardnegError(f"tracking.uri={cfg.uri}: cannot write in {parent} (permission denied)")
+
+
 def default_artifact_location(cfg: TrackingConfig) -> Optional[str]:
     """Where a new experiment's artifacts go: tracking.artifact_location, else beside a SQLite file."""
     if cfg.artifact_location:
@@ -505,10 +539,6 @@ def _metric(client: MlflowClient, run, name: str, reduce=None) -> Optional[float
     return None
 
 
-def _duration(start_ms: Optional[int], end_ms: Optional[int]) -> Optional[float]:
-    return (end_ms - start_ms) / 1000.0 if start_ms and end_ms and end_ms >= start_ms else None
-
-
 def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
     """One row per run of ``experiment`` (newest first): who, when, what method with which settings, and scores.
 
@@ -528,7 +558,8 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
         p, tags, info = run.data.params, run.data.tags, run.info
         method = tags.get("method") or p.get("loss.name", "?")
-        settings = [(k, p[f"loss.{k}"]) for k in own_loss_keys(method) if f"loss.{k}" in p]
+        own = own_loss_keys(p.get("loss.name") or method)  # the tag may be a label: moco_v2 is loss.name=mochi
+        settings = [(k, p[f"loss.{k}"]) for k in own if f"loss.{k}" in p]
         last_knn = _metric(client, run, "eval/knn_top1")
         best_knn = _metric(client, run, "eval/knn_top1_best")
         best_knn = _metric(client, run, "eval/knn_top1", max) if best_knn is None else best_knn
@@ -539,7 +570,8 @@ def runs_table(uri: str, experiment: str) -> list[dict[str, Any]]:
                 "method": method,
                 "dataset": tags.get("dataset") or os.path.basename(p.get("data.path", "").rstrip("/")) or None,
                 "started": info.start_time / 1000.0 if info.start_time else None,
-                "duration": _duration(info.start_time, info.end_time),
+                # time in the step loop, not the run's wall span (a resume's gap, a later eval --track)
+                "train time": _metric(client, run, "perf/train_seconds"),
                 "temperature": p.get("loss.temperature"),
                 "settings": " ".join(f"{k}={v}" for k, v in settings) or None,
                 "batch": p.get("train.global_batch_size"),

@@ -28,6 +28,7 @@ from pipeline.tracking import make_tracker, redact
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
 RESUMABLE_CHANGES = (
     "train.epochs",
+    "train.max_steps",
     "train.log_every_steps",
     "train.knn_every_epochs",
     "train.checkpoint_every_epochs",
@@ -60,8 +61,8 @@ class Hooks(Protocol):
 class LocalHooks:
     """Plain-process launcher: checkpoints live in ``run_dir`` (local path)."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, keep: Optional[int] = None):
+        self.run_dir, self.keep = run_dir, keep  # keep: the newest checkpoints that stay (None: all)
 
     def restore(self) -> Optional[dict]:
         found = checkpoint.latest(self.run_dir)
@@ -69,7 +70,16 @@ class LocalHooks:
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None:
         if checkpoint_dir is not None:
-            checkpoint.publish(checkpoint_dir, os.path.join(self.run_dir, f"checkpoint_{metrics['step']:08d}"))
+            checkpoint.publish(checkpoint_dir, os.path.join(self.run_dir, checkpoint.dir_name(metrics["step"])))
+            if self.keep is not None:
+                checkpoint.prune(self.run_dir, self.keep)
+
+
+def planned_steps(cfg: Config, spe: int) -> int:
+    """The run's length in steps: train.epochs of ``spe`` steps, cut to train.max_steps when that is shorter
+    (the learning-rate schedule follows the shorter run)."""
+    total = spe * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -156,7 +166,7 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     torch.set_num_threads(cfg.train.threads_per_worker)
     manifest = read_manifest(cfg.data.path)
     spe = data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
-    total_steps = spe * cfg.train.epochs
+    total_steps = planned_steps(cfg, spe)
     warmup_steps = int(cfg.optim.warmup_epochs * spe)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -173,7 +183,8 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.restore_rng(state.get("rng", {}))
         start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
-    base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0} | (state or {}).get("counters", {})
+    base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0, "train_seconds": 0.0}
+    base |= (state or {}).get("counters", {})  # train_seconds: this run's time in the step loop, over its attempts
     counters = dict(base)
     tracker = make_tracker(cfg.tracking, ctx.is_main, run_id, spool_dir=_spool_dir(cfg))
     reporter = EpochReporter(
@@ -330,7 +341,7 @@ def _loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         done = step + 1
-        epoch_end = done % spe == 0
+        epoch_end = done % spe == 0 or done == total_steps  # train.max_steps may end the run mid-epoch
         step_due = bool(every_steps) and done % every_steps == 0
         step_save = step_due and not epoch_end  # on an epoch end, the epoch's checkpoint serves (below)
         log_now = done % cfg.train.log_every_steps == 0 or epoch_end or step_save
@@ -385,6 +396,7 @@ def _loop(
             )
             mean_loss = values[0]
             elapsed = max(time.perf_counter() - tick, 1e-9)
+            counters["train_seconds"] += elapsed  # a resume's idle gap and a later `eval --track` are not in it
             tracker.log_metrics(
                 grouped(
                     {
@@ -394,6 +406,7 @@ def _loop(
                         "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
                         "data_skipped": counters["data_skipped"],
                         "nonfinite_steps": guard.count,
+                        "train_seconds": counters["train_seconds"],
                     }
                     | dict(zip(names, values[1:-5]))
                 ),
@@ -408,7 +421,7 @@ def _loop(
         progress.step(mean_loss if log_now else None)
         if not epoch_end:
             continue
-        epoch = done // spe
+        epoch = -(-done // spe)  # a last, partial epoch (train.max_steps) counts as one
         last = done == total_steps
         mean_epoch = epoch_loss_sum / epoch_loss_count if epoch_loss_count else float("nan")
         epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
@@ -423,14 +436,14 @@ def _loop(
         ):
             saved_step, saved_at = done, time.monotonic()
         knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if ctx.is_main and reporter._knn_due(epoch, last) else ""
-        progress.epoch_line(epoch, cfg.train.epochs, done, mean_loss, knn_text)
+        progress.epoch_line(epoch, -(-total_steps // spe), done, mean_loss, knn_text)
         if stop_now and not last:
             _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step, saved=saved_step == done)
     progress.close()
     reporter.finish()
     return {
         "step": total_steps,
-        "epoch": cfg.train.epochs,
+        "epoch": -(-total_steps // spe),
         "knn_top1": reporter.knn_top1,
         "mlflow_run_id": tracker.run_id,
     }

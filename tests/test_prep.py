@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import data_prep.wds as wds
-from data_prep.manifest import read_manifest, shard_urls, verify
+from data_prep.manifest import RUN_NAME, read_manifest, shard_urls, verify
 from data_prep.plan import plan_shards
 from data_prep.prep import prepare
 from data_prep.schema import MANIFEST_NAME, sample_key
@@ -70,7 +70,6 @@ def test_digits_round_trip(digits_out):
         "format": "wds",
         "image_format": "auto",
         "strict": False,
-        "workers": 1,
         "shard_bytes": None,
         "val_fraction": 0.1,
         "val_seed": 0,
@@ -143,7 +142,7 @@ def test_fewer_shards_on_rerun_removes_stale_ones(tmp_path):
     prepare("builtin:digits", out, shard_size=300)
     manifest = prepare("builtin:digits", out, shard_size=1000)
     listed = {s["path"] for v in manifest["splits"].values() for s in v["shards"]}
-    assert set(os.listdir(out)) == listed | {MANIFEST_NAME}
+    assert set(os.listdir(out)) == listed | {MANIFEST_NAME, RUN_NAME}
     assert verify(out) == []
 
 

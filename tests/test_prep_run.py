@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import data_prep.jobs as jobs
 from data_prep import synthetic
-from data_prep.manifest import verify
+from data_prep.manifest import RUN_NAME, verify
 from data_prep.prep import prepare
 from pipeline.app.cli import main
 from pipeline.errors import HardnegError
@@ -30,11 +30,11 @@ def cifar(tmp_path_factory) -> str:
 
 
 def digests(out) -> dict[str, str]:
-    """sha256 of every visible file but the manifest (which carries a timestamp)."""
+    """sha256 of every visible file, the manifest included, but prep_run.json (the time and workers of the run)."""
     return {
         n: hashlib.sha256((out / n).read_bytes()).hexdigest()
         for n in sorted(os.listdir(out))
-        if n != "manifest.json" and not n.startswith(".")
+        if n != RUN_NAME and not n.startswith(".")
     }
 
 

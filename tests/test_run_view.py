@@ -112,14 +112,17 @@ def test_runs_table_reads_old_and_new_names_sorts_and_exports(tmp_path, capsys):
     assert old["train images/s (mean)"] == 200.0 and old["dataset"] == "cifar10"
     assert old["settings"] == "tau_plus=0.1 beta=2.0"  # the method's own; not loss.psm_aa
     assert (new["best kNN"], new["probe top-1"], new["dataset"]) == (0.5, None, "builtin:digits")
-    assert old["duration"] is not None and old["started"] is not None
+    assert old["train time"] is None and old["started"] is not None  # no perf/train_seconds: not the wall span
 
-    assert cli_main(["runs", "--tracking-uri", uri, "--sort", "best kNN"]) == 0
+    assert cli_main(["runs", "--tracking-uri", uri, "--sort", "best kNN", "--wide"]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0]
-    for column in ("run id", "temperature", "started", "duration", "best kNN", "last kNN", "probe top-1"):
+    for column in ("run id", "temperature", "started", "train time", "best kNN", "last kNN", "probe top-1"):
         assert column in header, column
     assert old_id in lines[1] and new_id in lines[2] and "no probe" in lines[2]
+    assert cli_main(["runs", "--tracking-uri", uri, "--sort", "best kNN"]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in narrow) <= 120 and "run id" not in narrow[0] and "train time" in narrow[0]
 
     assert cli_main(["runs", "--tracking-uri", uri, "--sort", "method", "--format", "csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))

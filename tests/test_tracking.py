@@ -147,7 +147,7 @@ def test_runs_table_cli(tmp_path, capsys):
     tracker.log_metrics({"knn_top1": 0.91, "images_per_s": 100.0}, step=1)
     tracker.log_metrics({"images_per_s": 300.0}, step=2)
     tracker.finish()
-    assert cli_main(["runs", "hardneg", "--tracking-uri", cfg.uri]) == 0
+    assert cli_main(["runs", "hardneg", "--tracking-uri", cfg.uri, "--wide"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:4] == ["run", "run", "id", "method"] and "temperature" in out[0]
     assert "hcl" in out[1] and "0.9100" in out[1] and "200.0" in out[1] and tracker.run_id in out[1]

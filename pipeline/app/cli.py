@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -47,7 +46,8 @@ def _print_train_summary(result: dict) -> None:
     from pipeline.tracking import ui_command
 
     knn = result.get("knn_top1")
-    tail = f", kNN top-1 {knn:.4f}" if knn is not None else ""
+    # the monitor's split (data.val_split): never the test split, which only `hardneg eval` reads
+    tail = f", kNN top-1 {knn:.4f} on split {result.get('knn_split')}" if knn is not None else ""
     print(f"run {result['run_name']}: {result['step']} steps{tail}")
     print(f"checkpoint: {result.get('checkpoint')}")
     if result.get("mlflow_run_id"):
@@ -65,12 +65,12 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
-    print(
-        json.dumps(
-            evaluate_checkpoint(args.checkpoint, args.data, args.overrides, protocol=args.protocol, track=args.track),
-            indent=2,
-        )
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, args.overrides, protocol=args.protocol, track=args.track, progress=True
     )
+    print(json.dumps(result, indent=2))
+    if result.get("warning"):  # a probe below chance says so
+        print(f"hardneg: warning: {result['warning']}", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -95,14 +95,16 @@ def cmd_runs(args) -> None:
     if not rows:
         print(f"experiment '{args.experiment}' has no runs")
         return
-    from pipeline.app.runs_view import render, sort_rows
+    from pipeline.app.runs_view import COLUMNS, NARROW, render, sort_rows
 
-    print(render(sort_rows(rows, args.sort), args.format), end="")
+    columns = COLUMNS if args.wide or args.format != "text" else NARROW
+    print(render(sort_rows(rows, args.sort), args.format, columns), end="")
 
 
 def cmd_reproduce(args) -> None:
-    if not os.path.isfile(args.grid):  # before importing the training stack (seconds)
-        raise HardnegError(f"grid file not found: {args.grid}")
+    from pipeline.app.grid_file import check_grid_file
+
+    check_grid_file(args.grid)  # is it a grid? before importing the training stack (seconds)
     from pipeline.app.reproduce import reproduce
 
     print(reproduce(args.grid, only=args.max_cells, methods=args.method), end="")
@@ -114,8 +116,19 @@ def cmd_bench(args) -> None:
         raise SystemExit(code)
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hardneg")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hardneg", description="Contrastive pretraining with hard negatives.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_prep_parser(sub)
@@ -168,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs",
         help="table of an experiment's runs",
         description="Run, run id, method, dataset, "
-        "start (UTC), duration, temperature and the method's own settings, best and last kNN top-1, "
+        "start (UTC), training time, temperature and the method's own settings, best and last kNN top-1, "
         "linear-probe top-1 and mean training images/s of every run of EXPERIMENT.",
     )
     p.add_argument(
@@ -191,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="aligned text (default), CSV (raw numbers) or a markdown table",
     )
+    p.add_argument("--wide", action="store_true", help="text: every column (default: what fits 120 columns)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser(

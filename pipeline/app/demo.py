@@ -41,12 +41,13 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
     )
     print(
         f"[demo] training {cfg.model.backbone} "
-        f"({', '.join(f'{k} {getattr(cfg.model, k)}' for k in BACKBONES[cfg.model.backbone].keys)}) with {cfg.loss.name} "
+        f"({', '.join(f'{k} {getattr(cfg.model, k)}' for k in BACKBONES[cfg.model.backbone].keys)}) with {cfg.loss.label()} "
         f"for {cfg.train.epochs} epochs on {cfg.world_size} {cfg.cluster.launcher} worker(s)",
         flush=True,
     )
     result = train_run(cfg)
-    trained = evaluate_checkpoint(result["checkpoint"], shards)["knn_top1"]
+    # --track: the test-split figure printed below goes into the run too (eval/knn_top1_checkpoint)
+    trained = evaluate_checkpoint(result["checkpoint"], shards, track=True)["knn_top1"]
     random_init = random_init_knn(cfg, shards)
     pixels = raw_pixel_knn(
         shards, cfg.data.train_split, cfg.data.eval_split, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
@@ -56,7 +57,7 @@ def run_demo(config_path: str, out: str, overrides=()) -> dict:
         f"\nkNN top-1 on the builtin:digits {cfg.data.eval_split} split ({n_test} images, "
         f"k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}):"
     )
-    print(f"  trained encoder ({cfg.loss.name})  {trained:.4f}")
+    print(f"  trained encoder ({cfg.loss.label()})  {trained:.4f}")
     print(f"  same network, random init  {random_init:.4f}")
     print(f"  raw pixels                 {pixels:.4f}")
     print(f"MLflow run id: {result.get('mlflow_run_id')}")

@@ -61,6 +61,14 @@ def add_prep_parser(sub) -> None:
         help="hold out this share of train, per class (fixed seed), as the 'holdout' split that the kNN "
         "monitor and checkpoints/best use (default 0.1 for builtin:digits, else 0)",
     )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="for a source without a test split (an imagefolder): hold out this share of train, per class "
+        "(fixed seed), as the 'test' split that `hardneg eval` reads (default: none)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prep)
 
@@ -83,11 +91,12 @@ def cmd_prep(args: argparse.Namespace) -> None:
         from cluster.prep import ray_mapper
 
         mapper = ray_mapper(args.ray)
+    status: dict = {}
     try:
         manifest = prepare(
             args.source,
             args.out,
-            shard_size=args.shard_size or 512,
+            shard_size=512 if args.shard_size is None else args.shard_size,  # 0 is refused, not the default
             seed=args.seed,
             test_size=args.test_size,
             progress=not args.quiet,
@@ -98,6 +107,8 @@ def cmd_prep(args: argparse.Namespace) -> None:
             image_format=args.image_format,
             mapper=mapper,
             val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            status=status,
         )
     except KeyboardInterrupt:
         raise HardnegError("interrupted; rerun the same command to resume (finished files are kept)") from None
@@ -107,4 +118,5 @@ def cmd_prep(args: argparse.Namespace) -> None:
         files += ["1 FFCV file"] if info.get("ffcv") else []
         parts.append(f"{split}: {info['num_samples']} in {' + '.join(files)}")
     skipped = f"; {len(manifest['skipped'])} inputs skipped (listed in the manifest)" if manifest["skipped"] else ""
-    print(f"wrote {args.out} ({', '.join(parts)}){skipped}")
+    done = "wrote" if status.get("wrote", True) else "nothing to do: every file is in place in"
+    print(f"{done} {args.out} ({', '.join(parts)}){skipped}")

@@ -31,6 +31,7 @@ from pipeline import config as config_mod
 from pipeline.app.train_command import train_run
 from pipeline.errors import HardnegError
 from pipeline.evaluate import evaluate_checkpoint
+from pipeline.train import planned_steps
 
 
 class Grid(BaseModel):
@@ -96,10 +97,8 @@ def _train_cell(cfg: config_mod.Config, root: str) -> tuple[str, float]:
     """Train (or resume, or skip when trained) one cell; (its final checkpoint, training seconds spent now)."""
     cell = cfg.tracking.run_name
     run_dir = os.path.join(root, "runs", cell)
-    total = (
-        data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain, cfg.train.global_batch_size)
-        * cfg.train.epochs
-    )
+    spe = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain, cfg.train.global_batch_size)
+    total = planned_steps(cfg, spe)
     found = checkpoint.latest(run_dir)
     start = time.perf_counter()
     if found is None:

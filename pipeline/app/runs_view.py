@@ -15,7 +15,7 @@ COLUMNS = (
     "method",
     "dataset",
     "started",
-    "duration",
+    "train time",
     "temperature",
     "settings",
     "batch",
@@ -26,6 +26,9 @@ COLUMNS = (
     "train images/s (mean)",
     "status",
 )
+# the text table by default: what fits a 120-column terminal (`hardneg runs --wide`: every column)
+NARROW = ("run", "method", "dataset", "started", "train time", "best kNN", "last kNN", "probe top-1", "status")
+WIDTH = 120
 FORMATS = ("text", "csv", "md")
 _SCORES = ("best kNN", "last kNN", "probe top-1")
 
@@ -40,10 +43,12 @@ def _number(value: Any) -> Optional[float]:
 def cell(column: str, value: Any) -> str:
     """How one value reads: dates in UTC, durations as 1h02m / 3m05s, scores to 4 digits, no bare '-'."""
     if value is None:
-        return {"probe top-1": "no probe", "best kNN": "no kNN", "last kNN": "no kNN"}.get(column, "")
+        return {"probe top-1": "no probe", "best kNN": "no kNN", "last kNN": "no kNN", "train time": "unknown"}.get(
+            column, ""
+        )
     if column == "started":
         return time.strftime("%Y-%m-%d %H:%M", time.gmtime(value))
-    if column == "duration":
+    if column == "train time":
         seconds = int(round(value))
         hours, rest = divmod(seconds, 3600)
         return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
@@ -84,4 +89,22 @@ def render(rows: list[dict], fmt: str = "text", columns: Sequence[str] = COLUMNS
         lines = ["| " + " | ".join(line) + " |" for line in table]
         return "\n".join([lines[0], "|" + "---|" * len(columns)] + lines[1:]) + "\n"
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    if columns == NARROW:
+        widths = _fit(table, widths, [columns.index(c) for c in ("run", "dataset")])
     return "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in table) + "\n"
+
+
+def _fit(table: list[list[str]], widths: list[int], shrinkable: list[int]) -> list[int]:
+    """Narrow the ``shrinkable`` columns (widest first, not below 12) until the table fits WIDTH; cut cells end
+    in an ellipsis."""
+    widths = list(widths)
+    while sum(widths) + 2 * (len(widths) - 1) > WIDTH:
+        i = max(shrinkable, key=lambda j: widths[j])
+        if widths[i] <= 12:
+            break
+        widths[i] -= 1
+    for line in table[1:]:
+        for i in shrinkable:
+            if len(line[i]) > widths[i]:
+                line[i] = line[i][: widths[i] - 1] + "\u2026"
+    return widths

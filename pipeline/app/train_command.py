@@ -1,15 +1,18 @@
 """From a loaded config to a finished run: resolve paths, name the run, pick the launcher.
 
 Everything that can be checked before a worker starts is checked here (or, for the cluster itself,
-in cluster.train.ray_session), so bad input fails in one line before any training: unreadable data,
-too few shards for the readers, a storage path (local or s3:// / gs://) that cannot be written, a
-run name that already exists without --resume, a resume whose checkpoint came from a different
-config, no Ray at cluster.address, more workers than the cluster's CPUs/GPUs.
+in cluster.train.ray_session), so bad input fails in one line before any training: a local tracking
+store that cannot be created, unreadable data, a data.format the data lacks, cluster.use_gpu without a
+GPU, too few shards for the readers (these before anything is written: no run folder, no MLflow run), a
+storage path (local or s3:// / gs://) that cannot be written, a run name that already exists without
+--resume, a resume whose checkpoint came from a different config, no Ray at cluster.address, more
+workers than the cluster's CPUs/GPUs.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -17,13 +20,14 @@ from datetime import datetime
 from typing import Iterator, Optional
 
 import fsspec
+import torch
 
 from data_prep.manifest import read_manifest
 from pipeline import checkpoint, data, dist, faults, train
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, create_run
+from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, check_store_path, create_run
 
 
 def _absolute(url: str) -> str:
@@ -97,7 +101,7 @@ def choose_run_name(cfg: Config, resume: Optional[str]) -> str:
             raise HardnegError(f"run '{name}' already exists under {storage}; pass --resume {name} to continue it")
         return name
     # a fresh timestamped name; two runs started within one second get -2, -3, ...
-    stamp = f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = f"{cfg.loss.label()}-{time.strftime('%Y%m%d-%H%M%S')}"
     name, n = stamp, 1
     while taken(name):
         n += 1
@@ -137,14 +141,64 @@ def check_shards_per_reader(cfg: Config, manifest: dict) -> None:
         )
 
 
-def preflight(cfg: Config, run_name: str) -> None:
-    """Fail early and in one line on anything a worker would trip over later."""
+def check_format(cfg: Config, manifest: dict) -> None:
+    """The pretraining splits hold the files data.format reads; else one line naming the setting that fits."""
+    path = cfg.data.path
+    for split in cfg.data.pretrain:
+        shards, beton = data.split_files(manifest, split)
+        if cfg.data.format == "wds" and not shards:
+            fix = "set data.format=ffcv" if beton else f"rerun `hardneg prep SOURCE {path} --format wds`"
+            raise HardnegError(
+                f"data.format=wds but split '{split}' of {path} has no WebDataset shards"
+                + (" (it was prepared with --format ffcv)" if beton else "")
+                + f": {fix}"
+            )
+        if cfg.data.format == "ffcv" and not beton:
+            raise HardnegError(
+                f"data.format=ffcv but split '{split}' of {path} has no FFCV file (it was prepared with --format wds): "
+                f"set data.format=wds, or rerun `hardneg prep SOURCE {path} --format both`"
+            )
+    if cfg.data.format == "ffcv":
+        data.require_ffcv()
+
+
+NO_GPU_OVERRIDE = "HARDNEG_ALLOW_NO_GPU"
+
+
+def check_gpu(cfg: Config, environ=os.environ) -> Config:
+    """cluster.use_gpu=true where the workers run on this machine (local launcher, or a private Ray) and it has
+    no CUDA GPU: one line, unless HARDNEG_ALLOW_NO_GPU=1 forces the run, which then trains on CPU and says so."""
+    if not cfg.cluster.use_gpu or (cfg.cluster.launcher == "ray" and cfg.cluster.address):
+        return cfg
+    if torch.cuda.is_available():
+        return cfg
+    if environ.get(NO_GPU_OVERRIDE) != "1":
+        raise HardnegError(
+            f"cluster.use_gpu=true but this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+            f"set cluster.use_gpu=false, or {NO_GPU_OVERRIDE}=1 to train on CPU anyway"
+        )
+    print(
+        f"hardneg: warning: cluster.use_gpu=true without a GPU ({NO_GPU_OVERRIDE}=1): training on CPU",
+        file=sys.stderr,
+        flush=True,
+    )
+    return _with(cfg, "cluster", use_gpu=False)
+
+
+def check_data(cfg: Config) -> None:
+    """The config against the data, before anything is written: splits, format, sizes, readers."""
     manifest = read_manifest(cfg.data.path)
     for split in dict.fromkeys((*cfg.data.pretrain, cfg.data.train_split, cfg.data.eval_split)):
         if split not in manifest["splits"]:
             raise HardnegError(f"data split '{split}' not in {cfg.data.path}; it has: {', '.join(manifest['splits'])}")
+    check_format(cfg, manifest)
     data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
     check_shards_per_reader(cfg, manifest)
+
+
+def preflight(cfg: Config, run_name: str) -> None:
+    """Fail early and in one line on anything a worker would trip over later."""
+    check_data(cfg)
     found = checkpoint.latest(f"{cfg.cluster.storage_path.rstrip('/')}/{run_name}")
     if found is not None:
         mismatches = train.resume_mismatches(checkpoint.load(found)["config"], cfg)
@@ -178,6 +232,9 @@ def _failed_run_marked(cfg: Config) -> Iterator[None]:
 def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     """Train as configured (Ray Train or one local process); returns final metrics incl. run name."""
     cfg = resolve_paths(cfg)
+    check_store_path(cfg.tracking)  # a sqlite file under a regular file: one line, before any folder exists
+    check_data(cfg)  # the config against the data: nothing has been written yet
+    cfg = check_gpu(cfg)
     _check_writable(cfg.cluster.storage_path)  # first touch of the storage: a bad URL or credentials fail here
     run_name = choose_run_name(cfg, resume)
     cfg = _with(cfg, "tracking", run_name=run_name)
@@ -187,8 +244,11 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
     faults.clear_stop(run_dir)  # a stop request answered by the previous attempt
     if cfg.cluster.launcher == "local":
         cfg = _attach_mlflow_run(cfg, resume)
+        device = "cuda" if cfg.cluster.use_gpu else "cpu"  # check_gpu: there is one
         with _failed_run_marked(cfg):
-            result = train.run(cfg, dist.current_context(), train.LocalHooks(run_dir))
+            result = train.run(
+                cfg, dist.current_context(device), train.LocalHooks(run_dir, cfg.cluster.checkpoints_to_keep)
+            )
             if result.get("stopped"):  # SIGTERM: checkpointed at the current step, the run ends KILLED
                 raise KeyboardInterrupt(f"stopped at step {result['step']}")
         result["checkpoint"] = checkpoint.latest(run_dir)
@@ -200,6 +260,7 @@ def train_run(cfg: Config, resume: Optional[str] = None) -> dict:
             with _failed_run_marked(cfg):
                 result = fit(cfg, run_name)
     result["run_name"] = run_name
+    result["knn_split"] = cfg.data.val_split  # what knn_top1 was measured on (the kNN monitor's split)
     result["run_dir"] = run_dir
     result["tracking_uri"] = cfg.tracking.uri
     return result

@@ -43,6 +43,14 @@ class MethodConfig(BaseModel):
         """A stored ``loss:`` section (a checkpoint's, written at config.CONFIG_FORMAT ``stored_format``) in today's names."""
         return loss
 
+    def label(self) -> str:
+        """What runs, tags, notes and tables call this method (its name, unless a setting makes it another)."""
+        return self.name
+
+    def batch_problem(self, global_batch: int) -> Optional[str]:
+        """Why a global batch of ``global_batch`` samples cannot serve these settings (None: it can)."""
+        return None
+
 
 class Method(Protocol):
     """A method module, as the registry holds it."""

@@ -27,6 +27,18 @@ class InBatchConfig(MethodConfig):
     n_hard: NHard = 32
     DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ("n_hard",)
 
+    def batch_problem(self, global_batch: int) -> Optional[str]:
+        """n_hard hardest negatives must exist among an anchor's 2 x batch - 2 (the other views of the global
+        batch) where n_hard is the method's own setting (SSCL's s); as a diagnostic's count it is clamped."""
+        negatives = 2 * global_batch - 2
+        if "n_hard" not in self.DIAGNOSTIC_KEYS and self.n_hard > negatives:
+            return (
+                f"loss.n_hard={self.n_hard} exceeds the {negatives} negatives per anchor of "
+                f"train.global_batch_size={global_batch} (2 x {global_batch} views - 2); set "
+                f"train.global_batch_size>={-(-(self.n_hard + 2) // 2)} or loss.n_hard<={negatives}"
+            )
+        return None
+
     def beta_for_stats(self) -> float:
         """The hardness weighting the effective-negatives diagnostic assumes (0: uniform)."""
         return 0.0

@@ -36,6 +36,10 @@ class Settings(MethodConfig):
     mochi_s: int = Field(1024, ge=0)  # mixes of two hard negatives, alpha ~ U(0, 1)
     mochi_s_prime: int = Field(512, ge=0)  # mixes of the query with a hard negative, beta ~ U(0, 0.5)
 
+    def label(self) -> str:
+        """moco_v2 without mixes (mochi_s = mochi_s_prime = 0: Chen et al. 2020, MoCHi's baseline), else mochi."""
+        return "moco_v2" if self.mochi_s == 0 and self.mochi_s_prime == 0 else "mochi"
+
     @model_validator(mode="after")
     def _queue_holds_what_is_mined(self) -> "Settings":
         if self.mochi_n_hard > self.mochi_queue_size:
