@@ -47,6 +47,11 @@ def configure(verbose: Optional[bool] = None) -> bool:
     return verbose
 
 
+def say(message: str) -> None:
+    """One line for the user on stdout (rank 0's job: the caller decides who speaks)."""
+    print(message, flush=True)
+
+
 class Progress:
     """Rank 0's progress: a live bar on a terminal, and one line per epoch everywhere
     (step, loss, images/s over the epoch, ETA of the run)."""

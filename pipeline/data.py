@@ -685,3 +685,50 @@ def batched_train_batches(
         ledger=ledger,
         batch_views=_BatchColour(augment_cfg),
     )
+
+
+# ---- one entry point for the step loop, whatever the format ------------------------------------------------
+
+
+def _single(transform):
+    """Loader mapping for augment.where=device: one uint8 tensor per image (views are made on device)."""
+    return lambda image: (transform(image),)
+
+
+def train_loader(cfg, rank: int, world_size: int, device: torch.device, start_step: int, spe: int, ledger: SkipLedger):
+    """(endless (view1, view2, labels) or (images, labels) batches of this rank from ``start_step`` on, the
+    on-device view maker or None): FFCV, batched WebDataset or per-sample WebDataset, as the config says."""
+    from pipeline import augment
+
+    per_rank = cfg.train.global_batch_size // world_size
+    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
+        return ffcv_train_batches(
+            cfg.data.path,
+            cfg.data.pretrain[0],  # one split: validated
+            cfg.augment,
+            per_rank,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.train.seed * 1_000_003 + start_step,
+            loader_workers=cfg.data.loader_workers,
+            cache_dir=cfg.data.cache_dir,
+            device=device,
+            ledger=ledger,
+        ), None
+    stream = dict(
+        rank=rank,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        loader_workers=cfg.data.loader_workers,
+        start_step=start_step,
+        steps_per_epoch=spe,
+        ledger=ledger,
+    )
+    if cfg.augment.where == "batch":  # both views made per batch in the loader workers, seekable by step
+        return batched_train_batches(cfg.data.path, cfg.data.pretrain, cfg.augment, per_rank, **stream), None
+    if cfg.augment.where == "device":
+        device_views = augment.DeviceTwoViews(cfg.augment).to(device)
+        two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
+    else:
+        device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
+    return train_batches(cfg.data.path, cfg.data.pretrain, two_views, per_rank, **stream), device_views

@@ -160,6 +160,16 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return y / world_size
 
 
+def all_reduce_mean_named(values: dict[str, Tensor], device: torch.device) -> dict[str, float]:
+    """The mean over ranks of each named scalar, in one collective: a dict in, a dict out (same keys).
+
+    Every rank must pass the same names; the values are reduced in float64, in sorted-name order.
+    """
+    names = sorted(values)
+    stacked = torch.stack([values[k].detach().reshape(()).to(device=device, dtype=torch.float64) for k in names])
+    return dict(zip(names, all_reduce_mean(stacked).tolist()))
+
+
 def barrier() -> None:
     """Wait for every rank; a no-op on one process."""
     if _world()[1] > 1:

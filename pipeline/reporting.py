@@ -85,7 +85,7 @@ class EpochReporter:
         if history:
             self.best_step, self.best_knn = max(history, key=lambda sv: (sv[1], -sv[0]))
 
-    def _knn_due(self, epoch: int, last: bool) -> bool:
+    def knn_due(self, epoch: int, last: bool) -> bool:
         every = self.cfg.train.knn_every_epochs
         return self.monitor_split is not None and (last or bool(every and epoch % every == 0))
 
@@ -140,7 +140,7 @@ class EpochReporter:
         (the same answer on every rank)."""
         improved = False
         self.last_step, self.epoch = step, epoch
-        if self.ctx.is_main and self._knn_due(epoch, last):
+        if self.ctx.is_main and self.knn_due(epoch, last):
             self.knn_top1 = self._evaluate(step, last, batch)
             metrics = metrics | {"knn_top1": self.knn_top1}
             if self.cfg.train.best_by == "knn":

@@ -7,16 +7,16 @@ evaluates; every rank reports at the same steps, because Ray Train's ``report`` 
 
 from __future__ import annotations
 
-import math
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, console, data, dist, faults, outbox
+from pipeline import checkpoint, console, data, dist, faults, outbox, schedule
 from pipeline import config as config_mod
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
@@ -76,18 +76,8 @@ class LocalHooks:
 
 
 def planned_steps(cfg: Config, spe: int) -> int:
-    """The run's length in steps: train.epochs of ``spe`` steps, cut to train.max_steps when that is shorter
-    (the learning-rate schedule follows the shorter run)."""
-    total = spe * cfg.train.epochs
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
-
-
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warm-up then cosine decay to base_lr*min_ratio: a pure function of the step."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """The run's length in steps (schedule.planned_steps of the config's epochs and train.max_steps)."""
+    return schedule.planned_steps(cfg.train.epochs, spe, cfg.train.max_steps)
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -98,11 +88,6 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _single(transform):
-    """Loader mapping for augment.where=device: one uint8 tensor per image (views are made on device)."""
-    return lambda image: (transform(image),)
 
 
 def resume_mismatches(saved: dict, cfg: Config) -> list[str]:
@@ -161,20 +146,8 @@ def _seed_step(cfg: Config, rank: int, step: int, generator: torch.Generator) ->
     generator.manual_seed(data.hash_seed(cfg.train.seed, step))  # the same on every rank: SSCL's shared draws
 
 
-def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
-    """Train per ``cfg`` on this rank; returns {"step", "epoch", "knn_top1", "mlflow_run_id"}."""
-    torch.set_num_threads(cfg.train.threads_per_worker)
-    manifest = read_manifest(cfg.data.path)
-    spe = data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
-    total_steps = planned_steps(cfg, spe)
-    warmup_steps = int(cfg.optim.warmup_epochs * spe)
-
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    generator = torch.Generator()  # same seed on every rank: SSCL's synthetic draws must agree
-    objective = build_objective(cfg, dist.make_gather(ctx), generator).to(ctx.device)
-    optimizer = build_optimizer(cfg.optim, objective)
-    state = hooks.restore()
-    start_step, run_id = 0, cfg.tracking.run_id
+def _resume(cfg: Config, state: Optional[dict], objective: torch.nn.Module, optimizer) -> Optional[dict]:
+    """Load a restored checkpoint's weights, optimiser and RNG states (refusing a different config); the state."""
     if state is not None:
         mismatches = resume_mismatches(state["config"], cfg)
         if mismatches:
@@ -182,7 +155,22 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         objective.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.restore_rng(state.get("rng", {}))
-        start_step, run_id = state["step"], state["mlflow_run_id"] or run_id
+    return state
+
+
+def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
+    """Train per ``cfg`` on this rank; returns {"step", "epoch", "knn_top1", "mlflow_run_id"}."""
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    manifest = read_manifest(cfg.data.path)
+    spe = data.steps_per_epoch(manifest, cfg.data.pretrain, cfg.train.global_batch_size)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    generator = torch.Generator()  # same seed on every rank: SSCL's synthetic draws must agree
+    objective = build_objective(cfg, dist.make_gather(ctx), generator).to(ctx.device)
+    optimizer = build_optimizer(cfg.optim, objective)
+    state = _resume(cfg, hooks.restore(), objective, optimizer)
+    start_step = state["step"] if state else 0
+    run_id = (state or {}).get("mlflow_run_id") or cfg.tracking.run_id
     base = {"data_skipped": 0.0, "data_read": 0.0, "nonfinite_steps": 0, "train_seconds": 0.0}
     base |= (state or {}).get("counters", {})  # train_seconds: this run's time in the step loop, over its attempts
     counters = dict(base)
@@ -197,24 +185,10 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
     )
     try:
         with faults.StopRequest(_run_dir(cfg)) as stop:
-            return _loop(
-                cfg,
-                ctx,
-                hooks,
-                objective,
-                optimizer,
-                generator,
-                tracker,
-                reporter,
-                stop,
-                start_step,
-                spe,
-                total_steps,
-                warmup_steps,
-                state,
-                base,
-                counters,
-            )
+            parts = dict(objective=objective, optimizer=optimizer, generator=generator, tracker=tracker)
+            parts |= dict(reporter=reporter, base=base, counters=counters)
+            loop = _prepare(cfg, ctx, stop, start_step, spe, state, **parts)
+            return _loop(loop, start_step, resumed=state is not None)
     except faults.Stopped as stopped:  # checkpointed: the run ends KILLED, resumable from here
         reporter.discard()
         tracker.finish("KILLED")
@@ -233,227 +207,246 @@ def run(cfg: Config, ctx: dist.DistContext, hooks: Hooks) -> dict:
         raise
 
 
-def _batches(cfg: Config, ctx: dist.DistContext, start_step: int, spe: int, ledger: data.SkipLedger):
-    """(endless batches from ``start_step`` on, the on-device view maker or None) for this rank."""
-    if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
-        return data.ffcv_train_batches(
-            cfg.data.path,
-            cfg.data.pretrain[0],
-            cfg.augment,
-            cfg.train.global_batch_size // ctx.world_size,  # one split: validated
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            seed=cfg.train.seed * 1_000_003 + start_step,
-            loader_workers=cfg.data.loader_workers,
-            cache_dir=cfg.data.cache_dir,
-            device=ctx.device,
-            ledger=ledger,
-        ), None
-    if cfg.augment.where == "batch":  # both views made per batch in the loader workers, seekable by step
-        return data.batched_train_batches(
-            cfg.data.path,
-            cfg.data.pretrain,
-            cfg.augment,
-            cfg.train.global_batch_size // ctx.world_size,
-            rank=ctx.rank,
-            seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            loader_workers=cfg.data.loader_workers,
-            start_step=start_step,
-            steps_per_epoch=spe,
-            ledger=ledger,
-        ), None
-    if cfg.augment.where == "device":
-        device_views = augment.DeviceTwoViews(cfg.augment).to(ctx.device)
-        two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
-    else:
-        device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
-    return data.train_batches(
-        cfg.data.path,
-        cfg.data.pretrain,
-        two_views,
-        cfg.train.global_batch_size // ctx.world_size,
-        rank=ctx.rank,
-        seed=cfg.train.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        loader_workers=cfg.data.loader_workers,
-        start_step=start_step,
-        steps_per_epoch=spe,
-        ledger=ledger,
-    ), device_views
+@dataclass
+class Run:
+    """What one run's loop works with, built once by ``_prepare`` (the loop's inputs, instead of 16 arguments)."""
+
+    cfg: Config
+    ctx: dist.DistContext
+    objective: torch.nn.Module
+    net: torch.nn.Module  # the objective, DDP-wrapped on several ranks
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the same seed on every rank: SSCL's and MoCHi's shared draws
+    tracker: Any  # tracking.MlflowTracker on rank 0, a no-op tracker elsewhere
+    reporter: EpochReporter
+    stop: faults.StopRequest
+    guard: faults.NonfiniteGuard
+    ledger: data.SkipLedger
+    batches: Iterator
+    device_views: Optional[Callable]
+    autocast: Any
+    progress: console.Progress
+    lr_of: Callable[[int], float]
+    spe: int
+    total_steps: int
+    base: dict  # the counters as the run (or its checkpoint) started
+    counters: dict  # ... as of the last log step: checkpoints store them
+    run_dir: str
 
 
-def _loop(
-    cfg,
-    ctx,
-    hooks,
-    objective,
-    optimizer,
-    generator,
-    tracker,
-    reporter,
-    stop,
-    start_step,
-    spe,
-    total_steps,
-    warmup_steps,
-    state,
-    base,
-    counters,
-) -> dict:
+@dataclass
+class RunState:
+    """What the loop carries from step to step: the last checkpoint, the log window's and the epoch's sums."""
+
+    saved_step: Optional[int]  # the step of the newest checkpoint of this run (None: none yet)
+    saved_at: float  # time.monotonic() of that checkpoint (or the loop's start)
+    tick: float  # time.perf_counter() at the log window's start
+    tick_step: int  # the step the log window started at
+    loss_sum: Any = 0.0  # the window's applied losses (a tensor once one is added: no sync per step)
+    loss_count: int = 0
+    wait: float = 0.0  # seconds the window waited for data
+    epoch_loss_sum: Any = 0.0
+    epoch_loss_count: int = 0
+    mean_loss: float = float("nan")  # the last logged mean over ranks
+    time_due: float = 0.0  # > 0: train.checkpoint_every_minutes fell due at the last log step (any rank)
+    stop_now: bool = False  # a stop was requested on some rank, as of the last log step
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+        self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
+
+    def new_window(self, done: int) -> None:
+        self.loss_sum, self.loss_count, self.wait, self.tick, self.tick_step = 0.0, 0, 0.0, time.perf_counter(), done
+
+
+def _prepare(cfg: Config, ctx: dist.DistContext, stop, start_step: int, spe: int, state, **parts) -> Run:
+    """The loop's Run: ``parts`` (objective, optimizer, generator, tracker, reporter, base, counters) plus what is
+    built here, in the order the loop always built it (params, DDP, compile, loader, guard, schedule)."""
+    objective, reporter = parts["objective"], parts["reporter"]
     reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
-    run_dir = _run_dir(cfg)
-    saved_step = start_step if state is not None else None
+    total_steps = planned_steps(cfg, spe)
     net = dist.wrap_ddp(objective, ctx)
     if cfg.train.channels_last:
         objective.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         objective.backbone.compile()  # in place: state_dict keys stay those of the plain module
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     ledger = data.SkipLedger(announce=True)
-    batches, device_views = _batches(cfg, ctx, start_step, spe, ledger)
+    batches, device_views = data.train_loader(cfg, ctx.rank, ctx.world_size, ctx.device, start_step, spe, ledger)
+    train = cfg.train
     guard = faults.NonfiniteGuard(
-        cfg.train.on_nonfinite,
-        cfg.train.max_nonfinite_steps,
+        train.on_nonfinite,
+        train.max_nonfinite_steps,
         objective,
         ctx.device,
         start_step,
-        count=base["nonfinite_steps"],
+        parts["base"]["nonfinite_steps"],
     )
     lr_of = partial(
-        lr_at,
+        schedule.lr_at,
         base_lr=cfg.scaled_lr,
-        warmup_steps=warmup_steps,
+        warmup_steps=int(cfg.optim.warmup_epochs * spe),
         total_steps=total_steps,
         min_ratio=cfg.optim.min_lr_ratio,
     )
-    every_steps, every_s = cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes * 60
-    saved_at = time.monotonic()
-    loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), start_step
-    mean_loss, stop_now, time_due = float("nan"), False, 0.0
-    epoch_loss_sum, epoch_loss_count = 0.0, 0  # the epoch-mean loss (train.best_by=loss)
-    progress = console.Progress(total_steps, start_step, cfg.train.global_batch_size, enabled=ctx.is_main)
-    for step in range(start_step, total_steps):
-        if stop.requested and ctx.world_size == 1:  # several ranks agree on a stop at a log step (below)
-            _stop(reporter, guard, lr_of, step, spe, run_dir, saved_step)
-        _seed_step(cfg, ctx.rank, step, generator)
-        lr = lr_of(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        done = step + 1
-        epoch_end = done % spe == 0 or done == total_steps  # train.max_steps may end the run mid-epoch
-        step_due = bool(every_steps) and done % every_steps == 0
-        step_save = step_due and not epoch_end  # on an epoch end, the epoch's checkpoint serves (below)
-        log_now = done % cfg.train.log_every_steps == 0 or epoch_end or step_save
-        fetch = time.perf_counter()
-        *images, labels = next(batches)
-        wait += time.perf_counter() - fetch
-        images = [x.to(ctx.device, non_blocking=True) for x in images]
-        x1, x2 = device_views(images[0]) if device_views is not None else images
-        if cfg.train.channels_last:
-            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
-        guard.before_step()
-        with autocast:  # the objectives compute their losses in float32 whatever the network ran in
-            loss, stats = net(x1, x2, labels.to(ctx.device), with_stats=log_now)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ok = guard.finite(loss)
-        if guard.apply_update(ok, lr, done, faults.describe_checkpoint(saved_step, run_dir)):
-            optimizer.step()
-            objective.after_step()
-            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
-            epoch_loss_sum, epoch_loss_count = epoch_loss_sum + loss.detach(), epoch_loss_count + 1
-        else:
-            optimizer.zero_grad(set_to_none=True)
+    return Run(
+        cfg=cfg,
+        ctx=ctx,
+        net=net,
+        stop=stop,
+        guard=guard,
+        ledger=ledger,
+        batches=batches,
+        device_views=device_views,
+        autocast=torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"),
+        progress=console.Progress(total_steps, start_step, train.global_batch_size, enabled=ctx.is_main),
+        lr_of=lr_of,
+        spe=spe,
+        total_steps=total_steps,
+        run_dir=_run_dir(cfg),
+        **parts,
+    )
 
-        if log_now:
-            # one collective for the loss, every diagnostic the objective reported and the fault counters
-            names = sorted(stats)
-            time_due = ctx.is_main and every_s > 0 and time.monotonic() - saved_at >= every_s
-            mean = loss_sum / loss_count if loss_count else torch.tensor(float("nan"), device=ctx.device)
-            on_device = torch.stack([mean] + [stats[k].detach().float() for k in names] + [guard.bad_flag()]).double()
-            on_host = torch.tensor(
-                [ledger.skipped, ledger.read, float(time_due), float(stop.poll())],
-                dtype=torch.float64,
-                device=ctx.device,
-            )
-            values = dist.all_reduce_mean(torch.cat([on_device, on_host])).tolist()
-            bad = values[-5]
-            skipped, read, time_due, stop_any = (v * ctx.world_size for v in values[-4:])
-            stop_now = stop_any > 0
-            guard.raise_if_seen(bad, lr_of, faults.describe_checkpoint(saved_step, run_dir))
-            counters.update(
-                data_skipped=base["data_skipped"] + skipped,
-                data_read=base["data_read"] + read,
-                nonfinite_steps=guard.count,
-            )
-            faults.check_skip_budget(
-                counters["data_skipped"],
-                counters["data_read"],
-                cfg.data.max_skip_fraction,
-                ledger.worst(),
-                cfg.data.path,
-            )
-            mean_loss = values[0]
-            elapsed = max(time.perf_counter() - tick, 1e-9)
-            counters["train_seconds"] += elapsed  # a resume's idle gap and a later `eval --track` are not in it
-            tracker.log_metrics(
-                grouped(
-                    {
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "data_wait_share": wait / elapsed,
-                        "images_per_s": (done - tick_step) * cfg.train.global_batch_size / elapsed,
-                        "data_skipped": counters["data_skipped"],
-                        "nonfinite_steps": guard.count,
-                        "train_seconds": counters["train_seconds"],
-                    }
-                    | dict(zip(names, values[1:-5]))
-                ),
-                step=done,
-            )
-            loss_sum, loss_count, wait, tick, tick_step = 0.0, 0, 0.0, time.perf_counter(), done
-            if stop_now and not epoch_end:
-                _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step)
-            if (step_save or time_due > 0) and not epoch_end:
-                reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "loss": mean_loss})
-                saved_step, saved_at = done, time.monotonic()
-        progress.step(mean_loss if log_now else None)
-        if not epoch_end:
-            continue
-        epoch = -(-done // spe)  # a last, partial epoch (train.max_steps) counts as one
-        last = done == total_steps
-        mean_epoch = epoch_loss_sum / epoch_loss_count if epoch_loss_count else float("nan")
-        epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
-        epoch_loss_sum, epoch_loss_count = 0.0, 0
-        if reporter.epoch_end(
-            done,
-            epoch,
-            last,
-            {"step": done, "epoch": epoch, "loss": mean_loss, "epoch_loss": epoch_loss},
-            batch=(x1, x2, labels),
-            save_due=step_due or time_due > 0,
-        ):
-            saved_step, saved_at = done, time.monotonic()
-        knn_text = f" knn_top1 {reporter.knn_top1:.4f}" if ctx.is_main and reporter._knn_due(epoch, last) else ""
-        progress.epoch_line(epoch, -(-total_steps // spe), done, mean_loss, knn_text)
-        if stop_now and not last:
-            _stop(reporter, guard, lr_of, done, spe, run_dir, saved_step, saved=saved_step == done)
-    progress.close()
-    reporter.finish()
+
+def _loop(run: Run, start_step: int, resumed: bool) -> dict:
+    """The steps from ``start_step`` to the end: train, then log, checkpoint, end an epoch or stop as planned."""
+    cfg, ctx = run.cfg, run.ctx
+    st = RunState(
+        saved_step=start_step if resumed else None,
+        saved_at=time.monotonic(),
+        tick=time.perf_counter(),
+        tick_step=start_step,
+    )
+    for step in range(start_step, run.total_steps):
+        if run.stop.requested and ctx.world_size == 1:  # several ranks agree on a stop at a log step (_log)
+            _stop(run, st, step)
+        plan = schedule.plan_step(
+            step, run.spe, run.total_steps, cfg.train.log_every_steps, cfg.train.checkpoint_every_steps
+        )
+        batch, stats, lr = _train_step(run, st, step, plan)
+        if plan.log_now:
+            _log(run, st, plan, lr, stats)
+        run.progress.step(st.mean_loss if plan.log_now else None)
+        if plan.epoch_end:
+            _end_epoch(run, st, plan, batch)
+    run.progress.close()
+    run.reporter.finish()
     return {
-        "step": total_steps,
-        "epoch": -(-total_steps // spe),
-        "knn_top1": reporter.knn_top1,
-        "mlflow_run_id": tracker.run_id,
+        "step": run.total_steps,
+        "epoch": schedule.epoch_of(run.total_steps, run.spe),
+        "knn_top1": run.reporter.knn_top1,
+        "mlflow_run_id": run.tracker.run_id,
     }
 
 
-def _stop(reporter, guard, lr_of, done: int, spe: int, run_dir: str, saved_step, saved: bool = False) -> None:
+def _train_step(run: Run, st: RunState, step: int, plan: schedule.StepPlan) -> tuple[tuple, dict, float]:
+    """One optimizer step on this rank's next batch (skipped when the loss is not finite); (batch, stats, lr)."""
+    cfg, ctx = run.cfg, run.ctx
+    _seed_step(cfg, ctx.rank, step, run.generator)
+    lr = run.lr_of(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    fetch = time.perf_counter()
+    *images, labels = next(run.batches)
+    st.wait += time.perf_counter() - fetch
+    images = [x.to(ctx.device, non_blocking=True) for x in images]
+    x1, x2 = run.device_views(images[0]) if run.device_views is not None else images
+    if cfg.train.channels_last:
+        x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+    run.guard.before_step()
+    with run.autocast:  # the objectives compute their losses in float32 whatever the network ran in
+        loss, stats = run.net(x1, x2, labels.to(ctx.device), with_stats=plan.log_now)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ok = run.guard.finite(loss)
+    if run.guard.apply_update(ok, lr, plan.done, faults.describe_checkpoint(st.saved_step, run.run_dir)):
+        run.optimizer.step()
+        run.objective.after_step()
+        st.add_loss(loss.detach())
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+    return (x1, x2, labels), stats, lr
+
+
+def _log(run: Run, st: RunState, plan: schedule.StepPlan, lr: float, stats: dict) -> None:
+    """Reduce the window's loss, the objective's diagnostics and the fault counters over ranks (one collective,
+    by name), log them, and act on what every rank now agrees on: a non-finite step, a stop, a checkpoint."""
+    cfg, ctx, done = run.cfg, run.ctx, plan.done
+    every_s = cfg.train.checkpoint_every_minutes * 60
+    due = ctx.is_main and schedule.time_checkpoint_due(time.monotonic(), st.saved_at, every_s)
+    mean = st.loss_sum / st.loss_count if st.loss_count else torch.tensor(float("nan"), device=ctx.device)
+    on_host = {
+        "data_skipped": run.ledger.skipped,
+        "data_read": run.ledger.read,
+        "time_due": due,
+        "stop": run.stop.poll(),
+    }
+    reduced = dist.all_reduce_mean_named(
+        {"loss": mean.float(), "bad": run.guard.bad_flag().float()}
+        | {f"stat/{k}": v.detach().float() for k, v in stats.items()}
+        | {f"host/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in on_host.items()},
+        ctx.device,
+    )
+    summed = {k: reduced[f"host/{k}"] * ctx.world_size for k in on_host}  # counts and flags: over all ranks
+    st.time_due, st.stop_now = summed["time_due"], summed["stop"] > 0
+    run.guard.raise_if_seen(reduced["bad"], run.lr_of, faults.describe_checkpoint(st.saved_step, run.run_dir))
+    counters = run.counters
+    counters.update(
+        data_skipped=run.base["data_skipped"] + summed["data_skipped"],
+        data_read=run.base["data_read"] + summed["data_read"],
+        nonfinite_steps=run.guard.count,
+    )
+    faults.check_skip_budget(
+        counters["data_skipped"], counters["data_read"], cfg.data.max_skip_fraction, run.ledger.worst(), cfg.data.path
+    )
+    st.mean_loss = reduced["loss"]
+    elapsed = max(time.perf_counter() - st.tick, 1e-9)
+    counters["train_seconds"] += elapsed  # a resume's idle gap and a later `eval --track` are not in it
+    run.tracker.log_metrics(
+        grouped(
+            {
+                "loss": st.mean_loss,
+                "lr": lr,
+                "data_wait_share": st.wait / elapsed,
+                "images_per_s": (done - st.tick_step) * cfg.train.global_batch_size / elapsed,
+                "data_skipped": counters["data_skipped"],
+                "nonfinite_steps": run.guard.count,
+                "train_seconds": counters["train_seconds"],
+            }
+            | {k: reduced[f"stat/{k}"] for k in sorted(stats)}
+        ),
+        step=done,
+    )
+    st.new_window(done)
+    if st.stop_now and not plan.epoch_end:
+        _stop(run, st, done)
+    if (plan.step_save or st.time_due > 0) and not plan.epoch_end:
+        run.reporter.checkpoint(done, done // run.spe, {"step": done, "epoch": done // run.spe, "loss": st.mean_loss})
+        st.saved_step, st.saved_at = done, time.monotonic()
+
+
+def _end_epoch(run: Run, st: RunState, plan: schedule.StepPlan, batch: tuple) -> None:
+    """The epoch's mean loss over ranks, then the reporter's kNN, plots and checkpoints, the epoch line, a stop."""
+    ctx, done, last = run.ctx, plan.done, plan.last
+    epoch = schedule.epoch_of(done, run.spe)
+    mean_epoch = st.epoch_loss_sum / st.epoch_loss_count if st.epoch_loss_count else float("nan")
+    epoch_loss = dist.all_reduce_mean(torch.as_tensor(mean_epoch).reshape(1).float().to(ctx.device)).item()
+    st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
+    metrics = {"step": done, "epoch": epoch, "loss": st.mean_loss, "epoch_loss": epoch_loss}
+    if run.reporter.epoch_end(done, epoch, last, metrics, batch=batch, save_due=plan.step_due or st.time_due > 0):
+        st.saved_step, st.saved_at = done, time.monotonic()
+    knn = f" knn_top1 {run.reporter.knn_top1:.4f}" if ctx.is_main and run.reporter.knn_due(epoch, last) else ""
+    run.progress.epoch_line(epoch, schedule.epoch_of(run.total_steps, run.spe), done, st.mean_loss, knn)
+    if st.stop_now and not last:
+        _stop(run, st, done, saved=st.saved_step == done)
+
+
+def _stop(run: Run, st: RunState, done: int, saved: bool = False) -> None:
     """A stop request: checkpoint at ``done`` (unless a non-finite step makes it bad, or it exists), then end."""
-    if done > 0 and not saved and done != saved_step:
-        guard.raise_if_seen(guard.bad_flag().item(), lr_of, faults.describe_checkpoint(saved_step, run_dir))
-        reporter.checkpoint(done, done // spe, {"step": done, "epoch": done // spe, "stopped": True})
-    if reporter.ctx.is_main:
-        print(f"stopped at step {done}: checkpoint saved in {run_dir}", flush=True)
+    if done > 0 and not saved and done != st.saved_step:
+        run.guard.raise_if_seen(
+            run.guard.bad_flag().item(), run.lr_of, faults.describe_checkpoint(st.saved_step, run.run_dir)
+        )
+        run.reporter.checkpoint(done, done // run.spe, {"step": done, "epoch": done // run.spe, "stopped": True})
+    if run.ctx.is_main:
+        console.say(f"stopped at step {done}: checkpoint saved in {run.run_dir}")
     raise faults.Stopped(done)

@@ -86,6 +86,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         (y * weights).sum().backward()
         result["gather"] = (y.detach(), x.grad)
         result["mean"] = dist.all_reduce_mean(torch.tensor([float(rank), 2.0 * rank]))
+        # the step loop's reduction by name: inserted in a different order on each rank, one collective
+        named = {"b": torch.tensor(2.0 * rank), "a": torch.tensor(rank, dtype=torch.int64)}
+        result["named"] = dist.all_reduce_mean_named(
+            dict(reversed(named.items())) if rank else named, torch.device("cpu")
+        )
         try:
             dist.make_gather(ctx)(torch.zeros(2 + rank, 2))  # a fresh gather: its first call is checked
             result["unequal"] = None
@@ -146,6 +151,7 @@ def test_global_gather_forward_and_backward(ranks):
         torch.testing.assert_close(y, expected)
         torch.testing.assert_close(grad, total[rank * 3 : (rank + 1) * 3])
         torch.testing.assert_close(r["mean"], torch.tensor([0.5, 1.0]))
+        assert r["named"] == {"a": 0.5, "b": 1.0}
 
 
 def test_global_gather_rejects_unequal_sizes(ranks):

@@ -8,18 +8,18 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from pipeline import checkpoint, dist, train
+from pipeline import checkpoint, dist, schedule
 from pipeline.app import train_command
 from pipeline.errors import HardnegError
 from pipeline.objectives import bind_loss
 
 
 def test_lr_schedule_warmup_then_cosine():
-    lrs = [train.lr_at(s, 1.0, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
+    lrs = [schedule.lr_at(s, 1.0, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # non-increasing after warm-up
-    assert math.isclose(train.lr_at(20, 1.0, 4, 20, 0.1), 0.1)
-    assert math.isclose(train.lr_at(12, 1.0, 4, 20, 0.0), 0.5)  # half-way through the cosine
+    assert math.isclose(schedule.lr_at(20, 1.0, 4, 20, 0.1), 0.1)
+    assert math.isclose(schedule.lr_at(12, 1.0, 4, 20, 0.0), 0.5)  # half-way through the cosine
 
 
 def test_local_run_checkpoints_full_state_and_resumes(tmp_path, digits_shards):
@@ -249,7 +249,7 @@ def test_no_test_set_selection_monitor_reads_the_holdout_and_best_can_follow_the
     )
     rec = _Recorder()
     reporter = EpochReporter(cfg, ctx, rec, rec, build_objective(cfg), lambda step, epoch: {"step": step})
-    assert reporter.monitor_split is None and not reporter._knn_due(1, last=True)  # no kNN on test, ever
+    assert reporter.monitor_split is None and not reporter.knn_due(1, last=True)  # no kNN on test, ever
     for epoch, loss in enumerate([3.0, 2.0, 2.5], start=1):
         reporter.epoch_end(10 * epoch, epoch, False, {"step": 10 * epoch, "epoch": epoch, "epoch_loss": loss})
     assert rec.metrics == [] and rec.artifacts == ["checkpoints/best", "checkpoints/best"]  # epochs 1, 2 only
