@@ -71,12 +71,11 @@ def _ray_only_with_the_marker(request, monkeypatch):
     except ImportError:
         yield
         return
-    message = (
-        f"{request.node.nodeid} starts Ray without @pytest.mark.ray (or a tiny config without cluster.launcher=local)"
-    )
+    message = f"{request.node.nodeid} starts Ray without @pytest.mark.ray"
+    hint = "mark it, or train with cluster.launcher=local"
 
     def refuse(*args, **kwargs):
-        pytest.fail(message, pytrace=False)
+        pytest.fail(f"{message}: {hint}", pytrace=False)
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -84,7 +83,7 @@ def _ray_only_with_the_marker(request, monkeypatch):
     yield
     started = _ray_daemons() - before
     if started:
-        pytest.fail(f"{message}: Ray daemons {sorted(started)} are running", pytrace=False)
+        pytest.fail(f"{message} (its Ray daemons {sorted(started)} still run at teardown): {hint}", pytrace=False)
 
 
 _SHARED: dict = {}
