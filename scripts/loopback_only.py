@@ -55,7 +55,9 @@ def _why_not(*flags: str) -> str | None:
 def fresh_environ(environ: dict, tmp: str) -> dict:
     """``environ`` with HOME, the XDG folders and TMPDIR inside ``tmp``; pip's cache stays the caller's."""
     home = os.path.join(tmp, "home")
-    caller_cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    caller_cache = environ.get("XDG_CACHE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".cache"
+    )
     env = {k: v for k, v in environ.items() if k not in DROPPED}
     env.update(
         HOME=home,

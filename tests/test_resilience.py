@@ -330,6 +330,7 @@ def test_skip_mode_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, dig
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
 def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_shards):
     """`hardneg stop` / a preemption: the run saves where it is, ends KILLED, and a resume finishes it."""
     args = _tiny_args(
