@@ -3,15 +3,21 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO    := demo_out
 
-.PHONY: demo test lint setup clean soak
+.PHONY: demo test test-fast lint setup clean soak
 
 demo: $(STAMP)
 	.venv/bin/hardneg demo --out $(DEMO)
 
-# The suite runs in a private network namespace with only loopback (when root and unshare allow; else it
-# says so and runs as it is): every server a test starts is on 127.0.0.1 and unreachable from outside.
+# The suite runs as on a new machine (scripts/loopback_only.py; when root and unshare allow, else it says so):
+# in a private network namespace with only loopback, so every server a test starts is on 127.0.0.1 and
+# unreachable from outside, and a private mount namespace whose /tmp is a fresh empty folder holding HOME and
+# the caches. Two tiers (scripts/test_tiers.py): `make test` runs both and prints each tier's wall time and the
+# 25 slowest tests; `make test-fast` runs the tests that start no Ray, no server and no browser (the inner loop).
 test: $(STAMP) lint
-	$(PY) scripts/loopback_only.py $(PY) -m pytest -q --durations=25
+	$(PY) scripts/loopback_only.py $(PY) scripts/test_tiers.py all
+
+test-fast: $(STAMP)
+	$(PY) scripts/loopback_only.py $(PY) scripts/test_tiers.py fast
 
 # Lint and types: ruff's rules and formatting on the whole tree, mypy on the modules [tool.mypy] lists.
 lint: $(STAMP)

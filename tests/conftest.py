@@ -1,11 +1,14 @@
-"""Shared fixtures: real digits shards on disk, free ports, a tiny training config."""
+"""Shared fixtures: real digits shards on disk, free ports, a tiny training config, one Ray for the tests that only
+need "a Ray", and the guard that fails a test which starts Ray without the ``ray`` marker."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +27,113 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# --- Ray: the marker, the guard, one shared instance -----------------------------------------------------------
+
+_RAY_DAEMONS = ("raylet", "gcs_server")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc/PID/task/TID/children; none where that is missing)."""
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def _ray_daemons() -> set[int]:
+    """Ray's daemons (raylet, GCS server) below this process: what starting a Ray leaves running."""
+    found, frontier = set(), _children(os.getpid())
+    while frontier:
+        pid = frontier.pop()
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() in _RAY_DAEMONS:
+                    found.add(pid)
+        except OSError:
+            continue
+        frontier += _children(pid)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_with_the_marker(request, monkeypatch):
+    """A test without ``@pytest.mark.ray`` sees no Ray: ray.init fails it at once, the session's shared Ray is
+    hidden (ray.is_initialized() is False), and Ray daemons it leaves running below pytest fail it at teardown."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    try:
+        import ray
+    except ImportError:
+        yield
+        return
+    message = f"{request.node.nodeid} starts Ray without @pytest.mark.ray"
+    hint = "mark it, or train with cluster.launcher=local"
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{message}: {hint}", pytrace=False)
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    before = _ray_daemons()
+    yield
+    started = _ray_daemons() - before
+    if started:
+        pytest.fail(f"{message} (its Ray daemons {sorted(started)} still run at teardown): {hint}", pytrace=False)
+
+
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def _shared_ray_session():
+    """Shuts the shared Ray down at the end of the session (when one was started)."""
+    yield _SHARED
+    if _SHARED.pop("up", False):
+        import ray
+
+        ray.shutdown()
+    shutil.rmtree(_SHARED.pop("tmp", ""), ignore_errors=True)
+
+
+@pytest.fixture
+def shared_ray(_shared_ray_session):
+    """A local Ray with 2 CPUs in this process, started once and kept for every test that only needs "a Ray"
+    (conftest runs those tests last, together, so it starts once). Train runs with cluster.launcher=ray use it."""
+    import ray
+
+    from cluster.connect import init_ray
+
+    if not ray.is_initialized():
+        tmp = _SHARED.setdefault("tmp", tempfile.mkdtemp(prefix="hnray-", dir="/tmp"))  # short: socket paths
+        init_ray(num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+        _SHARED["up"] = True
+    yield
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that starts its own Ray (a cluster, or one that inherits this test's environment): no Ray is
+    connected in this process when it begins, and none is left when it ends."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+        _SHARED.pop("up", None)
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests on the shared Ray run last and together, so it starts once; the rest keep their order."""
+    items.sort(key=lambda item: "shared_ray" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> str:
     """builtin:digits prepared once per session into real WebDataset shards (6 train shards)."""
@@ -40,6 +150,7 @@ ARTIFACTS_ON = ("tracking.plots=true", "tracking.log_model=true")  # what a real
 def tiny_overrides(tmp_path, shards: str, *overrides: str) -> list[str]:
     """The dotted overrides of tiny_config, for tests that go through the real CLI."""
     return [
+        "cluster.launcher=local",  # one plain process; a test that wants Ray says cluster.launcher=ray
         f"data.path={shards}",
         "data.shuffle_buffer=200",
         "augment.image_size=8",

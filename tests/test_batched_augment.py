@@ -196,7 +196,6 @@ def test_batched_views_are_a_function_of_the_step(digits_shards):
     assert not torch.equal(batches[2][0], batches[3][0])
 
 
-@pytest.mark.slow
 def test_training_with_augment_where_batch(tmp_path, digits_shards):
     """augment.where=batch drives the step loop (the loader makes both views): finite loss, full epoch."""
     from conftest import tiny_config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.app.bench import BENCHES
 from pipeline.app.bench.all import ARGS
 from pipeline.app.cli import main
@@ -13,6 +15,7 @@ def test_every_section_is_a_registered_bench():
     assert set(ARGS) <= set(BENCHES) and "step" in BENCHES
 
 
+@pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
 def test_bench_all_quick_step_section(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # configs/demo.yaml
     out = tmp_path / "report.json"

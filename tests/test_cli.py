@@ -82,6 +82,7 @@ def test_prep_then_verify(tmp_path):
     assert bad.returncode == 2 and "test-000000.tar" in bad.stdout
 
 
+@pytest.mark.slow  # a training subprocess, 10-20 s: not in make test-fast
 def test_sigterm_marks_the_mlflow_run_killed(tmp_path, digits_shards):
     """`hardneg stop` / `ray job stop` send SIGTERM: the run must not be left RUNNING in MLflow."""
     from mlflow.tracking import MlflowClient

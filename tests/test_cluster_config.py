@@ -44,15 +44,6 @@ def test_bad_scaling_values_name_the_key():
         config.load(None, ["cluster.gpus_per_worker=0"])
 
 
-def test_backend_and_worker_resources_follow_the_config():
-    from cluster.train import backend, worker_resources
-
-    cpu = config.load(None, ["cluster.num_workers=4", "cluster.cpus_per_worker=3"])
-    assert backend(cpu) == "gloo" and worker_resources(cpu) == {"CPU": 3.0}
-    gpu = config.load(None, ["cluster.use_gpu=true", "cluster.gpus_per_worker=0.5", "cluster.cpus_per_worker=4"])
-    assert backend(gpu) == "nccl" and worker_resources(gpu) == {"CPU": 4.0, "GPU": 0.5}
-
-
 def test_more_workers_than_the_cluster_holds_is_refused():
     from cluster.train import missing_resources
 
@@ -83,7 +74,7 @@ def test_multi_node_warnings_name_local_storage_and_file_stores():
 
 def test_too_few_shards_for_the_readers(tmp_path, digits_shards):
     # digits has 6 train shards: 2 workers x 4 loader workers = 8 readers
-    cfg = tiny_config(tmp_path, digits_shards, "data.loader_workers=4")
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=ray", "data.loader_workers=4")  # 2 workers
     with pytest.raises(
         HardnegError,
         match=r"split\(s\) train of .* hold 6 shards, fewer than the 8 readers of "
@@ -91,21 +82,31 @@ def test_too_few_shards_for_the_readers(tmp_path, digits_shards):
     ):
         train_command.train_run(cfg)
     manifest = {"splits": {"train": {"shards": [{}] * 6}, "unlabeled": {"shards": [{}] * 2}}}
-    train_command.check_shards_per_reader(tiny_config(tmp_path, digits_shards, "data.loader_workers=3"), manifest)
+    train_command.check_shards_per_reader(
+        tiny_config(tmp_path, digits_shards, "cluster.launcher=ray", "data.loader_workers=3"), manifest
+    )
     # pretraining on several splits pools their shards: 6 + 2 = 8 streams for 8 readers
     train_command.check_shards_per_reader(
-        tiny_config(tmp_path, digits_shards, "data.loader_workers=4", "data.pretrain_splits=[train,unlabeled]"),
+        tiny_config(
+            tmp_path,
+            digits_shards,
+            "cluster.launcher=ray",
+            "data.loader_workers=4",
+            "data.pretrain_splits=[train,unlabeled]",
+        ),
         manifest,
     )
     assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_no_ray_at_the_address_fails_fast_before_an_mlflow_run(tmp_path, digits_shards):
-    cfg = tiny_config(tmp_path, digits_shards, f"cluster.address=127.0.0.1:{free_port()}")
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=ray", f"cluster.address=127.0.0.1:{free_port()}")
     with pytest.raises(HardnegError, match=r"no Ray cluster reachable at cluster.address=127.0.0.1:\d+: "):
         train_command.train_run(cfg)
     with pytest.raises(HardnegError, match="is a dashboard URL"):
-        train_command.train_run(tiny_config(tmp_path, digits_shards, "cluster.address=http://127.0.0.1:8265"))
+        train_command.train_run(
+            tiny_config(tmp_path, digits_shards, "cluster.launcher=ray", "cluster.address=http://127.0.0.1:8265")
+        )
     assert not (tmp_path / "mlflow.db").exists()  # checked before the launcher creates the run
 
 

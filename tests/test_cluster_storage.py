@@ -22,6 +22,7 @@ from pipeline.app import train_command  # noqa: E402
 from pipeline.errors import HardnegError  # noqa: E402
 
 BUCKET = "hardneg-test"
+pytestmark = pytest.mark.server  # moto on 127.0.0.1
 
 
 @pytest.fixture
@@ -89,7 +90,12 @@ def test_driver_side_checks_on_s3(s3, tmp_path, digits_shards):
 
     # the whole driver path, up to (not including) Ray: a resume from a different config is refused
     other = tiny_config(
-        tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=r2", "loss.temperature=0.2"
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=ray",  # refused before Ray starts
+        f"cluster.storage_path={runs}",
+        "tracking.run_name=r2",
+        "loss.temperature=0.2",
     )
     with pytest.raises(HardnegError, match=r"cannot resume.*loss\.temperature: 0\.5 -> 0\.2"):
         train_command.train_run(other, resume="r2")
@@ -101,23 +107,28 @@ def test_unreachable_s3_storage_is_one_line(s3, tmp_path, digits_shards, monkeyp
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()
-    cfg = tiny_config(tmp_path, digits_shards, f"cluster.storage_path={s3}/runs")
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=ray", f"cluster.storage_path={s3}/runs")
     with pytest.raises(HardnegError, match=rf"cannot write to cluster.storage_path={s3}/runs: ") as e:
         train_command.train_run(cfg)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "mlflow.db").exists()  # before any MLflow run or Ray
 
 
-@pytest.mark.slow
-def test_ray_train_checkpoints_to_s3(s3, tmp_path, digits_shards, monkeypatch, request):
+@pytest.mark.ray
+def test_ray_train_checkpoints_to_s3(s3, tmp_path, digits_shards, monkeypatch, request, own_ray):
     ray_tmp = tempfile.mkdtemp(prefix="hns3-", dir="/tmp")  # short: Ray's socket paths live under it
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     monkeypatch.setenv("HARDNEG_RAY_TMP", ray_tmp)
     runs = f"{s3}/runs"
     cfg = tiny_config(
-        tmp_path, digits_shards, f"cluster.storage_path={runs}", "tracking.run_name=s3run", "train.knn_every_epochs=0"
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=ray",
+        f"cluster.storage_path={runs}",
+        "tracking.run_name=s3run",
+        "train.knn_every_epochs=0",
     )
-    result = train_command.train_run(cfg)  # a private Ray started here inherits AWS_ENDPOINT_URL
+    result = train_command.train_run(cfg)  # a private Ray started here (own_ray) inherits AWS_ENDPOINT_URL
     steps = 1347 // 128
     assert result["step"] == steps
     assert result["checkpoint"].startswith(f"{runs}/s3run/")

@@ -68,7 +68,15 @@ def test_false_negative_rate_matches_brute_force():
     got = diagnostics.false_negative_rate(sim, mask, row_labels, col_labels, n_hard)
     assert got.item() == pytest.approx(same / (6 * k))
     assert diagnostics.false_negative_rate(sim, mask, row_labels, torch.full((10,), -1), n_hard).item() == 0.0
-    assert diagnostics.false_negative_rate(sim, mask, row_labels, col_labels, 1000).item() >= 0.0  # clamped
+    # n_hard past the smallest row's negatives: every row takes that many (the brute force at k = that count)
+    k_all = int(mask.sum(1).min())
+    same_all = 0
+    for i in range(6):
+        cols = sorted([j for j in range(10) if mask[i, j]], key=lambda j: -float(sim[i, j]))[:k_all]
+        same_all += sum(int(col_labels[j] == row_labels[i] and col_labels[j] >= 0) for j in cols)
+    assert n_hard < k_all < 1000  # a k of its own, not the one above
+    got = diagnostics.false_negative_rate(sim, mask, row_labels, col_labels, 1000)
+    assert got.item() == pytest.approx(same_all / (6 * k_all))
     # anchors of unknown label (unlabeled data) are left out of the mean rather than counted as 0
     partly = torch.cat([row_labels[:3], torch.full((3,), -1)])
     same_known = sum(

@@ -1,4 +1,5 @@
-"""End to end through a real local Ray instance (2 CPU workers) and a real SQLite MLflow store."""
+"""End to end through a real local Ray instance (the session's shared one, 2 CPU workers) and a real SQLite MLflow
+store."""
 
 from __future__ import annotations
 
@@ -6,31 +7,22 @@ import os
 
 import mlflow
 import pytest
-import ray
 from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint
 from pipeline.app import train_command
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    """A private Ray instance with 2 CPUs for this module, shut down afterwards."""
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("shared_ray")]
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
+def test_ray_train_mlflow_then_resume(tmp_path, digits_shards):
     steps = 1347 // 128
-    cfg = tiny_config(tmp_path, digits_shards, "cluster.num_workers=2", "tracking.run_name=e2e")
+    cfg = tiny_config(tmp_path, digits_shards, "cluster.launcher=ray", "cluster.num_workers=2", "tracking.run_name=e2e")
     first = train_command.train_run(cfg)
     assert first["step"] == steps and first["epoch"] == 1
 
@@ -57,7 +49,14 @@ def test_ray_train_mlflow_then_resume(tmp_path, digits_shards, local_ray):
     assert "global_batch_size: 128" in config_text
 
     # Resume the same run for a second epoch: it continues from the saved step in the same MLflow run.
-    longer = tiny_config(tmp_path, digits_shards, "cluster.num_workers=2", "tracking.run_name=e2e", "train.epochs=2")
+    longer = tiny_config(
+        tmp_path,
+        digits_shards,
+        "cluster.launcher=ray",
+        "cluster.num_workers=2",
+        "tracking.run_name=e2e",
+        "train.epochs=2",
+    )
     second = train_command.train_run(longer, resume="e2e")
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["step"] == 2 * steps

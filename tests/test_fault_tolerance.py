@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -22,7 +20,11 @@ from mlflow.tracking import MlflowClient
 from pipeline import checkpoint
 from pipeline.app import train_command
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.usefixtures("shared_ray"),  # its raylet and workers are descendants of this process
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
+]
 
 
 def descendants(root: int) -> list[int]:
@@ -71,13 +73,11 @@ def ray_registered_step(run_dir: str):
         return None
 
 
-def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_shards, monkeypatch, request):
-    ray_tmp = tempfile.mkdtemp(prefix="hnft-", dir="/tmp")  # short: Ray's socket paths live under it
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    monkeypatch.setenv("HARDNEG_RAY_TMP", ray_tmp)
-    spe, epochs = 1347 // 128, 4
+def test_sigkill_one_worker_resumes_from_the_last_checkpoint(tmp_path, digits_shards):
+    spe, epochs = 1347 // 128, 3  # killed after epoch 1's checkpoint + 4 steps; 2 epochs of work left after it
     total = spe * epochs
     common = (
+        "cluster.launcher=ray",
         "cluster.num_workers=2",
         f"train.epochs={epochs}",
         "train.knn_every_epochs=0",

@@ -20,7 +20,7 @@ from conftest import tiny_config
 from pipeline import checkpoint
 from pipeline.app import train_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("own_ray")]
 SPE = 1347 // 128  # steps per epoch of the digits train split (1347 after the val holdout) at batch 128
 
 
@@ -34,13 +34,21 @@ def _registered_step(run_dir: str):
         return None
 
 
-def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, request):
+def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, request, monkeypatch):
+    import ray._private.utils
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
     ray_tmp = tempfile.mkdtemp(prefix="hnln-", dir="/tmp")  # short: Ray's socket paths live under it
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    # Cluster() writes the head's address to /tmp/ray/ray_current_cluster whatever temp_dir says, and fails where
+    # /tmp/ray does not exist (a new machine, the suite's fresh /tmp); elsewhere it would overwrite the address
+    # file of whichever Ray runs on this machine. This test connects by cluster.address: the file goes in ray_tmp.
+    write_ray_address = ray._private.utils.write_ray_address
+    monkeypatch.setattr(
+        ray._private.utils, "write_ray_address", lambda address, temp_dir=None: write_ray_address(address, ray_tmp)
+    )
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "temp_dir": ray_tmp, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
@@ -54,6 +62,7 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
     cfg = tiny_config(
         tmp_path,
         digits_shards,
+        "cluster.launcher=ray",
         "cluster.num_workers=2",
         "cluster.min_workers=1",
         f"cluster.address={cluster.address}",

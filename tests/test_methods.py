@@ -3,6 +3,8 @@ another method is a one-line error naming it."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import toy_method
@@ -24,8 +26,8 @@ KEYS_BEFORE_THE_UNION = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def toy():
+@contextmanager
+def registered_toy():
     """Register tests/toy_method.py as loss.name=toy: the one registry line, then Config picks it up."""
     METHODS["toy"] = toy_method
     config.refresh_methods()
@@ -34,6 +36,12 @@ def toy():
     finally:
         del METHODS["toy"]
         config.refresh_methods()
+
+
+@pytest.fixture
+def toy():
+    with registered_toy() as module:
+        yield module
 
 
 def test_a_toy_method_trains_through_the_registry_only(toy):
@@ -69,10 +77,15 @@ def test_a_toy_method_trains_through_the_registry_only(toy):
         config.load(None, ["loss.name=hcl", "loss.toy_scale=2"])
 
 
-def test_the_toy_is_gone_after_the_fixture():
+def test_the_toy_is_gone_once_unregistered():
+    """Registering and unregistering in this test itself, so it holds alone, under -k, and in any order."""
+    with registered_toy():
+        assert config.load(None, ["loss.name=toy"]).loss.name == "toy"
     assert "toy" not in METHODS
     with pytest.raises(HardnegError, match=r"loss\.name='toy'"):
         config.load(None, ["loss.name=toy"])
+    with pytest.raises(HardnegError, match=r"^unknown config key 'loss\.toy_scale'"):
+        config.load(None, ["loss.toy_scale=2"])  # nor is its key left to any method
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ from conftest import ARTIFACTS_ON, free_port, tiny_config
 CHROMIUM = os.environ.get("HARDNEG_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.server,  # mlflow ui
     pytest.mark.skipif(
         CHROMIUM is None,
         reason="no Chromium: apt-get install -y chromium (make setup "

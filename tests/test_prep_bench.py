@@ -9,6 +9,7 @@ import pytest
 from pipeline.app.cli import main
 
 
+@pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
 def test_bench_prep_quick(tmp_path, capsys):
     assert main(["bench", "prep", "--quick", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

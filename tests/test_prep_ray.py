@@ -11,19 +11,16 @@ from data_prep import synthetic
 from data_prep.manifest import verify
 from data_prep.prep import prepare
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("shared_ray")]  # "local": the Ray this process is connected to
 
 
-@pytest.mark.slow
 def test_ray_tasks_write_the_same_shards(tmp_path):
     from cluster.prep import ray_mapper
 
     src = synthetic.write_cifar10(str(tmp_path / "c10.tar.gz"), n_train=200, n_test=40)
     local = prepare(f"cifar10:{src}", str(tmp_path / "local"), shard_size=50)
-    try:
-        on_ray = prepare(f"cifar10:{src}", str(tmp_path / "ray"), shard_size=50, mapper=ray_mapper("local"))
-    finally:
-        ray.shutdown()
+    on_ray = prepare(f"cifar10:{src}", str(tmp_path / "ray"), shard_size=50, mapper=ray_mapper("local"))
     assert on_ray["splits"] == local["splits"] and verify(str(tmp_path / "ray")) == []
     for name in os.listdir(tmp_path / "local"):
         if name.endswith(".tar"):
@@ -31,7 +28,6 @@ def test_ray_tasks_write_the_same_shards(tmp_path):
             assert a == b, name
 
 
-@pytest.mark.slow
 def test_ray_workers_without_the_listing_file_list_the_folder_again(tmp_path):
     """As on another node: the imagefolder listing's file is not there for the Ray workers; they rebuild and
     check it, and the shards are the local run's bytes."""
@@ -46,10 +42,7 @@ def test_ray_workers_without_the_listing_file_list_the_folder_again(tmp_path):
         os.remove(context.listing.db)  # the driver's file, absent where the tasks run
         yield from map_on_ray(fn, context, jobs, "local")
 
-    try:
-        on_ray = prepare(f"imagefolder:{folder}", str(tmp_path / "ray"), shard_size=40, mapper=elsewhere)
-    finally:
-        ray.shutdown()
+    on_ray = prepare(f"imagefolder:{folder}", str(tmp_path / "ray"), shard_size=40, mapper=elsewhere)
     assert on_ray["splits"] == local["splits"] and verify(str(tmp_path / "ray")) == []
     for name in os.listdir(tmp_path / "local"):
         if name.endswith(".tar"):

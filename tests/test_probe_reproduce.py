@@ -73,6 +73,7 @@ def write_grid(tmp_path, digits_shards, epochs: int) -> str:
     return str(grid)
 
 
+@pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
 def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards):
     grid_path = write_grid(tmp_path, digits_shards, epochs=2)
     root = tmp_path / "results" / "tiny"
@@ -188,6 +189,7 @@ def test_probe_transform_follows_the_release_protocols():
     assert "GaussianBlur" in kinds(hcl) and hcl.transforms[0].scale == (0.08, 1.0)
 
 
+@pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
 def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_shards, capsys):
     grid_path = write_grid(tmp_path, digits_shards, epochs=1)
     raw = yaml.safe_load(open(grid_path))

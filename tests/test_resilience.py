@@ -197,6 +197,7 @@ def _mlflow_run(tmp_path):
     return client, runs[0]
 
 
+@pytest.mark.slow  # a training subprocess, 10-20 s: not in make test-fast
 def test_bad_samples_are_skipped_within_the_budget(tmp_path, digits_shards):
     shards = _corrupt_shard(digits_shards, str(tmp_path / "bad"), bad=3)
     proc = _cli(
@@ -221,6 +222,7 @@ def test_bad_samples_are_skipped_within_the_budget(tmp_path, digits_shards):
     print(f"\n[skip] {int(skipped[-1].value)} bad samples skipped in {2 * SPE} steps", flush=True)
 
 
+@pytest.mark.slow  # a training subprocess, 10-20 s: not in make test-fast
 def test_bad_samples_past_the_budget_stop_the_run_in_one_line(tmp_path, digits_shards):
     shards = _corrupt_shard(digits_shards, str(tmp_path / "bad"), bad=40)
     proc = _cli(
@@ -281,6 +283,7 @@ def test_ffcv_skips_an_undecodable_jpeg_within_the_budget(tmp_path):
     print(f"\n[ffcv skip] {want} undecodable JPEG reads skipped in {2 * SPE} steps: {named[0]}", flush=True)
 
 
+@pytest.mark.slow  # a training subprocess, 10-20 s: not in make test-fast
 def test_a_nonfinite_loss_stops_in_one_line_naming_step_lr_and_checkpoint(tmp_path, digits_shards):
     proc = _cli(
         "train",
@@ -311,6 +314,7 @@ def test_a_nonfinite_loss_stops_in_one_line_naming_step_lr_and_checkpoint(tmp_pa
     print(f"\n[nonfinite] {line}", flush=True)
 
 
+@pytest.mark.slow  # a training subprocess, 10-20 s: not in make test-fast
 def test_skip_mode_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, digits_shards):
     proc = _cli(
         "train",
@@ -330,6 +334,7 @@ def test_skip_mode_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, dig
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
 def test_sigterm_checkpoints_the_current_step_then_ends_killed(tmp_path, digits_shards):
     """`hardneg stop` / a preemption: the run saves where it is, ends KILLED, and a resume finishes it."""
     args = _tiny_args(

@@ -19,6 +19,7 @@ from pipeline.errors import HardnegError
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
+pytestmark = pytest.mark.server  # moto on 127.0.0.1
 
 BUCKET = "hardneg-test"
 

@@ -39,11 +39,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(not IN_NAMESPACE, reason="the suite runs outside a loopback-only namespace (make test says why)")
-def test_private_ray_is_on_loopback_in_the_namespace():
+def test_private_ray_is_on_loopback_in_the_namespace(shared_ray):
     import ray
 
-    with local_ray(2):
+    with local_ray(2):  # the session's shared Ray, started as a private one
         gcs = ray.get_runtime_context().gcs_address
         nodes = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
     print(f"GCS address of the test Ray: {gcs}; raylets at {nodes}")
@@ -76,7 +77,8 @@ def test_token_authentication_is_required_unless_overridden():
 
 
 def test_train_refuses_a_private_ray_without_token_auth(tmp_path, digits_shards):
-    proc = hardneg("train", *tiny_overrides(tmp_path, digits_shards), env={"RAY_AUTH_MODE": "disabled"})
+    overrides = tiny_overrides(tmp_path, digits_shards, "cluster.launcher=ray")  # refused before Ray starts
+    proc = hardneg("train", *overrides, env={"RAY_AUTH_MODE": "disabled"})
     assert_one_line_error(proc, "RAY_AUTH_MODE=disabled", AUTH_OVERRIDE)
     assert not any((tmp_path / "runs").glob("*/checkpoint_*"))
 
@@ -109,6 +111,7 @@ def auth_server(tmp_path_factory):
         yield url
 
 
+@pytest.mark.server
 def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_shards, auth_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER_PASSWORD)
@@ -132,6 +135,7 @@ def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_
             assert USER_PASSWORD.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     "credentials, needles",
     [
@@ -145,7 +149,9 @@ def test_training_logs_with_credentials_which_are_never_stored(tmp_path, digits_
 def test_train_refuses_missing_or_wrong_credentials_before_training(
     tmp_path, digits_shards, auth_server, credentials, needles
 ):
-    overrides = tiny_overrides(tmp_path, digits_shards, f"tracking.uri={auth_server}", "tracking.run_name=refused")
+    overrides = tiny_overrides(
+        tmp_path, digits_shards, "cluster.launcher=ray", f"tracking.uri={auth_server}", "tracking.run_name=refused"
+    )
     line = assert_one_line_error(hardneg("train", *overrides, env=credentials), f"tracking.uri={auth_server}", *needles)
     assert WRONG_PASSWORD not in line  # a password is never echoed
     assert not (tmp_path / "runs" / "refused").exists()  # refused before Ray, the MLflow run or a checkpoint

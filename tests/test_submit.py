@@ -23,7 +23,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.server,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups"),
+]
 
 BIN = os.path.dirname(sys.executable)
 

@@ -26,7 +26,7 @@ def mlflow_server(tmp_path_factory):
         yield url
 
 
-@pytest.mark.parametrize("store", ["server", "sqlite"])
+@pytest.mark.parametrize("store", [pytest.param("server", marks=pytest.mark.server), "sqlite"])
 def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards, request):
     uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
     common = [

@@ -4,7 +4,7 @@ Steps keep advancing while it is down (checkpoints by steps land in the run dire
 is back every metric step is in the store. A server that never returns: the run finishes, warns in one
 line, keeps the records in the run directory, and `hardneg runs sync RUN_DIR` uploads them later.
 
-The outage lasts HARDNEG_TEST_OUTAGE_S seconds (20 by default, to keep CI short; `make soak` holds it 60 s).
+The outage lasts HARDNEG_TEST_OUTAGE_S seconds (10 by default, to keep CI short; `make soak` holds it 60 s).
 Run with -s to see the figures.
 """
 
@@ -22,9 +22,9 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUTAGE_S = float(os.environ.get("HARDNEG_TEST_OUTAGE_S", "20"))
+OUTAGE_S = float(os.environ.get("HARDNEG_TEST_OUTAGE_S", "10"))
 SPE = 1347 // 128  # steps per epoch of the digits train split (1347 after the val holdout) at batch 128
 
 
@@ -152,7 +152,7 @@ def _check_complete(url: str, run_id: str, total: int) -> int:
 
 
 def test_steps_advance_while_the_server_is_down_and_no_metric_is_lost(tmp_path, digits_shards, server):
-    epochs = 6
+    epochs = 3  # the run must still be training when the server goes down; it may end during the outage
     total = epochs * SPE
     server.start()
     proc = _train(tmp_path, digits_shards, server.url, f"train.epochs={epochs}", "tracking.flush_timeout_s=300")
