@@ -40,6 +40,7 @@ def _backbone_at(run_dir: str, step: int) -> torch.nn.Module:
     return backbone.eval()
 
 
+@pytest.mark.slow  # two trainings that each log an exported model
 def test_registered_model_runs_any_batch_and_best_is_best_across_versions(tmp_path, digits_shards, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tiny_config's store
     common = [

@@ -54,6 +54,7 @@ def formats(tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow  # three trainings + probes through the CLI
 @pytest.mark.parametrize(("prepared", "read"), [("ffcv", "ffcv"), ("both", "ffcv"), ("wds", "wds")])
 def test_every_format_trains_monitors_evaluates_and_probes(tmp_path, formats, prepared, read):
     """`hardneg prep --format ffcv|both|wds`, then train (kNN monitor on), eval --protocol all --track."""
@@ -257,7 +258,7 @@ def test_runs_fits_120_columns_and_shows_training_time():
     assert row["run id"] in wide and row["settings"] in wide and row["dataset"] in wide
 
 
-@pytest.mark.parametrize("launcher", ["local", "ray"])
+@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=pytest.mark.ray)])
 def test_max_steps_checkpoints_by_step_keeps_the_newest_and_a_quiet_console(tmp_path, formats, launcher):
     """train.max_steps ends the run mid-epoch like an epoch end; checkpoint folders are named by step under both
     launchers and only the newest cluster.checkpoints_to_keep stay; without --verbose a Ray run's console holds

@@ -49,6 +49,7 @@ def test_each_method_family_trains_a_vit(method, extra):
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # a training run, its plots, the exported model and a probe
 def test_a_vit_run_monitors_plots_logs_its_model_and_exports(tmp_path, digits_shards):
     cfg = tiny_config(
         tmp_path,
