@@ -325,12 +325,6 @@ def fit(cfg: Config, run_name: str) -> dict:
     return metrics
 
 
-def launch(cfg: Config, run_name: str) -> dict:
-    """Connect (or start Ray), check resources, train; see fit."""
-    with ray_session(cfg):
-        return fit(cfg, run_name)
-
-
 def _run_and_report(loop_config: dict) -> None:
     """Ray Train worker body for run_on_workers: call the function on this worker's device, report its dict."""
     use_gpu = loop_config["use_gpu"]

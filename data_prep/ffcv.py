@@ -143,15 +143,6 @@ def write_split(
     return {"entry": entry, "skipped": info["skipped"]}
 
 
-def read_labels(path: str) -> np.ndarray:
-    """The label column of a local .beton, in file order (for checks and tests)."""
-    from ffcv.reader import Reader
-
-    reader = Reader(path)
-    column = f"f{reader.field_names.index(FFCV_LABEL_FIELD)}"  # FFCV names metadata columns by position
-    return np.asarray(reader.metadata[column]).reshape(-1).copy()
-
-
 def header_samples(head: bytes) -> int:
     """Samples an FFCV file holds, from its first bytes; ValueError if they are not an FFCV header."""
     from ffcv.types import CURRENT_VERSION, HeaderType

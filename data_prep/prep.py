@@ -76,18 +76,6 @@ def check_writable(out: str) -> None:
         raise HardnegError(f"cannot write to OUT '{out}': {type(e).__name__}: {e}") from None
 
 
-def image_info(dataset: sources.Dataset) -> dict:
-    """Image height and width (None where they vary) and channels over all records."""
-    shapes = {r.image.shape for records in dataset.splits.values() for r in records}
-    heights = {s[0] for s in shapes}
-    widths = {s[1] for s in shapes}
-    return {
-        "height": heights.pop() if len(heights) == 1 else None,
-        "width": widths.pop() if len(widths) == 1 else None,
-        "channels": 3,
-    }
-
-
 def _old_manifest(fs, root: str) -> Optional[dict]:
     try:
         with fs.open(posixpath.join(root, MANIFEST_NAME), "rb") as f:
@@ -124,11 +112,6 @@ def _nothing_to_do(old: dict, source: str, out: str, prep: dict) -> bool:
         return all(intact(join_url(out, f["path"]), f) for f in files)
     except Exception:  # a manifest of another shape: rewrite
         return False
-
-
-def _old_shards(fs, root: str) -> set[str]:
-    """Shard names listed by a manifest already in OUT (empty if there is none or it is unreadable)."""
-    return {p for p in _old_files(_old_manifest(fs, root)) if p.endswith(".tar")}
 
 
 def parse_bytes(text) -> int:
