@@ -44,7 +44,7 @@ def test_knn_two_separated_clusters_is_perfect():
 
 def test_extract_features_restores_mode_and_shapes(digits_shards):
     cfg = config.load(None, ["augment.image_size=8", "model.width=4"])
-    backbone = build_model(cfg.model).backbone.train()
+    backbone = build_model(cfg.model, cfg.augment.image_size).backbone.train()
     batches = evaluate.data.eval_batches(digits_shards, "test", augment.eval_transform(cfg.augment), 128)
     feats, labels = evaluate.extract_features(backbone, batches)
     assert feats.shape == (300, 32) and labels.shape == (300,) and backbone.training
