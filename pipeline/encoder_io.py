@@ -70,8 +70,7 @@ def export_encoder(checkpoint_path: str, out: str) -> dict:
 
     if "://" in out:
         raise HardnegError(f"hardneg export writes a local folder; got {out}")
-    if os.path.isfile(out):
-        raise HardnegError(f"cannot export to {out}: it is a file, not a folder")
+    _check_replaceable(out, SPEC_FILE)
     backbone, cfg, state = encoder_from_checkpoint(checkpoint_path)
     spec = encoder_spec(cfg, state, _feature_dim(backbone, cfg))
     weights = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -80,6 +79,14 @@ def export_encoder(checkpoint_path: str, out: str) -> dict:
         save_file(weights, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": SPEC_FORMAT})
         write_json_atomic(os.path.join(tmp, SPEC_FILE), spec, indent=2)
     return spec
+
+
+def _check_replaceable(out: str, marker: str) -> None:
+    """``out`` may be written whole (and replaced): absent, empty, or an earlier output holding ``marker``."""
+    if os.path.isfile(out):
+        raise HardnegError(f"cannot write to {out}: it is a file, not a folder (a .parquet path for embed)")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, marker)):
+        raise HardnegError(f"refusing to replace {out}: it holds other files (give a new or empty folder)")
 
 
 def _feature_dim(backbone: torch.nn.Module, cfg) -> int:
@@ -111,6 +118,8 @@ def embed_split(
     (columns label, feature) or a folder of features.npy + labels.npy; returns a summary."""
     if "://" in out:
         raise HardnegError(f"hardneg embed writes a local file or folder; got {out}")
+    if not out.endswith(".parquet"):
+        _check_replaceable(out, "features.npy")  # before minutes of feature extraction
     backbone, cfg, state = encoder_from_checkpoint(checkpoint_path)
     split = split or cfg.data.eval_split
     splits = read_manifest(data_path)["splits"]
@@ -124,8 +133,6 @@ def embed_split(
     if out.endswith(".parquet"):
         _write_parquet(out, feats, ys)
     else:
-        if os.path.isfile(out):
-            raise HardnegError(f"cannot embed to {out}: it is a file (give a folder, or a path ending in .parquet)")
         with atomic_dir(out, replace=True) as tmp:
             os.makedirs(tmp)
             np.save(os.path.join(tmp, "features.npy"), feats)

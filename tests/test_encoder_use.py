@@ -197,6 +197,12 @@ def test_embed_writes_the_features_and_labels_of_a_split(tiny_checkpoint, tmp_pa
     np.testing.assert_allclose(np.load(tmp_path / "npy" / "features.npy"), hold.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.load(tmp_path / "npy" / "labels.npy"), hold_y.numpy())
 
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for command in (["export", tiny_checkpoint], ["embed", tiny_checkpoint, digits_shards]):
+        assert main([*command, str(tmp_path / "mine")]) == 2  # a folder of someone's files is never replaced
+        assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert main(["embed", tiny_checkpoint, digits_shards, str(tmp_path / "x"), "--split", "nope"]) == 2
     assert "split 'nope' not in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing half-written
