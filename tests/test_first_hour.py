@@ -78,6 +78,7 @@ def test_every_format_trains_monitors_evaluates_and_probes(tmp_path, formats, pr
         assert con.execute("select status from runs").fetchall() == [("FINISHED",)]
 
 
+@pytest.mark.slow  # two CLI processes that load the training stack
 def test_a_format_missing_from_the_data_is_one_line_before_any_run(tmp_path, formats):
     db = tmp_path / "mlflow.db"
     wds_only = formats["wds"]
@@ -122,6 +123,7 @@ def test_n_hard_as_a_diagnostic_count_is_not_refused():
     assert config.from_dict(config.to_dict(cfg)).loss.n_hard == 1000  # also after a round trip (checkpoints)
 
 
+@pytest.mark.slow  # a forced CPU training through the CLI
 def test_use_gpu_without_a_gpu_is_refused_unless_forced(tmp_path, formats):
     import torch
 
@@ -147,6 +149,7 @@ def test_shard_size_zero_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow  # a training, then eval through the CLI
 def test_eval_shows_each_stage_on_stderr_and_json_on_stdout(tmp_path, formats):
     data = formats["wds"]
     overrides = tiny_overrides(
@@ -258,7 +261,9 @@ def test_runs_fits_120_columns_and_shows_training_time():
     assert row["run id"] in wide and row["settings"] in wide and row["dataset"] in wide
 
 
-@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.parametrize(
+    "launcher", [pytest.param("local", marks=pytest.mark.slow), pytest.param("ray", marks=pytest.mark.ray)]
+)
 def test_max_steps_checkpoints_by_step_keeps_the_newest_and_a_quiet_console(tmp_path, formats, launcher):
     """train.max_steps ends the run mid-epoch like an epoch end; checkpoint folders are named by step under both
     launchers and only the newest cluster.checkpoints_to_keep stay; without --verbose a Ray run's console holds
