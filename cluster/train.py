@@ -97,7 +97,11 @@ def _start_ray(cfg: Config) -> bool:
     if cfg.cluster.address:
         _probe(cfg.cluster.address)
         try:
-            init_ray(address=cfg.cluster.address, logging_level=logging.INFO if console.is_verbose() else logging.ERROR)
+            init_ray(
+                quiet=not console.is_verbose(),
+                address=cfg.cluster.address,
+                logging_level=logging.INFO if console.is_verbose() else logging.ERROR,
+            )
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HardnegError(f"no Ray cluster reachable at cluster.address={cfg.cluster.address}: {reason}") from None
@@ -138,6 +142,7 @@ def _init_local(num_cpus: int) -> None:
     """
     require_token_auth()
     init_ray(
+        quiet=not console.is_verbose(),
         num_cpus=max(num_cpus, os.cpu_count() or 1),
         # the dashboard serves the State API that Ray Train's placement-group cleaner polls
         include_dashboard=True,

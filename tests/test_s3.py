@@ -66,7 +66,14 @@ def test_cifar_from_s3_to_s3_both_formats(s3, tmp_path, monkeypatch):
     manifest = prepare(src, out, shard_size=50, format=fmt, workers=2)
     assert read_manifest(out) == manifest and verify(out) == []
     keys = sorted(k.rsplit("/", 1)[1] for k in s3.find(f"{BUCKET}/prepared/c10"))
-    want = ["manifest.json", "test-000000.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    want = [
+        "manifest.json",
+        "prep_run.json",
+        "test-000000.tar",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]
     assert keys == sorted(want + (["test.beton", "train.beton"] if fmt == "both" else [])), "no temp or marker left"
 
     written = []
