@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data_prep.atomic import atomic_dir, atomic_path, write_json_atomic
 from data_prep.manifest import read_manifest
-from pipeline import augment, data
+from pipeline import augment, console, data
 from pipeline.backbones import BACKBONES, build_code, vit_patch_size
 from pipeline.errors import HardnegError
 from pipeline.evaluate import encoder_from_checkpoint
@@ -100,17 +98,6 @@ def _feature_dim(backbone: torch.nn.Module, cfg) -> int:
         backbone.train(was)
 
 
-def _progress(batches, total: int, what: str):
-    """A tqdm bar on stderr over ``batches`` (``total`` images)."""
-    bar = tqdm(total=total, unit="img", desc=what, file=sys.stderr, leave=False, dynamic_ncols=True)
-    try:
-        for x, y in batches:
-            yield x, y
-            bar.update(len(y))
-    finally:
-        bar.close()
-
-
 def embed_split(
     checkpoint_path: str, data_path: str, out: str, split: Optional[str] = None, batch_size: Optional[int] = None
 ) -> dict:
@@ -128,7 +115,8 @@ def embed_split(
     total = int(splits[split]["num_samples"])
     transform = augment.eval_transform(cfg.augment, cfg.eval.eval_image_size)
     batches = data.eval_batches(data_path, split, transform, batch_size or cfg.eval.batch_size)
-    features, labels = extract_features(backbone, _progress(batches, total, f"embed {split}"))
+    with console.stage_bar(f"embed {split}", total) as bar:  # the bar hardneg eval shows
+        features, labels = extract_features(backbone, console.counted(batches, bar))
     feats, ys = features.numpy().astype(np.float32), labels.numpy().astype(np.int64)
     if out.endswith(".parquet"):
         _write_parquet(out, feats, ys)
