@@ -131,7 +131,7 @@ def vit_patch_size(m: "ModelConfig", image_size: int) -> int:
     return 16 if image_size >= 128 else max(1, image_size // 8)
 
 
-def _vit_kwargs(name: str, m: "ModelConfig", image_size: int) -> dict:
+def _vit_kwargs(m: "ModelConfig", image_size: int) -> dict:
     # dynamic_img_size: the kNN monitor and the probe may resize (eval.eval_image_size); the position
     # embeddings are interpolated then. num_classes=0: the pooled class token is the feature.
     return {
@@ -146,11 +146,11 @@ def build_vit(name: str, m: "ModelConfig", image_size: int) -> tuple["nn.Module"
     """timm ViT (class-token pooling, no head), randomly initialised: (B, 3, H, W) -> (B, embed_dim)."""
     import timm
 
-    net = timm.create_model(_VIT_ARCH[name], pretrained=False, **_vit_kwargs(name, m, image_size))
+    net = timm.create_model(_VIT_ARCH[name], pretrained=False, **_vit_kwargs(m, image_size))
     return net, int(getattr(net, "num_features"))  # timm sets it: the embedding width
 
 
 def vit_code(name: str, m: "ModelConfig", image_size: int) -> str:
     """The timm lines that build what build_vit builds, as ``net``."""
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in _vit_kwargs(name, m, image_size).items())
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in _vit_kwargs(m, image_size).items())
     return f"import timm\nnet = timm.create_model({_VIT_ARCH[name]!r}, pretrained=False, {kwargs})\n"

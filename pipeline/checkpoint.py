@@ -276,7 +276,8 @@ def upgrade(path: str, unsafe_load: bool = False) -> str:
         how = "read with pickle (--unsafe-load)"
     except Exception as e:
         raise _refusal(where, e) from None
-    state = _parse_config(check_state(_plain(check_state(state, where), "state", converted), where), where)
+    # plain first: an older writer's numpy step (np.int64) becomes the int the key check asks for
+    state = _parse_config(check_state(_plain(state, "state", converted), where), where)
     was = state.get("format", 1)
     with atomic_path(where) as tmp:  # state.pt only: meta.json (and a best-mark in it) stays as it is
         torch.save(_stored(state), tmp)
