@@ -170,6 +170,11 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the network; losses stay float32
     channels_last: bool = False  # NHWC memory format for the convolutions (faster on tensor cores)
     compile: bool = False  # torch.compile the network
+    # samples per forward pass per worker (gradient caching: docs/methods.md, "The chunked step"); null: the whole
+    # per-worker batch in one pass (the plain step). Each chunk is one BatchNorm group; must divide the per-worker batch
+    chunk_size: Optional[int] = Field(None, ge=1)
+    # the loss builds its (anchors x columns) logits this many anchor rows at a time; null: all rows at once
+    loss_tile: Optional[int] = Field(None, ge=1)
 
 
 class ClusterConfig(_Section):
@@ -269,6 +274,24 @@ class Config(_Section):
                     f"train.global_batch_size={self.train.global_batch_size} must divide by every "
                     f"worker count from cluster.min_workers={low} to {self.cluster.num_workers}; not by {bad}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _chunks_divide(self) -> "Config":
+        chunk, batch = self.train.chunk_size, self.train.global_batch_size
+        if chunk is None:
+            return self
+        if self.cluster.launcher == "local":
+            counts = [1]
+        else:
+            counts = list(range(self.cluster.min_workers or self.cluster.num_workers, self.cluster.num_workers + 1))
+        bad = [w for w in counts if batch % w == 0 and (batch // w) % chunk]
+        if bad:
+            shares = ", ".join(f"{batch // w} at {w} worker{'s' if w > 1 else ''}" for w in bad)
+            raise ValueError(
+                f"train.chunk_size={chunk} must divide the per-worker batch train.global_batch_size / workers "
+                f"for every worker count the run may have; it does not divide {shares}"
+            )
         return self
 
     @property

@@ -170,6 +170,24 @@ def all_reduce_mean_named(values: dict[str, Tensor], device: torch.device) -> di
     return dict(zip(names, all_reduce_mean(stacked).tolist()))
 
 
+def average_gradients_(module: nn.Module) -> None:
+    """Replace every parameter gradient by its mean over ranks, in one collective per dtype (what DDP's
+    reducer does for one backward); a no-op on one process. The chunked step calls it once per step."""
+    _, world_size = _world()
+    if world_size == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def barrier() -> None:
     """Wait for every rank; a no-op on one process."""
     if _world()[1] > 1:

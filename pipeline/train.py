@@ -18,8 +18,10 @@ import torch
 from data_prep.manifest import read_manifest
 from pipeline import checkpoint, console, data, dist, faults, outbox, schedule
 from pipeline import config as config_mod
+from pipeline.chunked_step import CHUNKED_PARTS, chunked_step, supports_chunks
 from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
+from pipeline.losses import tiling
 from pipeline.metric_names import grouped
 from pipeline.objectives import build_objective
 from pipeline.reporting import EpochReporter
@@ -39,6 +41,7 @@ RESUMABLE_CHANGES = (
     "data.max_skip_fraction",
     "train.threads_per_worker",
     "train.compile",
+    "train.loss_tile",  # exact: the same loss and gradients, built in tiles
     "train.channels_last",
     "augment.where",
     "data.path",
@@ -265,7 +268,13 @@ def _prepare(cfg: Config, ctx: dist.DistContext, stop, start_step: int, spe: int
     objective, reporter = parts["objective"], parts["reporter"]
     reporter.start(new_run=state is None, extra_params={"world_size": ctx.world_size, "steps_per_epoch": spe})
     total_steps = planned_steps(cfg, spe)
-    net = dist.wrap_ddp(objective, ctx)
+    if cfg.train.chunk_size is not None and not supports_chunks(objective):
+        raise HardnegError(
+            f"loss.name={cfg.loss.name} cannot run with train.chunk_size: its objective has no "
+            f'{"/".join(CHUNKED_PARTS)} (docs/methods.md, "The chunked step"); set train.chunk_size=null'
+        )
+    # the chunked step averages gradients itself, once per step (DDP would hook every chunk's backward)
+    net = dist.wrap_ddp(objective, ctx) if cfg.train.chunk_size is None else objective
     if cfg.train.channels_last:
         objective.to(memory_format=torch.channels_last)
     if cfg.train.compile:
@@ -353,10 +362,7 @@ def _train_step(run: Run, st: RunState, step: int, plan: schedule.StepPlan) -> t
     if cfg.train.channels_last:
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
     run.guard.before_step()
-    with run.autocast:  # the objectives compute their losses in float32 whatever the network ran in
-        loss, stats = run.net(x1, x2, labels.to(ctx.device), with_stats=plan.log_now)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, stats = _loss_and_gradients(run, x1, x2, labels.to(ctx.device), plan.log_now)
     ok = run.guard.finite(loss)
     if run.guard.apply_update(ok, lr, plan.done, faults.describe_checkpoint(st.saved_step, run.run_dir)):
         run.optimizer.step()
@@ -365,6 +371,24 @@ def _train_step(run: Run, st: RunState, step: int, plan: schedule.StepPlan) -> t
     else:
         run.optimizer.zero_grad(set_to_none=True)
     return (x1, x2, labels), stats, lr
+
+
+def _loss_and_gradients(run: Run, x1, x2, labels, with_stats: bool) -> tuple[torch.Tensor, dict]:
+    """The step's loss (and stats) with its gradients in .grad: one pass, or chunk by chunk (train.chunk_size)."""
+    train = run.cfg.train
+    with (
+        run.autocast,
+        tiling.loss_tile(train.loss_tile),
+    ):  # objectives compute losses in float32 whatever the net ran in
+        if train.chunk_size is None:
+            loss, stats = run.net(x1, x2, labels, with_stats=with_stats)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss, stats
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, stats = chunked_step(run.objective, x1, x2, labels, chunk_size=train.chunk_size, with_stats=with_stats)
+    dist.average_gradients_(run.objective)  # the one all-reduce of the step (the chunked step bypasses DDP)
+    return loss, stats
 
 
 def _log(run: Run, st: RunState, plan: schedule.StepPlan, lr: float, stats: dict) -> None:

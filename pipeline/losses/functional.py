@@ -16,16 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import tiling
 from .precision import full_precision
-from .synth import check_synth_args, synthesize_hard_negatives
+from .synth import check_synth_args, draw_mixing, synthesize_hard_negatives
 
 # x (n_local, ...) -> (world_size * n_local, ...) in rank order; dist.Gather in training, None or identity in tests
 Gather = Callable[[Tensor], Tensor]
 _LN2 = math.log(2.0)
 
 
-class _Batch(NamedTuple):
+class _Columns(NamedTuple):
+    """What every row tile shares: the normalised local anchors, the gathered columns and the global ids."""
+
     rows: Tensor  # (R, d) unit local anchors [z1; z2], R = 2n
+    cols: Tensor  # (C, d) unit global columns [Z1; Z2], C = 2B
+    row_ids: Tensor  # (R,) each anchor's own column index
+    pos_ids: Tensor  # (R,) each anchor's positive's column index
+    temperature: float
+    n_neg: int  # C - 2, the N of every row
+
+
+class _Batch(NamedTuple):
+    rows: Tensor  # (R, d) unit local anchors [z1; z2], R = 2n (or a tile of them)
     cols: Tensor  # (C, d) unit global columns [Z1; Z2], C = 2B
     row_ids: Tensor  # (R,) each anchor's own column index
     logits: Tensor  # (R, C) cosine similarities / t
@@ -74,8 +86,8 @@ def _check_beta(beta: float) -> float:
     return _check_float("beta", beta, 0.0, expected="a finite float >= 0")
 
 
-def _batch(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) -> _Batch:
-    """Normalise (in float32+), gather the columns and build the global-index masks."""
+def _columns(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) -> _Columns:
+    """Normalise (in float32+), gather the columns and give each local anchor its global ids."""
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}: expected two (B, d) tensors of equal shape")
     if not (z1.is_floating_point() and z2.is_floating_point()):
@@ -105,13 +117,25 @@ def _batch(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) ->
     local = rank * n + torch.arange(n, device=z1.device)  # (n,)
     row_ids = torch.cat([local, local + n_global])  # (R,)
     pos_ids = torch.cat([local + n_global, local])  # (R,)
-    col_ids = torch.arange(2 * n_global, device=z1.device)  # (C,)
+    return _Columns(rows, cols, row_ids, pos_ids, temperature, 2 * n_global - 2)
+
+
+def _rows(c: _Columns, start: int, stop: int) -> _Batch:
+    """Logits and masks of the anchor rows start..stop-1 against every column (all rows: the whole batch)."""
+    rows, row_ids, pos_ids = c.rows[start:stop], c.row_ids[start:stop], c.pos_ids[start:stop]
+    col_ids = torch.arange(c.cols.shape[0], device=rows.device)  # (C,)
     neg_mask = (col_ids != row_ids[:, None]) & (col_ids != pos_ids[:, None])  # (R, C)
-    logits = (rows / temperature) @ cols.T  # (R, C): 1/t folded into the (R, d) side, not a pass over (R, C)
+    logits = (rows / c.temperature) @ c.cols.T  # (R, C): 1/t folded into the (R, d) side, not a pass over (R, C)
     pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
     # -inf rather than masked_select: no (R, N) copy, and no host sync for its size on a GPU
     neg = logits.masked_fill(~neg_mask, float("-inf"))  # (R, C)
-    return _Batch(rows, cols, row_ids, logits, temperature, neg_mask, pos, neg, 2 * n_global - 2)
+    return _Batch(rows, c.cols, row_ids, logits, c.temperature, neg_mask, pos, neg, c.n_neg)
+
+
+def _batch(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) -> _Batch:
+    """Normalise (in float32+), gather the columns and build the global-index masks of every local row."""
+    c = _columns(z1, z2, temperature, gather)
+    return _rows(c, 0, c.rows.shape[0])
 
 
 def _log1mexp(d: Tensor) -> Tensor:
@@ -176,27 +200,37 @@ def _log_ng_hcl(
     return torch.where(positive & (raw >= floor), raw, floor)
 
 
-def _mean_loss(pos: Tensor, log_ng: Tensor) -> Tensor:
-    """mean_i -log(pos_i / (pos_i + Ng_i)) from logits: pos (R,), log_ng (R,) -> scalar."""
-    return (torch.logaddexp(pos, log_ng) - pos).mean()
+def _row_losses(pos: Tensor, log_ng: Tensor) -> Tensor:
+    """-log(pos_i / (pos_i + Ng_i)) of each row from logits: pos (R,), log_ng (R,) -> (R,)."""
+    return torch.logaddexp(pos, log_ng) - pos
+
+
+def _hcl_mean(c: _Columns, *, tau_plus: float, beta: float, clamp: bool = True) -> Tensor:
+    """The HCL-estimator loss (DCL at beta = 0, NT-Xent also at tau_plus = 0 unclamped), mean over the rows,
+    built a tile of rows at a time under tiling.loss_tile."""
+
+    def per_rows(start: int, stop: int) -> Tensor:
+        b = _rows(c, start, stop)
+        log_ng = _log_ng_hcl(
+            b.pos, b.neg, n_neg=b.n_neg, temperature=c.temperature, tau_plus=tau_plus, beta=beta, clamp=clamp
+        )
+        return _row_losses(b.pos, log_ng)
+
+    return tiling.row_mean(per_rows, c.rows.shape[0])
 
 
 @full_precision
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float, gather: Gather | None = None) -> Tensor:
     """SimCLR NT-Xent (Chen et al. 2020, arXiv:2002.05709): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t = _check_t(temperature)
-    b = _batch(z1, z2, t, gather)
-    return _mean_loss(
-        b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=0.0, beta=0.0, clamp=False)
-    )
+    return _hcl_mean(_columns(z1, z2, t, gather), tau_plus=0.0, beta=0.0, clamp=False)
 
 
 @full_precision
 def dcl(z1: Tensor, z2: Tensor, *, temperature: float, tau_plus: float, gather: Gather | None = None) -> Tensor:
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp = _check_t(temperature), _check_tau_plus(tau_plus)
-    b = _batch(z1, z2, t, gather)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=tp, beta=0.0))
+    return _hcl_mean(_columns(z1, z2, t, gather), tau_plus=tp, beta=0.0)
 
 
 @full_precision
@@ -205,8 +239,7 @@ def hcl(
 ) -> Tensor:
     """Hard-negative loss (Robinson et al., ICLR 2021): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
-    b = _batch(z1, z2, t, gather)
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, b.neg, n_neg=b.n_neg, temperature=t, tau_plus=tp, beta=bt))
+    return _hcl_mean(_columns(z1, z2, t, gather), tau_plus=tp, beta=bt)
 
 
 @full_precision
@@ -226,21 +259,29 @@ def sscl(
     """Synthetic hard negatives + HCL (Dong et al., arXiv:2304.02971): z1, z2 (n, d) -> scalar mean over 2n anchors."""
     t, tp, bt = _check_t(temperature), _check_tau_plus(tau_plus), _check_beta(beta)
     check_synth_args(n_hard, n_synthetic, mix, generator)
-    b = _batch(z1, z2, t, gather)
-    neg = b.neg  # (R, C), N finite
-    if n_synthetic > 0:
-        h = synthesize_hard_negatives(
-            b.logits,
-            b.neg_mask,
-            b.cols,
-            b.row_ids,
-            n_hard=n_hard,
-            n_synthetic=n_synthetic,
-            mix=mix,
-            generator=generator,
-            n_neg=b.n_neg,
-            hardness=b.neg,
-        )  # (R, k, d)
-        synthetic = torch.einsum("rd,rkd->rk", b.rows, h) / t  # (R, k): gradient via the anchor only
-        neg = torch.cat([neg, synthetic], dim=1)  # (R, C + k), N + k finite
-    return _mean_loss(b.pos, _log_ng_hcl(b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp, beta=bt))
+    c = _columns(z1, z2, t, gather)
+    # drawn once for every global row, before any tile: a tiled loss draws what the untiled one does
+    draws = draw_mixing(c.cols.shape[0], n_synthetic, min(n_hard, c.n_neg), generator) if n_synthetic > 0 else None
+
+    def per_rows(start: int, stop: int) -> Tensor:
+        b = _rows(c, start, stop)
+        neg = b.neg  # (R, C), N finite
+        if draws is not None:
+            h = synthesize_hard_negatives(
+                b.logits,
+                b.neg_mask,
+                b.cols,
+                b.row_ids,
+                n_hard=n_hard,
+                n_synthetic=n_synthetic,
+                mix=mix,
+                n_neg=b.n_neg,
+                hardness=b.neg,
+                draws=draws,
+            )  # (R, k, d)
+            synthetic = torch.einsum("rd,rkd->rk", b.rows, h) / t  # (R, k): gradient via the anchor only
+            neg = torch.cat([neg, synthetic], dim=1)  # (R, C + k), N + k finite
+        log_ng = _log_ng_hcl(b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp, beta=bt)
+        return _row_losses(b.pos, log_ng)
+
+    return tiling.row_mean(per_rows, c.rows.shape[0])

@@ -58,6 +58,7 @@ def synthesize_hard_negatives(
     generator: torch.Generator | None = None,
     n_neg: int | None = None,
     hardness: Tensor | None = None,
+    draws: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Detached unit vectors (R, k, d): k mixes of each row's n_hard hardest real negatives (SSCL).
 
@@ -68,6 +69,8 @@ def synthesize_hard_negatives(
     n_neg: that number when the caller knows it (every row has exactly n_neg), sparing a host sync.
     hardness: (R, C) any increasing function of sim that is -inf off the negatives (the loss's masked
     logits s/t), sparing a masked copy of sim; the picks are the same.
+    draws: (picks, alpha) of ``draw_mixing`` for every global row, drawn by the caller (a loss built tile by
+    tile draws once for all its rows); None: drawn here from ``generator``.
     """
     check_synth_args(n_hard, n_synthetic, mix, generator)
     n_rows, n_cols = sim.shape  # (R, C)
@@ -87,7 +90,7 @@ def synthesize_hard_negatives(
     if hardness is None:
         hardness = sim.masked_fill(~neg_mask, float("-inf"))  # (R, C)
     hard_cols = hardness.detach().topk(n_choices, dim=1).indices  # (R, s) column ids, hardest first
-    picks, alpha = draw_mixing(n_cols, n_synthetic, n_choices, generator)
+    picks, alpha = draws if draws is not None else draw_mixing(n_cols, n_synthetic, n_choices, generator)
     picks = picks.to(sim.device)[:, row_ids]  # (2, R, k) this rank's rows
     if mix == "release":
         return F.normalize(bank[hard_cols.gather(1, picks[0])], dim=-1)  # (R, k, d)

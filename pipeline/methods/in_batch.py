@@ -75,8 +75,27 @@ class InBatchObjective(nn.Module):
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
     ) -> tuple[torch.Tensor, dict]:
+        return self.loss_from(self.embed(x1, x2), self.keys(x1, x2), labels, with_stats)
+
+    def embed(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The trained side of a batch (or of one chunk): [z1 | z2] (n, 2 proj_dim), one BN group for both views."""
         # One forward over both views: BN sees both and DDP sees one call per backward.
         z1, z2 = self.model(torch.cat([x1, x2])).chunk(2)  # (n, proj_dim) each
+        return torch.cat([z1, z2], dim=1)
+
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> Optional[torch.Tensor]:
+        """No key branch in the in-batch family: None."""
+        return None
+
+    def loss_from(
+        self,
+        emb: torch.Tensor,
+        keys: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor] = None,
+        with_stats: bool = False,
+    ) -> tuple[torch.Tensor, dict]:
+        """(loss, stats) of this rank's embeddings ``emb`` (n, 2 proj_dim) against the gathered global batch."""
+        z1, z2 = emb.chunk(2, dim=1)  # (n, proj_dim) each
         draws = _fork(self.generator) if with_stats and self._n_synthetic > 0 else None
         loss = self.loss_fn(z1, z2, self.gather, self.generator)
         if not with_stats:

@@ -103,11 +103,24 @@ class MoCHiObjective(nn.Module):
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
     ) -> tuple[torch.Tensor, dict]:
+        return self.loss_from(self.embed(x1, x2), self.keys(x1, x2), labels, with_stats)
+
+    def embed(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The trained side of a batch (or of one chunk): queries q (n, d) of view 1, BN per sub-batch."""
+        return torch.cat([self.encoder(part) for part in x1.chunk(self.bn_groups)])  # (n, d)
+
+    @torch.no_grad()
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Unit momentum keys k (n, d) of view 2 (no graph), shuffle-BN over ``shuffle_bn_groups`` sub-batches."""
+        return F.normalize(_shuffled_bn_forward(self.momentum, x2, self.bn_groups).float(), dim=1)  # (n, d)
+
+    def loss_from(
+        self, q: torch.Tensor, k: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
+    ) -> tuple[torch.Tensor, dict]:
+        """(loss, stats) of this rank's queries q and keys k (n, d) against the queue and the mixes; enqueues."""
         c = self.cfg
-        q = torch.cat([self.encoder(part) for part in x1.chunk(self.bn_groups)])  # (n, d): BN per sub-batch
         n, d = q.shape
         with torch.no_grad():
-            k = F.normalize(_shuffled_bn_forward(self.momentum, x2, self.bn_groups).float(), dim=1)  # (n, d)
             own = labels_or_unknown(labels, n, q.device)
             gathered = self._gather_ng(torch.cat([k, own.float()[:, None]], dim=1))  # (B, d + 1)
         offset = int(getattr(self.gather, "rank", 0) or 0) * n

@@ -108,15 +108,32 @@ class PSMObjective(nn.Module):
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
     ) -> tuple[torch.Tensor, dict]:
-        c, k_nn = self.cfg, self.cfg.psm_n_neighbors
+        return self.loss_from(self.embed(x1, x2), self.keys(x1, x2), labels, with_stats)
+
+    def embed(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The trained side of a batch (or of one chunk): [z1_pre | z2_pre | q1 | q2] (n, 4 d)."""
         # The release runs each view through the networks separately (BN statistics per view).
         z1_pre, z2_pre = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))  # (n, d)
-        q1, q2 = self.predictor(z1_pre), self.predictor(z2_pre)  # (n, d)
+        return torch.cat([z1_pre, z2_pre, self.predictor(z1_pre), self.predictor(z2_pre)], dim=1)
+
+    @torch.no_grad()
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Momentum keys of both views (n, 2, d), no graph, as the projector gives them (L_hard's raw acceptance
+        reads their norms)."""
+        k1 = self.momentum_projector(self.momentum_encoder(x1))  # (n, d)
+        k2 = self.momentum_projector(self.momentum_encoder(x2))  # (n, d)
+        return torch.stack([k1, k2], dim=1)
+
+    def loss_from(
+        self, emb: torch.Tensor, raw_keys: torch.Tensor, labels: Optional[torch.Tensor] = None, with_stats: bool = False
+    ) -> tuple[torch.Tensor, dict]:
+        """(loss, stats) of this rank's embeddings (n, 4 d) and keys (n, 2, d): mined positives, L_soft, L_hard."""
+        c, k_nn = self.cfg, self.cfg.psm_n_neighbors
+        z1_pre, z2_pre, q1, q2 = emb.chunk(4, dim=1)  # (n, d) each
+        k1, k2 = raw_keys[:, 0], raw_keys[:, 1]  # (n, d)
         n, d = q1.shape
         with torch.no_grad():
-            k1 = self.momentum_projector(self.momentum_encoder(x1))  # (n, d)
-            k2 = self.momentum_projector(self.momentum_encoder(x2))  # (n, d)
-            keys = F.normalize(torch.stack([k1, k2], dim=1).float(), dim=-1)  # (n, 2, d)
+            keys = F.normalize(raw_keys.float(), dim=-1)  # (n, 2, d)
             nn_vals, nn_idx = nearest_neighbors(keys.reshape(2 * n, d), self.bank, k_nn)  # (2n, K, d), (2n, K)
             keep_local = torch.cat([keys[:, :, None], nn_vals.view(n, 2, k_nn, d)], dim=2)  # (n, 2, K+1, d)
             own = labels_or_unknown(labels, n, q1.device)  # (n,)
