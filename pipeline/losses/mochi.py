@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import tiling
 from .functional import _check_t
 from .precision import full_precision
 
@@ -78,7 +79,10 @@ def draw_mixes(
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
         n_choices = min(n_hard, queue.shape[0])
-        hard = (_unit(q.detach(), dtype) @ _unit(queue.detach(), dtype).T).topk(n_choices, dim=1).indices  # (n, N)
+        q_unit, bank = _unit(q.detach(), dtype), _unit(queue.detach(), dtype)  # (n, d), (K, d)
+        hard = tiling.no_grad_rows(
+            lambda start, stop: (q_unit[start:stop] @ bank.T).topk(n_choices, dim=1).indices, n
+        )  # (n, N): the (n, K) similarities a tile of rows at a time under tiling.loss_tile
         device = generator.device if generator is not None else torch.device("cpu")
         pairs = torch.randint(0, n_choices, (2, n_global, n_mix), generator=generator, device=device)
         alpha = torch.rand((n_global, n_mix, 1), generator=generator, device=device)
@@ -125,6 +129,30 @@ def mochi_synthesize(
         mixed = F.normalize(alpha * bank[draws.a] + (1 - alpha) * bank[draws.b], dim=-1)  # (n, s, d)
         with_query = F.normalize(beta * q_unit[:, None] + (1 - beta) * bank[draws.c], dim=-1)  # (n, s', d)
         return torch.cat([mixed, with_query], dim=1)
+
+
+def draws_of_rows(draws: MixDraws, start: int, stop: int) -> MixDraws:
+    """The draws of local rows start..stop-1 (a row tile of the loss)."""
+    return MixDraws(*(part[start:stop] for part in draws))
+
+
+def mochi_row_losses(q: Tensor, k: Tensor, queue: Tensor, draws: MixDraws, *, temperature: float) -> Tensor:
+    """MoCHi InfoNCE of each query, -log softmax(logits)[positive]: (n,), built a tile of rows at a time under
+    tiling.loss_tile (the mean of this is the loss; a tile's draws are its rows' draws)."""
+    logits = mochi_logits(q, k, queue, draws, temperature=temperature)  # (n, 1 + K + s + s')
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def mochi_tiled_mean(q: Tensor, k: Tensor, queue: Tensor, draws: MixDraws, *, temperature: float) -> Tensor:
+    """mean over the queries of ``mochi_row_losses``, one row tile at a time (tiling.row_mean)."""
+    # a snapshot: backward recomputes each tile after the objective has enqueued this step's keys in place
+    queue = queue.detach().clone()
+
+    def per_rows(start: int, stop: int) -> Tensor:
+        rows = draws_of_rows(draws, start, stop)
+        return mochi_row_losses(q[start:stop], k[start:stop], queue, rows, temperature=temperature)
+
+    return tiling.row_mean(per_rows, q.shape[0])
 
 
 def _pair_dots(bank: Tensor, a: Tensor, b: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import Gather, _batch, _check_t
+from . import tiling
+from .functional import Gather, _batch, _check_t, _columns, _rows
 from .precision import full_precision
 
 WEIGHTINGS = ("soft", "hard")
@@ -168,27 +169,47 @@ def psm_soft_parts(
     if not 0 <= row_offset <= n_global - n:
         raise ValueError(f"row_offset={row_offset}; expected 0 <= row_offset <= B - n = {n_global - n}")
     dtype = torch.promote_types(q.dtype, torch.float32)
-    q_unit = F.normalize(q.to(dtype), dim=1)  # (n, d)
     cols = F.normalize(keep.detach().to(dtype), dim=-1).reshape(n_global * k1, d)  # (C, d)
+    if accept is not None and accept.shape != (n, n_global * k1):
+        raise ValueError(f"accept {tuple(accept.shape)}; expected {(n, n_global * k1)}")
+    seed = draw_seed(generator) if accept is None else 0  # once: every row tile reads the same counters
+    soft = dict(cols=cols, keep=keep, k1=k1, row_offset=row_offset, dtype=dtype, temperature=t)
+    soft |= dict(accept_a=accept_a, accept_b=accept_b, weighting=weighting, seed=seed, accept=accept)
+    if tiling.tiled(n) is None:
+        parts = _soft_rows(q, q_pre, 0, **soft)
+        return parts._replace(loss=parts.loss.mean())
+    loss = tiling.row_mean(lambda start, stop: _soft_rows(q, q_pre, start, stop, **soft).loss, n)
+    with torch.no_grad():  # what the diagnostics read: the whole (n, C) matrices, without a graph
+        whole = _soft_rows(q.detach(), q_pre.detach(), 0, **soft)
+    return whole._replace(loss=loss)
+
+
+def _soft_rows(
+    q: Tensor, q_pre: Tensor, start: int, stop: Optional[int] = None, *, cols, keep, k1, row_offset, dtype, **rule
+) -> SoftParts:
+    """SoftParts of the local rows start..stop-1 (all from start when stop is None), ``loss`` per row (rows,)."""
+    q, q_pre = q[start:stop], q_pre[start:stop]
+    n = q.shape[0]
+    t, seed, accept = rule["temperature"], rule["seed"], rule["accept"]
+    q_unit = F.normalize(q.to(dtype), dim=1)  # (n, d)
     sim = q_unit @ cols.T  # (n, C)
-    rows = row_offset + torch.arange(n, device=q.device)  # (n,) global row ids
+    rows = row_offset + start + torch.arange(n, device=q.device)  # (n,) global row ids
     pos_cols = rows[:, None] * k1 + torch.arange(k1, device=q.device)  # (n, K + 1)
     pos_sim = sim.gather(1, pos_cols)  # (n, K + 1): [s_i+, neighbours]
-    is_pos = (torch.arange(n_global * k1, device=q.device) // k1)[None, :] == rows[:, None]  # (n, C)
+    is_pos = (torch.arange(cols.shape[0], device=q.device) // k1)[None, :] == rows[:, None]  # (n, C)
     with torch.no_grad():
         if accept is None:
-            p = acceptance_probability(sim, pos_sim[:, 0], accept_a, accept_b)  # (n, C)
-            accept = counter_uniform(draw_seed(generator), rows, n_global * k1).to(p.device) < p
-        elif accept.shape != sim.shape:
-            raise ValueError(f"accept {tuple(accept.shape)}; expected {tuple(sim.shape)}")
-        kept = accept.bool() & ~is_pos  # (n, C)
+            p = acceptance_probability(sim, pos_sim[:, 0], rule["accept_a"], rule["accept_b"])  # (n, C)
+            chosen = counter_uniform(seed, rows, cols.shape[0]).to(p.device) < p
+        else:
+            chosen = accept[start : start + n].bool()
+        kept = chosen & ~is_pos  # (n, C)
     logits = sim / t
     neg = logits.masked_fill(~kept, float("-inf"))  # (n, C)
     pos = pos_sim / t  # (n, K + 1)
     log_den = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1)  # (n,) always finite: positives included
-    weights = soft_weights(q_pre.to(dtype), keep[rows, 1:].to(dtype), weighting)  # (n, K + 1)
-    loss = ((log_den[:, None] - pos) * weights).sum(dim=1).mean()
-    return SoftParts(loss, sim, pos_sim, kept, weights)
+    weights = soft_weights(q_pre.to(dtype), keep[rows, 1:].to(dtype), rule["weighting"])  # (n, K + 1)
+    return SoftParts(((log_den[:, None] - pos) * weights).sum(dim=1), sim, pos_sim, kept, weights)
 
 
 def psm_soft_loss(
@@ -266,6 +287,8 @@ def psm_hard_loss(
     if mean_over not in HARD_MEANS:
         raise ValueError(f"mean_over={mean_over!r}; expected one of {HARD_MEANS}")
     t = _check_psm(temperature, accept_a, accept_b)
+    if tiling.tiled(2 * q.shape[0]) is not None:
+        return _tiled_hard_loss(q, k, t, accept_a, accept_b, generator, accept, gather, acceptance_on, mean_over)
     b = _batch(q, k.detach(), t, gather)
     n_rows, n_cols = b.logits.shape
     pos_ids = (b.row_ids + n_cols // 2) % n_cols  # (R,)
@@ -296,3 +319,60 @@ def psm_hard_loss(
     every = gather(by_view) if gather is not None else by_view  # (B, 2)
     log_ng_all = torch.cat([every[:, 0], every[:, 1]])  # (C,) log Ng_j of every global row, column order
     return (torch.logaddexp(b.pos[:, None], log_ng_all[None, :]) - b.pos[:, None]).mean()  # (R, C) pairs
+
+
+def _tiled_hard_loss(q, k, t, accept_a, accept_b, generator, accept, gather, acceptance_on, mean_over) -> Tensor:
+    """psm_hard_loss a tile of rows at a time (tiling.loss_tile): the same rows, columns, draws and means."""
+    c = _columns(q, k.detach(), t, gather)
+    n_rows, n_cols = c.rows.shape[0], c.cols.shape[0]
+    if accept is not None and accept.shape != (n_rows, n_cols):
+        raise ValueError(f"accept {tuple(accept.shape)}; expected {(n_rows, n_cols)}")
+    seed = draw_seed(generator) if accept is None else 0  # once: every tile reads the same counters
+    scale = None
+    if acceptance_on == "raw":  # back to raw dot products: cos x |row| x |column|
+        with torch.no_grad():
+            norms = torch.stack([q.detach().float().norm(dim=1), k.detach().float().norm(dim=1)], dim=1)  # (n, 2)
+            gathered = gather(norms) if gather is not None else norms  # (B, 2)
+            scale = (torch.cat([norms[:, 0], norms[:, 1]]), torch.cat([gathered[:, 0], gathered[:, 1]]))  # (R,), (C,)
+
+    def pos_and_negatives(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        b = _rows(c, start, stop)
+        with torch.no_grad():
+            sim = b.sim  # (r, C) cosines, for the acceptance rule
+            if scale is not None:
+                sim = sim * scale[0][start:stop, None].to(sim.dtype) * scale[1][None, :].to(sim.dtype)
+            s_pos = sim.gather(1, c.pos_ids[start:stop, None]).squeeze(1)  # (r,)
+            if accept is None:
+                p = acceptance_probability(sim, s_pos, accept_a, accept_b)  # (r, C)
+                chosen = counter_uniform(seed, b.row_ids, n_cols).to(p.device) < p
+            else:
+                chosen = accept[start:stop].bool()
+            kept = chosen & b.neg_mask  # (r, C)
+        return b.pos, b.logits.masked_fill(~kept, float("-inf")), kept
+
+    if mean_over == "anchors":
+
+        def anchor_losses(start: int, stop: int) -> Tensor:
+            pos, neg, _ = pos_and_negatives(start, stop)
+            return torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos  # (r,)
+
+        return tiling.row_mean(anchor_losses, n_rows)
+
+    def pos_and_log_ng(start: int, stop: int) -> Tensor:
+        pos, neg, kept = pos_and_negatives(start, stop)
+        return torch.stack([pos, _log_negative_sum(neg, kept)], dim=1)  # (r, 2)
+
+    tile = tiling.tiled(n_rows)
+    assert tile is not None
+    both = tiling.tiled_rows(pos_and_log_ng, n_rows, tile)  # (R, 2)
+    pos, log_ng = both[:, 0], both[:, 1]
+    n = q.shape[0]
+    by_view = torch.stack([log_ng[:n], log_ng[n:]], dim=1)  # (n, 2): one collective for both views
+    every = gather(by_view) if gather is not None else by_view  # (B, 2)
+    log_ng_all = torch.cat([every[:, 0], every[:, 1]])  # (C,) log Ng_j of every global row, column order
+    return tiling.row_mean(
+        lambda start, stop: (torch.logaddexp(pos[start:stop, None], log_ng_all[None, :]) - pos[start:stop, None]).mean(
+            1
+        ),
+        n_rows,
+    )  # the mean over every (anchor, row) pair, a tile of anchors at a time

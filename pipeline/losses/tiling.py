@@ -63,6 +63,16 @@ def tiled_row_sum(per_rows: Callable[[int, int], Tensor], n_rows: int, tile: int
     return total
 
 
+def tiled_rows(per_rows: Callable[[int, int], Tensor], n_rows: int, tile: int) -> Tensor:
+    """torch.cat over tiles [a, b) of per_rows(a, b) (rows along dim 0), each tile checkpointed: per-row
+    values (with their graph) that a loss reduces across ranks or rows before its mean."""
+    parts = [
+        checkpoint(per_rows, start, min(start + tile, n_rows), use_reentrant=False, preserve_rng_state=False)
+        for start in range(0, n_rows, tile)
+    ]
+    return torch.cat(parts)
+
+
 def _summed(per_rows: Callable[[int, int], Tensor], start: int, stop: int) -> Tensor:
     return per_rows(start, stop).sum()
 

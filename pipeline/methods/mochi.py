@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.losses import diagnostics
-from pipeline.losses.mochi import draw_mixes, mochi_logits
+from pipeline.losses import diagnostics, tiling
+from pipeline.losses.mochi import draw_mixes, mochi_logits, mochi_tiled_mean
 from pipeline.methods.banks import bank_samples, labels_or_unknown, no_grad_gather, push_keys_, register_key_bank
 from pipeline.methods.base import MethodConfig
 from pipeline.models import build_model, ema_update_, momentum_copy
@@ -134,8 +134,12 @@ class MoCHiObjective(nn.Module):
             row_offset=offset,
             n_rows_global=gathered.shape[0],
         )
-        logits = mochi_logits(q, k, self.queue, draws, temperature=c.temperature)  # (n, 1 + Q + s + s')
-        loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+        if tiling.tiled(n) is None:
+            logits = mochi_logits(q, k, self.queue, draws, temperature=c.temperature)  # (n, 1 + Q + s + s')
+            loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+        else:  # row tiles (train.loss_tile): never the whole (n, 1 + Q + s + s') logits with a graph
+            loss = mochi_tiled_mean(q, k, self.queue, draws, temperature=c.temperature)
+            logits = mochi_logits(q.detach(), k, self.queue, draws, temperature=c.temperature) if with_stats else q
         stats = self._stats(logits.detach() * c.temperature, own if labels is not None else None) if with_stats else {}
         push_keys_(self, "queue", gathered[:, :d], gathered[:, d].long())  # AFTER the loss: global keys, rank order
         return loss, stats
