@@ -16,7 +16,7 @@ O(local rows x global columns) cost, with no (global rows x global columns) tens
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +173,7 @@ def psm_soft_parts(
     if accept is not None and accept.shape != (n, n_global * k1):
         raise ValueError(f"accept {tuple(accept.shape)}; expected {(n, n_global * k1)}")
     seed = draw_seed(generator) if accept is None else 0  # once: every row tile reads the same counters
-    soft = dict(cols=cols, keep=keep, k1=k1, row_offset=row_offset, dtype=dtype, temperature=t)
+    soft: dict[str, Any] = dict(cols=cols, keep=keep, k1=k1, row_offset=row_offset, dtype=dtype, temperature=t)
     soft |= dict(accept_a=accept_a, accept_b=accept_b, weighting=weighting, seed=seed, accept=accept)
     if tiling.tiled(n) is None:
         parts = _soft_rows(q, q_pre, 0, **soft)
