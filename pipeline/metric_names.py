@@ -128,6 +128,16 @@ METRICS: dict[str, Optional[MetricName]] = {
         "seconds the run has spent in its step loop so far, over all its attempts (rank 0's clock)",
         "what `hardneg runs` shows as train time: a resume's idle gap and a later `hardneg eval --track` are not in it",
     ),
+    "chunks_per_step": MetricName(
+        "perf/chunks_per_step",
+        "forward passes per optimizer step on each worker: per-worker batch / train.chunk_size (1: the plain step)",
+        "doubles when an elastic restart halves the workers: the global batch and the chunk stay as they were",
+    ),
+    "peak_memory_mib": MetricName(
+        "perf/peak_memory_mib",
+        "rank 0's peak memory: on a GPU the most allocated in one log window, on CPU the process's peak resident set",
+        "flat with train.chunk_size set, whatever the global batch or the worker count",
+    ),
     "data_wait_share": MetricName(
         "perf/data_wait_share",
         "share of wall time the step loop waited for the next batch since the last log",

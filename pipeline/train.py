@@ -8,6 +8,7 @@ evaluates; every rank reports at the same steps, because Ray Train's ``report`` 
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -435,6 +436,8 @@ def _log(run: Run, st: RunState, plan: schedule.StepPlan, lr: float, stats: dict
                 "data_skipped": counters["data_skipped"],
                 "nonfinite_steps": run.guard.count,
                 "train_seconds": counters["train_seconds"],
+                "chunks_per_step": _chunks_per_step(cfg, ctx.world_size),
+                "peak_memory_mib": _peak_memory_mib(ctx.device),
             }
             | {k: reduced[f"stat/{k}"] for k in sorted(stats)}
         ),
@@ -446,6 +449,21 @@ def _log(run: Run, st: RunState, plan: schedule.StepPlan, lr: float, stats: dict
     if (plan.step_save or st.time_due > 0) and not plan.epoch_end:
         run.reporter.checkpoint(done, done // run.spe, {"step": done, "epoch": done // run.spe, "loss": st.mean_loss})
         st.saved_step, st.saved_at = done, time.monotonic()
+
+
+def _chunks_per_step(cfg: Config, world_size: int) -> int:
+    """Forward passes per step on each of ``world_size`` workers (the worker count of this attempt)."""
+    per_worker = cfg.train.global_batch_size // world_size
+    return -(-per_worker // (cfg.train.chunk_size or per_worker))
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """On a GPU the most allocated since the last call (then reset); on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _end_epoch(run: Run, st: RunState, plan: schedule.StepPlan, batch: tuple) -> None:

@@ -1,7 +1,9 @@
 """A lost node: a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head and a second
 raylet joined to it, one CPU each), one training worker per node, the second node removed mid-run. With
 cluster.min_workers=1 the run restarts from its last checkpoint on the capacity left (one worker) and
-finishes with the full step count, in one MLflow run, no metric step twice.
+finishes with the full step count, in one MLflow run, no metric step twice. It runs the chunked step
+(train.chunk_size): the survivor runs twice the chunks of the same size, its peak memory does not grow,
+and its losses after the restart are those of a one-worker run resumed from the same checkpoint.
 
 Run with -s to see the restart step.
 """
@@ -75,6 +77,9 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
         "tracking.log_model=false",
         "tracking.system_metrics_every_s=0",
         "tracking.run_name=lost",
+        "train.chunk_size=32",  # 2 chunks per step on each of 2 workers, 4 on the survivor
+        "train.loss_tile=64",
+        "cluster.checkpoints_to_keep=null",  # the replay starts from the restart's checkpoint
     )
     run_dir = str(tmp_path / "runs" / "lost")
     seen: dict = {}
@@ -128,5 +133,54 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
     for key in runs[0].data.metrics:
         steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
         assert steps == sorted(set(steps)), f"{key}: steps repeat: {steps}"
-    loss = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
-    assert loss == list(range(1, total + 1))
+    history = {
+        key: {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
+        for key in ("train/loss", "perf/chunks_per_step", "perf/peak_memory_mib")
+    }
+    assert sorted(history["train/loss"]) == list(range(1, total + 1))
+    chunks = history["perf/chunks_per_step"]
+    # a step is logged once: the first attempt's steps after the checkpoint (until it saw the node go) stay
+    survivor = sorted(s for s in chunks if chunks[s] == 4)
+    print(f"[chunks] 2 per step up to step {survivor[0] - 1}, then 4 on the survivor")
+    assert {chunks[s] for s in chunks if s <= restart} == {2} and restart < survivor[0]
+    assert survivor == list(range(survivor[0], total + 1)) and set(chunks) == set(range(1, total + 1))
+    peak = history["perf/peak_memory_mib"]
+    before, after = max(peak[s] for s in peak if s < survivor[0]), max(peak[s] for s in survivor)
+    print(f"[memory] rank 0's peak resident set: {before:.0f} MiB on 2 workers, {after:.0f} MiB on the survivor")
+    assert after <= before * 1.10  # a process's whole peak (torch, Ray): the activations of one chunk stay as they were
+
+    # The survivor's steps are those of a one-worker run resumed from the same checkpoint.
+    replay = _replay_from(result, restart, cfg, tmp_path)
+    assert sorted(replay) == list(range(restart + 1, total + 1))
+    worst = max(abs(replay[s] - history["train/loss"][s]) / abs(replay[s]) for s in survivor)
+    print(f"[replay] the survivor's steps {survivor[0]}..{total} vs one local worker from step {restart}: "
+          f"worst relative loss difference {worst:.2e}")  # fmt: skip
+    assert worst < 1e-5
+
+
+def _replay_from(result: dict, restart: int, cfg, tmp_path) -> dict:
+    """Per-step losses of an uninterrupted one-worker local run from the checkpoint the survivor restarted from."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import config, dist, train
+
+    run_dir = os.path.dirname(result["checkpoint"])
+    state = checkpoint.load(os.path.join(run_dir, checkpoint.dir_name(restart)))
+    state["mlflow_run_id"] = None  # a new MLflow run, in its own store
+    store = f"sqlite:///{tmp_path / 'replay.db'}"
+    settings = config.to_dict(cfg)
+    settings["cluster"] = {"launcher": "local", "storage_path": str(tmp_path / "replay")}
+    settings["tracking"] = {"uri": store, "run_name": "replay", "plots": False, "log_model": False}
+    settings["tracking"] |= {"system_metrics_every_s": 0, "registered_model": None}
+    replay_cfg = config.from_dict(settings)
+
+    class FromCheckpoint:
+        def restore(self):
+            return state
+
+        def report(self, metrics, checkpoint_dir):
+            pass
+
+    out = train.run(replay_cfg, dist.current_context("cpu"), FromCheckpoint())
+    client = MlflowClient(store)
+    return {m.step: m.value for m in client.get_metric_history(out["mlflow_run_id"], "train/loss")}

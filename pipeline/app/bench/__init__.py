@@ -12,6 +12,7 @@ BENCHES = {
     "prep": "pipeline.app.bench.prep",
     "train": "pipeline.app.bench.train",
     "step": "pipeline.app.bench.step",
+    "memory": "pipeline.app.bench.memory",
     "all": "pipeline.app.bench.all",
 }
 
