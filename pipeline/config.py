@@ -37,9 +37,19 @@ class DataConfig(_Section):
     # what pretraining reads, e.g. [train, unlabeled] for STL-10 as the HCL/DCL releases; empty: train_split
     pretrain_splits: tuple[str, ...] = ()
     shuffle_buffer: int = Field(1000, ge=0)
+    # resampled: shards drawn with replacement, the batch of step s a function of (seed, rank, s) (exact resume on
+    # the same workers); epoch: each sample once per epoch, the global batch of step s a function of (seed, s),
+    # each rank reading its slice, so an elastic restart reads exactly the rest (docs/faults.md)
+    order: Literal["resampled", "epoch"] = "resampled"
     loader_workers: int = Field(0, ge=0)
     # bad samples skipped before the run stops: a fraction of the samples read so far (after SKIP_WARMUP_SAMPLES)
     max_skip_fraction: float = Field(0.001, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _epoch_order_reads_shards(self) -> "DataConfig":
+        if self.format == "ffcv" and self.order == "epoch":
+            raise ValueError("data.order=epoch reads WebDataset shards; with data.format=ffcv use data.order=resampled")
+        return self
 
     @model_validator(mode="after")
     def _one_beton(self) -> "DataConfig":

@@ -698,7 +698,6 @@ def _single(transform):
 def train_loader(cfg, rank: int, world_size: int, device: torch.device, start_step: int, spe: int, ledger: SkipLedger):
     """(endless (view1, view2, labels) or (images, labels) batches of this rank from ``start_step`` on, the
     on-device view maker or None): FFCV, batched WebDataset or per-sample WebDataset, as the config says."""
-    from pipeline import augment
 
     per_rank = cfg.train.global_batch_size // world_size
     if cfg.data.format == "ffcv":  # FFCV makes the two views itself (crop/flip in its pipeline)
@@ -726,9 +725,25 @@ def train_loader(cfg, rank: int, world_size: int, device: torch.device, start_st
     )
     if cfg.augment.where == "batch":  # both views made per batch in the loader workers, seekable by step
         return batched_train_batches(cfg.data.path, cfg.data.pretrain, cfg.augment, per_rank, **stream), None
+    two_views, _, device_views = train_views(cfg, device)
+    return train_batches(cfg.data.path, cfg.data.pretrain, two_views, per_rank, **stream), device_views
+
+
+def train_views(cfg, device: torch.device) -> tuple[Callable, Optional[Callable], Optional[Callable]]:
+    """(per-sample view maker, per-batch view step or None, on-device view maker or None) for augment.where."""
+    from pipeline import augment
+
+    if cfg.augment.where == "batch":
+        return CropFlipViews(cfg.augment), _BatchColour(cfg.augment), None
     if cfg.augment.where == "device":
         device_views = augment.DeviceTwoViews(cfg.augment).to(device)
-        two_views = _single(augment.to_uint8_tensor(cfg.augment.image_size))
-    else:
-        device_views, two_views = None, augment.TwoViews(augment.view_transform(cfg.augment))
-    return train_batches(cfg.data.path, cfg.data.pretrain, two_views, per_rank, **stream), device_views
+        return _single(augment.to_uint8_tensor(cfg.augment.image_size)), None, device_views
+    return augment.TwoViews(augment.view_transform(cfg.augment)), None, None
+
+
+def pretrain_shards(data_path: str, manifest: dict, split: str | Sequence[str]) -> list[tuple[str, int]]:
+    """(url, samples) of every shard of the pretraining split(s), in manifest order."""
+    names = _splits(split)
+    urls = [url for name in names for url in shard_urls(data_path, manifest, name)]
+    counts = [shard["num_samples"] for name in names for shard in manifest["splits"][name]["shards"]]
+    return list(zip(urls, counts))

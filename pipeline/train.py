@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, console, data, dist, faults, outbox, schedule
+from pipeline import checkpoint, console, data, dist, epoch_order, faults, outbox, schedule
 from pipeline import config as config_mod
 from pipeline.chunked_step import CHUNKED_PARTS, chunked_step, supports_chunks
 from pipeline.config import Config, OptimConfig
@@ -281,7 +281,12 @@ def _prepare(cfg: Config, ctx: dist.DistContext, stop, start_step: int, spe: int
     if cfg.train.compile:
         objective.backbone.compile()  # in place: state_dict keys stay those of the plain module
     ledger = data.SkipLedger(announce=True)
-    batches, device_views = data.train_loader(cfg, ctx.rank, ctx.world_size, ctx.device, start_step, spe, ledger)
+    if cfg.data.order == "epoch":
+        batches, device_views = epoch_order.train_loader(
+            cfg, ctx.rank, ctx.world_size, ctx.device, start_step, spe, ledger
+        )
+    else:
+        batches, device_views = data.train_loader(cfg, ctx.rank, ctx.world_size, ctx.device, start_step, spe, ledger)
     train = cfg.train
     guard = faults.NonfiniteGuard(
         train.on_nonfinite,

@@ -19,7 +19,7 @@ HOMES = {
     "torch.distributed": ("pipeline/dist.py",),
     "ray": ("cluster/",),
     "mlflow": ("pipeline/tracking.py",),
-    "webdataset": ("pipeline/data.py", "data_prep/wds.py"),
+    "webdataset": ("pipeline/data.py", "pipeline/epoch_order.py", "data_prep/wds.py"),
     "webdataset.writer": ("data_prep/wds.py",),
     "ffcv": ("pipeline/data.py", "data_prep/ffcv.py"),
 }

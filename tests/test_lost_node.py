@@ -80,6 +80,7 @@ def test_a_lost_node_restarts_on_the_remaining_one(tmp_path, digits_shards, requ
         "train.chunk_size=32",  # 2 chunks per step on each of 2 workers, 4 on the survivor
         "train.loss_tile=64",
         "cluster.checkpoints_to_keep=null",  # the replay starts from the restart's checkpoint
+        "data.order=epoch",  # the survivor reads the rest of the epoch: tests/test_epoch_order.py counts the keys
     )
     run_dir = str(tmp_path / "runs" / "lost")
     seen: dict = {}
