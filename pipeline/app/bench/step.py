@@ -21,6 +21,7 @@ from pipeline import augment, data, dist, faults
 from pipeline import config as config_mod
 from pipeline.errors import HardnegError
 from pipeline.methods import method
+from pipeline.methods.base import InBatchMethod
 from pipeline.objectives import build_objective
 from pipeline.train import build_optimizer
 
@@ -42,7 +43,8 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
     """Mean seconds per step in each phase (single process) and their shares of the step."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    if not method(cfg.loss.name).IN_BATCH:  # the phases below are the in-batch objective's .model and .loss_fn
+    # the phases below are the in-batch objective's .model and .loss_fn
+    if not isinstance(method(cfg.loss.name), InBatchMethod):
         raise HardnegError(f"bench step times the in-batch methods; loss.name={cfg.loss.name} is not one")
     objective = build_objective(cfg, None, generator).to(device)
     optimizer = build_optimizer(cfg.optim, objective)
