@@ -23,7 +23,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline import config as config_mod
 from pipeline.errors import HardnegError
-from pipeline.tracking import CREDENTIAL_VARS
+from pipeline.tracking_store import CREDENTIAL_VARS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.dist import DistContext
 from pipeline.metric_names import LEGACY, grouped, name_of
-from pipeline.tracking import redact
+from pipeline.redaction import redact
 
 
 class EpochReporter:
@@ -67,10 +67,8 @@ class EpochReporter:
             return
         if not self.ctx.is_main:
             return
-        from pipeline.tracking import run_context
-
         world_size = extra_params.get("world_size", self.ctx.world_size)
-        self.tracker.log_params(run_info.run_params(self.cfg) | run_context() | extra_params)
+        self.tracker.log_params(run_info.run_params(self.cfg) | run_info.run_context() | extra_params)
         self.tracker.log_text(yaml.safe_dump(redact(config_mod.to_dict(self.cfg)), sort_keys=False), "config.yaml")
         manifest = read_manifest(self.cfg.data.path)
         self.tracker.describe(

@@ -22,8 +22,9 @@ from pipeline.config import Config, OptimConfig
 from pipeline.errors import HardnegError
 from pipeline.metric_names import grouped
 from pipeline.objectives import build_objective
+from pipeline.redaction import redact
 from pipeline.reporting import EpochReporter
-from pipeline.tracking import make_tracker, redact
+from pipeline.tracking import make_tracker
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
 RESUMABLE_CHANGES = (

@@ -18,7 +18,7 @@ PACKAGES = ("pipeline", "data_prep", "cluster")
 HOMES = {
     "torch.distributed": ("pipeline/dist.py",),
     "ray": ("cluster/",),
-    "mlflow": ("pipeline/tracking.py",),
+    "mlflow": ("pipeline/tracking.py", "pipeline/tracking_spool.py", "pipeline/tracking_runs.py"),
     "webdataset": ("pipeline/data.py", "data_prep/wds.py"),
     "webdataset.writer": ("data_prep/wds.py",),
     "ffcv": ("pipeline/data.py", "data_prep/ffcv.py"),
@@ -236,3 +236,21 @@ def test_no_import_cycles():
     """No two modules import each other, directly or around a loop, at any level of the file."""
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_redaction_is_shared_not_borrowed_from_the_tracker():
+    """Checkpoints (train.py), the logged config (reporting.py) and the tracker redact through pipeline.redaction,
+    which imports nothing of the project or beyond the standard library: none of them imports the others for it."""
+    graph = import_graph()
+    assert graph["pipeline.redaction"] == set()
+    assert {name.split(".")[0] for name in imports_of(ROOT / "pipeline" / "redaction.py")} <= {
+        "__future__",
+        "re",
+        "typing",
+    }
+    for user in ("pipeline.train", "pipeline.reporting", "pipeline.tracking", "pipeline.tracking_store"):
+        assert "pipeline.redaction" in graph[user], user
+    assert (
+        "pipeline.tracking" not in graph["pipeline.reporting"]
+        and "pipeline.tracking" not in graph["pipeline.checkpoint"]
+    )

@@ -43,7 +43,7 @@ def _load_config(args):
 
 
 def _print_train_summary(result: dict) -> None:
-    from pipeline.tracking import ui_command
+    from pipeline.tracking_store import ui_command
 
     knn = result.get("knn_top1")
     # the monitor's split (data.val_split): never the test split, which only `hardneg eval` reads
@@ -83,7 +83,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_runs(args) -> None:
-    from pipeline.tracking import runs_table, sync_spool
+    from pipeline.tracking_runs import runs_table
+    from pipeline.tracking_spool import sync_spool
 
     if args.experiment == "sync":  # hardneg runs sync RUN_DIR: upload what a run could not send
         if not args.run_dir:

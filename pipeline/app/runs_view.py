@@ -1,4 +1,4 @@
-"""``hardneg runs`` output: the rows of tracking.runs_table as an aligned text table, CSV or markdown, sorted."""
+"""``hardneg runs`` output: the rows of tracking_runs.runs_table as an aligned text table, CSV or markdown, sorted."""
 
 from __future__ import annotations
 

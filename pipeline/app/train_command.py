@@ -27,7 +27,8 @@ from pipeline import checkpoint, data, dist, faults, train
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, check_store_path, create_run
+from pipeline.tracking import MlflowTracker, create_run
+from pipeline.tracking_store import absolute_uri, check_server_access, check_store_path
 
 
 def _absolute(url: str) -> str:
