@@ -253,7 +253,7 @@ def prepare(
         raise HardnegError(
             f"shard_size={shard_size!r} (--shard-size): a shard holds at least 1 sample; expected an integer >= 1"
         )
-    sources.resolve(source)
+    sources.check_spec(source)
     plan_shards({}, shard_size, seed)  # checks seed before any work
     if format != "wds":
         from data_prep import ffcv

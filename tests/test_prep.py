@@ -22,7 +22,7 @@ from data_prep.manifest import RUN_NAME, read_manifest, shard_urls, verify
 from data_prep.plan import plan_shards
 from data_prep.prep import prepare
 from data_prep.schema import MANIFEST_NAME, sample_key
-from data_prep.sources import read_source
+from data_prep.sources import open_source
 from pipeline.errors import HardnegError
 
 
@@ -130,7 +130,7 @@ def test_rerun_writes_nothing(digits_out, tmp_path):
 
 
 def test_shard_bytes_are_deterministic(tmp_path):
-    records = read_source("builtin:digits").splits["test"][:20]
+    records = open_source("builtin:digits").materialize().splits["test"][:20]
     a = wds.write_shard(records, str(tmp_path / "a-000000.tar"))
     b = wds.write_shard(records, str(tmp_path / "b-000000.tar"))
     assert a["sha256"] == b["sha256"] and a["bytes"] == b["bytes"] and a["num_samples"] == 20
@@ -166,7 +166,7 @@ def test_verify_finds_corrupt_and_missing_shards(digits_out, tmp_path):
 
 
 def test_verify_counts_samples(tmp_path):
-    records = read_source("builtin:digits").splits["test"][:5]
+    records = open_source("builtin:digits").materialize().splits["test"][:5]
     out = tmp_path / "o"
     out.mkdir()
     entry = wds.write_shard(records, str(out / "test-000000.tar"))
