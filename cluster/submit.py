@@ -155,7 +155,7 @@ def client(address: str) -> JobSubmissionClient:
             f"the Ray cluster at {address} refused this machine's token: set RAY_AUTH_TOKEN to "
             "its own (`ray get-auth-token` on its head node)"
         ) from None
-    except Exception as e:  # ConnectionError, RuntimeError (version), ValueError (bad address)
+    except Exception as e:  # noqa: BLE001 -- ConnectionError, RuntimeError (version), ValueError (bad address)
         text = str(e).strip()
         reason = text.splitlines()[0] if text else type(e).__name__
         raise HardnegError(f"no Ray cluster reachable at --address {address}: {reason}") from None
@@ -202,7 +202,7 @@ def launch_job(
         job_id = jobs.submit_job(
             entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"], metadata={"submitted_by": "hardneg launch"}
         )
-    except Exception as e:  # runtime env upload refused, server error
+    except Exception as e:  # noqa: BLE001 -- runtime env upload refused, server error
         text = str(e).strip()
         raise HardnegError(
             f"submitting to {address} failed: {text.splitlines()[-1] if text else type(e).__name__}"

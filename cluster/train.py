@@ -102,7 +102,7 @@ def _start_ray(cfg: Config) -> bool:
                 address=cfg.cluster.address,
                 logging_level=logging.INFO if console.is_verbose() else logging.ERROR,
             )
-        except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
+        except Exception as e:  # noqa: BLE001 -- ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HardnegError(f"no Ray cluster reachable at cluster.address={cfg.cluster.address}: {reason}") from None
         if not console.is_verbose():

@@ -83,7 +83,7 @@ def decode_record(data: bytes, split: str, index: int, label: int, file: str, sp
     """A Record from encoded image bytes; SkipImage if they do not decode."""
     try:
         pixels, passthrough = decode_image(data)
-    except Exception as e:  # PIL raises many types for broken files
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
         raise SkipImage(file, f"{type(e).__name__}: {e}".splitlines()[0]) from None
     return Record(split, index, label, pixels, file, spec, passthrough)
 
@@ -216,7 +216,7 @@ class ImageFolderSource(Source):
         try:
             fs, root = fsspec.core.url_to_fs(path)
             is_dir = fs.isdir(root)
-        except Exception as e:  # unknown protocol, missing driver, permission...
+        except Exception as e:  # noqa: BLE001 -- unknown protocol, missing driver, permission...
             raise HardnegError(f"cannot read imagefolder path '{path}': {type(e).__name__}: {e}") from None
         if not is_dir:
             raise HardnegError(f"imagefolder path '{path}' does not exist or is not a directory")
@@ -241,7 +241,7 @@ class ImageFolderSource(Source):
         label, rel = self.listing.entry(split, int(index))
         try:
             data = self.listing.read(rel)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- a file that cannot be read is one bad input, skipped and counted, not a crash
             raise SkipImage(rel, f"unreadable: {type(e).__name__}: {e}") from None
         return decode_record(data, split, int(index), label, rel, self.spec)
 

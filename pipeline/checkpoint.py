@@ -191,7 +191,7 @@ def load_bytes(blob: bytes, where: str) -> dict:
     """Parse and check the bytes of a ``state.pt`` (safe unpickler only); config as a dict."""
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError...: each becomes one line
+    except Exception as e:  # noqa: BLE001 -- UnpicklingError, RuntimeError (zip), EOFError...: each becomes one line
         raise _refusal(where, e) from None
     return _parse_config(check_state(state, where), where)
 
@@ -274,7 +274,7 @@ def upgrade(path: str, unsafe_load: bool = False) -> str:
         )
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
         how = "read with pickle (--unsafe-load)"
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- pickle (asked for) may raise anything; each becomes one line
         raise _refusal(where, e) from None
     # plain first: an older writer's numpy step (np.int64) becomes the int the key check asks for
     state = _parse_config(check_state(_plain(state, "state", converted), where), where)

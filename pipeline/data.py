@@ -161,7 +161,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         for sample in window:
             try:
                 good.append(_decode_sample(sample))
-            except Exception as exn:  # the same record as the tar-level handler
+            except Exception as exn:  # noqa: BLE001 -- the same record as the tar-level handler
                 bad.append((sample.get("__url__"), _reason(exn)))
         if not good:
             raise HardnegError(
@@ -172,7 +172,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(self.seed, self.rank, step))
             views = [(*self.two_views(image), label) for image, label in good]
-            columns = list(zip(*views))
+            columns = list(zip(*views, strict=True))
             tensors = [torch.stack(c) for c in columns[:-1]]
             if self.batch_views is not None:  # drawn from the same step-seeded RNG: a resume stays exact
                 tensors = self.batch_views(tensors)
@@ -283,7 +283,7 @@ def _readable(urls: Iterator[str], ledger: SkipLedger) -> Iterator[tuple[Image.I
     for sample in group_by_keys(tar_file_expander(_open_streams(named(urls)), handler=on_error), handler=on_error):
         try:
             yield _decode_sample(sample)
-        except Exception as exn:
+        except Exception as exn:  # noqa: BLE001 -- a sample that fails to decode is skipped and counted (the skip budget decides)
             ledger.add({"read": 0, "bad": [(sample.get("__url__"), _reason(exn))]})
 
 
@@ -297,7 +297,7 @@ def require_ffcv() -> None:
     """HardnegError, one line, when FFCV's loader cannot be imported here (data.format=ffcv needs it)."""
     try:
         import ffcv.loader  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native build (OSError, numba errors)
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         raise HardnegError(
             f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `make setup` or set data.format=wds"
@@ -309,7 +309,7 @@ def _ffcv_images(path: str, order: Optional[np.ndarray] = None) -> Iterator[tupl
     for the metadata and allocation table), so evaluation needs no compiled loader and no fixed image size."""
     try:
         from ffcv.reader import Reader
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         raise HardnegError(
             f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `make setup`, or evaluate data prepared with --format wds or both"
@@ -482,7 +482,7 @@ def ffcv_train_batches(
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
         from ffcv.traversal_order.base import TraversalOrder
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         raise HardnegError(
             f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `make setup` or set data.format=wds"

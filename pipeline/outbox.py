@@ -84,7 +84,7 @@ class Outbox:
                 try:
                     self.send(record)
                     break
-                except Exception:  # an unreachable server, a timeout, a 5xx: keep the record, try again
+                except Exception:  # noqa: BLE001 -- an unreachable server, a timeout, a 5xx: keep the record, try again
                     self.failures += 1
                     self.down_since = self.down_since or time.time()
                     if self._abandoned:

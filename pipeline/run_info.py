@@ -137,7 +137,7 @@ def run_context() -> dict[str, str]:
         if torch.cuda.is_available():
             context["hardware.gpu"] = torch.cuda.get_device_name(0)
             context["hardware.gpus"] = str(torch.cuda.device_count())
-    except Exception:  # hardware probing must never stop a run
+    except Exception:  # noqa: BLE001 -- hardware probing must never stop a run
         pass
     for package in _VERSIONED_PACKAGES:
         try:

@@ -149,7 +149,7 @@ class MlflowTracker(NullTracker):
             if self.outbox is not None and not self.outbox.flush(self.cfg.flush_timeout_s):
                 return []
             return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
-        except Exception:  # plots are a nicety: an unreachable store must not end a finished run
+        except Exception:  # noqa: BLE001 -- plots are a nicety: an unreachable store must not end a finished run
             return []
 
     def describe(self, tags: Mapping[str, str], note: str) -> None:

@@ -50,7 +50,7 @@ def sync_spool(path: str, uri: Optional[str] = None) -> dict:
             f"MLflow store {redact_value('uri', uri)}: {str(e).splitlines()[0]}; "
             f"{sent['records']} of {len(records)} records sent, rerun to send the rest"
         ) from None
-    except Exception as e:  # unreachable server: keep the spool for a rerun
+    except Exception as e:  # noqa: BLE001 -- unreachable server: keep the spool for a rerun
         raise HardnegError(
             f"cannot reach {redact_value('uri', uri)} ({type(e).__name__}); "
             f"{sent['records']} of {len(records)} records sent, rerun to send the rest"

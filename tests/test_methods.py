@@ -71,7 +71,7 @@ def test_a_toy_method_trains_through_the_registry_only(toy):
     loss.backward()
     optimizer.step()
     objective.after_step()
-    assert any(not torch.equal(b, p) for b, p in zip(before, objective.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, objective.parameters(), strict=True))
     with pytest.raises(HardnegError, match=r"^loss\.toy_scale=2 is not a setting of loss\.name=hcl .*toy"):
         config.load(None, ["loss.name=hcl", "loss.toy_scale=2"])
 

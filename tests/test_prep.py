@@ -85,7 +85,7 @@ def test_digits_round_trip(digits_out):
         assert info["classes"] == [str(c) for c in range(10)]
         assert [s["num_samples"] for s in info["shards"]] == [400] * (count // 400) + [count % 400]
         indices = []
-        for shard, url in zip(info["shards"], shard_urls(out, manifest, split)):
+        for shard, url in zip(info["shards"], shard_urls(out, manifest, split), strict=True):
             assert os.path.isabs(url) and url.endswith(shard["path"])
             data = open(url, "rb").read()
             assert len(data) == shard["bytes"]
@@ -188,7 +188,7 @@ def test_memory_round_trip():
         urls = shard_urls(out, manifest, "train")
         assert urls == [f"{out}/train-000000.tar", f"{out}/train-000001.tar"]
         total = 0
-        for url, shard in zip(urls, manifest["splits"]["train"]["shards"]):
+        for url, shard in zip(urls, manifest["splits"]["train"]["shards"], strict=True):
             with fsspec.open(url, "rb") as f:
                 data = f.read()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"]

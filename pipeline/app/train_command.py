@@ -53,7 +53,7 @@ def _storage_fs(url: str):
     """(filesystem, root) of cluster.storage_path; HardnegError when fsspec cannot open it (e.g. s3fs missing)."""
     try:
         return fsspec.core.url_to_fs(url)
-    except Exception as e:  # unknown protocol, missing driver, bad URL
+    except Exception as e:  # noqa: BLE001 -- unknown protocol, missing driver, bad URL
         raise HardnegError(f"cannot use cluster.storage_path={url}: {type(e).__name__}: {e}") from None
 
 
@@ -120,7 +120,7 @@ def _check_writable(url: str) -> None:
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except Exception as e:  # OSError locally; botocore/google errors (credentials, no bucket) on object stores
+    except Exception as e:  # noqa: BLE001 -- OSError locally; botocore/google errors (credentials, no bucket) on object stores
         text = str(e).strip()
         reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
         raise HardnegError(f"cannot write to cluster.storage_path={url}: {reason}") from None
@@ -225,7 +225,7 @@ def _failed_run_marked(cfg: Config) -> Iterator[None]:
         if cfg.tracking.enabled and run_id is not None:
             try:
                 MlflowTracker(cfg.tracking, run_id).finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            except Exception:  # the store itself may be what failed; keep the original error
+            except Exception:  # noqa: BLE001 -- the store itself may be what failed; keep the original error
                 pass
         raise
 

@@ -143,7 +143,8 @@ def _psm_stats(parts, offset: int, k_nn: int, labels, col_labels, n_hard: int) -
     stats["accept_rate"] = kept.sum() / cand.sum().clamp(min=1)
     if labels is not None:
         rates = [
-            diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard) for p, cl in zip(parts, col_labels)
+            diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard)
+            for p, cl in zip(parts, col_labels, strict=True)
         ]
         stats["false_neg_rate"] = torch.stack(rates).mean()
         if k_nn > 0:

@@ -13,6 +13,7 @@ import os
 import platform
 import tempfile
 import time
+from itertools import pairwise
 
 import torch
 import torch.multiprocessing as mp
@@ -102,7 +103,7 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
         _sync(device)
         marks.append(time.perf_counter())
         if step >= warmup:
-            for key, start, end in zip(totals, marks, marks[1:]):
+            for key, (start, end) in zip(totals, pairwise(marks), strict=True):
                 totals[key] += end - start
     per_step = {k: v / steps for k, v in totals.items()}
     step_s = sum(per_step.values())
