@@ -22,6 +22,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline import config as config_mod
+from pipeline import console
 from pipeline.errors import HardnegError
 from pipeline.tracking_store import CREDENTIAL_VARS
 
@@ -207,18 +208,18 @@ def launch_job(
         raise HardnegError(
             f"submitting to {address} failed: {text.splitlines()[-1] if text else type(e).__name__}"
         ) from None
-    print(f"submitted job {job_id}", flush=True)
-    print(f"  status: hardneg status {job_id} --address {address}", flush=True)
-    print(f"  stop:   hardneg stop {job_id} --address {address}", flush=True)
+    console.say(f"submitted job {job_id}")
+    console.say(f"  status: hardneg status {job_id} --address {address}")
+    console.say(f"  stop:   hardneg stop {job_id} --address {address}")
     if not wait:
         return job_id
     try:
         asyncio.run(_tail(jobs, job_id))
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running (hardneg stop {job_id} --address {address})")
+        console.say(f"\nstopped following; job {job_id} keeps running (hardneg stop {job_id} --address {address})")
         raise
     status = _wait_terminal(jobs, job_id, timeout_s=60)
-    print(f"job {job_id}: {status}", flush=True)
+    console.say(f"job {job_id}: {status}")
     if status != JobStatus.SUCCEEDED:
         message = (_info(jobs, job_id).message or "").strip().splitlines()
         raise HardnegError(f"job {job_id} ended {status}" + (f": {message[0]}" if message else ""))

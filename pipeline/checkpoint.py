@@ -20,7 +20,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 from typing import Any, Optional
 
 import fsspec
@@ -29,6 +28,7 @@ import torch
 import yaml
 
 from data_prep.atomic import atomic_dir, atomic_path
+from pipeline import console
 from pipeline.errors import HardnegError
 
 STATE_FILE = "state.pt"
@@ -266,11 +266,9 @@ def upgrade(path: str, unsafe_load: bool = False) -> str:
     except pickle.UnpicklingError as e:
         if not unsafe_load:
             raise _refusal(where, e) from None
-        print(
-            f"hardneg: warning: reading {where} with pickle (weights_only=False): this runs any code the file "
-            "holds. Do this only for a checkpoint you wrote yourself.",
-            file=sys.stderr,
-            flush=True,
+        console.warn(
+            f"reading {where} with pickle (weights_only=False): this runs any code the file "
+            "holds. Do this only for a checkpoint you wrote yourself."
         )
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
         how = "read with pickle (--unsafe-load)"

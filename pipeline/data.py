@@ -12,7 +12,6 @@ import hashlib
 import io
 import itertools
 import random
-import sys
 from typing import Callable, Iterator, Optional, Sequence
 
 import fsspec
@@ -25,6 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from data_prep import schema
 from data_prep.atomic import atomic_open
 from data_prep.manifest import read_manifest, shard_urls
+from pipeline import console
 from pipeline.augment import BatchColour, CropFlipViews
 from pipeline.errors import HardnegError
 
@@ -77,11 +77,9 @@ class SkipLedger:
             self.per_shard[url] = self.per_shard.get(url, 0) + 1
             if url not in _NAMED_SHARDS and self.announce:
                 _NAMED_SHARDS.add(url)
-                print(
-                    f"hardneg: warning: skipping a bad sample in {url} ({reason}); further ones in this shard "
-                    "are counted in the metric data_skipped",
-                    file=sys.stderr,
-                    flush=True,
+                console.warn(
+                    f"skipping a bad sample in {url} ({reason}); further ones in this shard "
+                    "are counted in the metric data_skipped"
                 )
 
     def worst(self) -> tuple[Optional[str], int]:

@@ -23,7 +23,7 @@ import yaml
 
 from data_prep.atomic import write_json_atomic
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, data, evaluate, plots, run_info
+from pipeline import augment, checkpoint, console, data, evaluate, plots, run_info
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.dist import DistContext
@@ -51,11 +51,10 @@ class EpochReporter:
         splits = data.read_manifest(cfg.data.path)["splits"]
         self.monitor_split: Optional[str] = cfg.data.val_split if cfg.data.val_split in splits else None
         if self.monitor_split is None and ctx.is_main:
-            print(
+            console.say(
                 f"[hardneg] no '{cfg.data.val_split}' split in {cfg.data.path}: no kNN monitor during training"
                 + (" and no checkpoints/best" if cfg.train.best_by == "knn" else "")
-                + " (hardneg prep --val-fraction holds one out of train)",
-                flush=True,
+                + " (hardneg prep --val-fraction holds one out of train)"
             )
         self.tmp = tempfile.mkdtemp(prefix="hardneg-report-")
 

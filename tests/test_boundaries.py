@@ -254,3 +254,19 @@ def test_redaction_is_shared_not_borrowed_from_the_tracker():
         "pipeline.tracking" not in graph["pipeline.reporting"]
         and "pipeline.tracking" not in graph["pipeline.checkpoint"]
     )
+
+
+def test_messages_to_the_user_go_through_the_console():
+    """Warnings, notes and errors reach stderr through pipeline/console.py only: one format (hardneg: warning: ...),
+    one place that decides how they look. cluster/connect.py forwards Ray's own worker output as it came."""
+    allowed = {"pipeline/console.py", "cluster/connect.py"}
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in allowed:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+                if isinstance(node, ast.Attribute) and node.attr == "stderr" and getattr(node.value, "id", "") == "sys":
+                    offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == [], offenders

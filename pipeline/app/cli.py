@@ -70,7 +70,7 @@ def cmd_eval(args) -> None:
     )
     print(json.dumps(result, indent=2))
     if result.get("warning"):  # a probe below chance says so
-        print(f"hardneg: warning: {result['warning']}", file=sys.stderr)
+        console.warn(result["warning"])
 
 
 def cmd_demo(args) -> None:
@@ -267,14 +267,14 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except HardnegError as e:
-        print(f"hardneg: error: {e}", file=sys.stderr)
+        console.error(str(e))
         return 2
     except KeyboardInterrupt:
         hint = {
             "train": "; `hardneg train ... --resume` continues from the last checkpoint",
             "prep": "; rerunning the same command keeps the finished shards",
         }.get(args.command, "")
-        print(f"hardneg: interrupted{hint}", file=sys.stderr)
+        console.tell(f"hardneg: interrupted{hint}")
         return 130
     finally:
         if previous is not None:

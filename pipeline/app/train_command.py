@@ -12,7 +12,6 @@ workers than the cluster's CPUs/GPUs.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import fsspec
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, data, dist, faults, train
+from pipeline import checkpoint, console, data, dist, faults, train
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.errors import HardnegError
@@ -178,11 +177,7 @@ def check_gpu(cfg: Config, environ=os.environ) -> Config:
             f"cluster.use_gpu=true but this machine has no CUDA GPU (torch.cuda.is_available() is False); "
             f"set cluster.use_gpu=false, or {NO_GPU_OVERRIDE}=1 to train on CPU anyway"
         )
-    print(
-        f"hardneg: warning: cluster.use_gpu=true without a GPU ({NO_GPU_OVERRIDE}=1): training on CPU",
-        file=sys.stderr,
-        flush=True,
-    )
+    console.warn(f"cluster.use_gpu=true without a GPU ({NO_GPU_OVERRIDE}=1): training on CPU")
     return _with(cfg, "cluster", use_gpu=False)
 
 
