@@ -67,7 +67,8 @@ class SkipLedger:
     """Bad samples skipped on one rank: counts overall and per shard; each shard is named once on stderr."""
 
     def __init__(self, announce: bool = True):
-        self.read, self.skipped, self.per_shard, self.announce = 0, 0, {}, announce
+        self.read, self.skipped, self.announce = 0, 0, announce
+        self.per_shard: dict[str, int] = {}  # shard URL -> bad samples skipped in it
 
     def add(self, report: dict) -> None:
         """Count one batch's report {"read": n, "bad": [(url, reason), ...]}."""
@@ -86,7 +87,7 @@ class SkipLedger:
         """(url, bad samples) of the shard with the most skips on this rank; (None, 0) when none."""
         if not self.per_shard:
             return None, 0
-        url = max(self.per_shard, key=self.per_shard.get)
+        url = max(self.per_shard, key=self.per_shard.__getitem__)
         return url, self.per_shard[url]
 
 
@@ -624,8 +625,13 @@ def _undecodable_jpeg():
 def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
     """The sample order of one rank in one epoch: exactly torch's DistributedSampler(shuffle=True,
     drop_last=False) -- what FFCV's RANDOM order does with distributed=True -- for an explicit rank."""
-    sampler = torch.utils.data.DistributedSampler(
-        indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(
+        indices,  # type: ignore[arg-type]  # a sampler reads only len() of its dataset
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=False,
     )
     sampler.set_epoch(epoch)
     return indices[np.array(list(sampler), dtype=np.int64)]

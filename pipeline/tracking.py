@@ -15,7 +15,7 @@ import os
 import time
 from functools import partial
 from importlib import metadata
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -27,6 +27,9 @@ from pipeline.config import TrackingConfig
 from pipeline.errors import HardnegError
 from pipeline.redaction import redact, redact_value
 from pipeline.tracking_store import default_artifact_location
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 _MAX_PARAM_LEN = 6000
 
@@ -42,7 +45,20 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
-    def log_model(self, module, name: str, example, **described) -> Optional[str]: ...
+    def log_model(
+        self,
+        module,
+        name: str,
+        example,
+        step: int = 0,
+        link_metrics: Sequence[str] = (),
+        description: Optional[str] = None,
+        aliases: Sequence[str] = (),
+        tags: Optional[Mapping[str, str]] = None,
+        knn_top1: Optional[float] = None,
+    ) -> Optional[str]:
+        return None
+
     def describe(self, tags: Mapping[str, str], note: str) -> None: ...
     def log_dataset(self, dataset: Mapping[str, str], context: str = "train") -> None: ...
     def history(self, key: str) -> list[tuple[int, float]]:
@@ -53,6 +69,8 @@ class NullTracker:
 
 class MlflowTracker(NullTracker):
     """One MLflow run; attached to when ``run_id`` is given (a resumed or restarted job logs into it)."""
+
+    run_id: str  # always a run: created here, or the one attached to
 
     def __init__(
         self,
@@ -66,7 +84,7 @@ class MlflowTracker(NullTracker):
         self.outbox: Optional[outbox_mod.Outbox] = None
         self.last_steps: dict[str, int] = {}
         self.previous_status: Optional[str] = None  # of an attached run, before we marked it RUNNING
-        self._monitor = None
+        self._monitor: Optional[SystemMetricsMonitor] = None
         try:
             if run_id is not None:
                 attached = self.client.get_run(run_id)
@@ -99,13 +117,14 @@ class MlflowTracker(NullTracker):
     def _start_system_metrics(self, resume: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(
+        monitor = SystemMetricsMonitor(
             self.run_id,
             sampling_interval=self.cfg.system_metrics_every_s,
             resume_logging=resume,
             tracking_uri=self.cfg.uri,
         )
-        self._monitor.start()
+        monitor.start()
+        self._monitor = monitor
 
     def log_params(self, params: Mapping) -> None:
         """Log params once, redacted; already-logged ones are skipped (MLflow params are immutable)."""
@@ -207,7 +226,7 @@ class MlflowTracker(NullTracker):
                     f"the MLflow model was not logged: {redact_value('uri', self.cfg.uri)} is "
                     "unreachable (the encoder is in the last checkpoint)"
                 )
-                return
+                return None
             mlflow.set_tracking_uri(self.cfg.uri)
             # the registry prints "Successfully registered model ..." straight to stderr: console noise
             quiet = contextlib.nullcontext() if console.is_verbose() else contextlib.redirect_stderr(io.StringIO())

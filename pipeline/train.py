@@ -214,7 +214,9 @@ class Run:
 
     cfg: Config
     ctx: dist.DistContext
-    objective: torch.nn.Module
+    # an nn.Module with forward(x1, x2, labels, with_stats), after_step() and backbone (pipeline/objectives.py);
+    # Any: to mypy an nn.Module's attributes are Tensor | Module, so after_step() would not type-check
+    objective: Any
     net: torch.nn.Module  # the objective, DDP-wrapped on several ranks
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # the same seed on every rank: SSCL's and MoCHi's shared draws
