@@ -23,7 +23,7 @@ def _connect(address: str) -> None:
         return
     try:
         init_ray(address=address, log_to_driver=False, include_dashboard=False)
-    except Exception as e:  # ConnectionError, a bad address, a version mismatch
+    except Exception as e:  # noqa: BLE001 -- ConnectionError, a bad address, a version mismatch
         msg = str(e).splitlines()[0] if str(e) else ""
         raise HardnegError(f"cannot reach Ray at '{address}': {type(e).__name__}: {msg}") from None
 

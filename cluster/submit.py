@@ -22,8 +22,9 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline import config as config_mod
+from pipeline import console
 from pipeline.errors import HardnegError
-from pipeline.tracking import CREDENTIAL_VARS
+from pipeline.tracking_store import CREDENTIAL_VARS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,7 @@ def client(address: str) -> JobSubmissionClient:
             f"the Ray cluster at {address} refused this machine's token: set RAY_AUTH_TOKEN to "
             "its own (`ray get-auth-token` on its head node)"
         ) from None
-    except Exception as e:  # ConnectionError, RuntimeError (version), ValueError (bad address)
+    except Exception as e:  # noqa: BLE001 -- ConnectionError, RuntimeError (version), ValueError (bad address)
         text = str(e).strip()
         reason = text.splitlines()[0] if text else type(e).__name__
         raise HardnegError(f"no Ray cluster reachable at --address {address}: {reason}") from None
@@ -202,23 +203,23 @@ def launch_job(
         job_id = jobs.submit_job(
             entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"], metadata={"submitted_by": "hardneg launch"}
         )
-    except Exception as e:  # runtime env upload refused, server error
+    except Exception as e:  # noqa: BLE001 -- runtime env upload refused, server error
         text = str(e).strip()
         raise HardnegError(
             f"submitting to {address} failed: {text.splitlines()[-1] if text else type(e).__name__}"
         ) from None
-    print(f"submitted job {job_id}", flush=True)
-    print(f"  status: hardneg status {job_id} --address {address}", flush=True)
-    print(f"  stop:   hardneg stop {job_id} --address {address}", flush=True)
+    console.say(f"submitted job {job_id}")
+    console.say(f"  status: hardneg status {job_id} --address {address}")
+    console.say(f"  stop:   hardneg stop {job_id} --address {address}")
     if not wait:
         return job_id
     try:
         asyncio.run(_tail(jobs, job_id))
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running (hardneg stop {job_id} --address {address})")
+        console.say(f"\nstopped following; job {job_id} keeps running (hardneg stop {job_id} --address {address})")
         raise
     status = _wait_terminal(jobs, job_id, timeout_s=60)
-    print(f"job {job_id}: {status}", flush=True)
+    console.say(f"job {job_id}: {status}")
     if status != JobStatus.SUCCEEDED:
         message = (_info(jobs, job_id).message or "").strip().splitlines()
         raise HardnegError(f"job {job_id} ended {status}" + (f": {message[0]}" if message else ""))

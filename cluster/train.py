@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ class RayHooks:
             state = checkpoint.load(directory)
         self.restored_step = state["step"]
         if ray.train.get_context().get_world_rank() == 0:
-            print(f"restored from checkpoint at step {self.restored_step}", flush=True)
+            console.say(f"restored from checkpoint at step {self.restored_step}")
         return state
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str]) -> None:
@@ -102,7 +101,7 @@ def _start_ray(cfg: Config) -> bool:
                 address=cfg.cluster.address,
                 logging_level=logging.INFO if console.is_verbose() else logging.ERROR,
             )
-        except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
+        except Exception as e:  # noqa: BLE001 -- ConnectionError, RuntimeError, ValueError, TimeoutError ... all mean "not there"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HardnegError(f"no Ray cluster reachable at cluster.address={cfg.cluster.address}: {reason}") from None
         if not console.is_verbose():
@@ -231,7 +230,7 @@ def _reachable_from_workers(cfg: Config) -> Config:
     netloc = here + (f":{parts.port}" if parts.port else "")
     data = to_dict(cfg)
     data["tracking"]["uri"] = parts._replace(netloc=netloc).geturl()
-    print(f"workers reach MLflow at {data['tracking']['uri']} (tracking.uri={uri} names this node)", flush=True)
+    console.say(f"workers reach MLflow at {data['tracking']['uri']} (tracking.uri={uri} names this node)")
     return from_dict(data)
 
 
@@ -244,7 +243,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
         if problem:
             raise HardnegError(problem)
         for warning in multi_node_warnings(cfg, len([n for n in ray.nodes() if n["Alive"]])):
-            print(f"hardneg: warning: {warning}", file=sys.stderr, flush=True)
+            console.warn(warning)
         yield
     finally:
         if started:
@@ -273,11 +272,9 @@ def _stop_checkpoints_first(run_dir: str) -> Iterator[dict]:
             raise KeyboardInterrupt(f"signal {signum}")
         state["requested"] = True
         faults.request_stop(run_dir)
-        print(
+        console.tell(
             "stop requested: the workers checkpoint at their next log step, then the run ends KILLED "
-            "(SIGTERM again to stop at once)",
-            file=sys.stderr,
-            flush=True,
+            "(SIGTERM again to stop at once)"
         )
 
     previous = signal.signal(signal.SIGTERM, handler)

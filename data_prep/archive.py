@@ -32,7 +32,7 @@ def open_fs(url: str, what: str):
         raise HardnegError(f"{what}={url!r}; expected a path or an fsspec URL")
     try:
         fs, path = fsspec.core.url_to_fs(url)
-    except Exception as e:  # unknown protocol, missing driver
+    except Exception as e:  # noqa: BLE001 -- unknown protocol, missing driver
         raise HardnegError(f"cannot use {what} '{url}': {type(e).__name__}: {e}") from None
     return fs, path.rstrip("/") or "/"
 
@@ -48,7 +48,7 @@ def kind_of(fs, path: str, url: str) -> str:
             head = f.read(512)
     except HardnegError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- fsspec backends raise their own types (botocore, gcsfs, aiohttp): one line
         raise HardnegError(
             f"cannot read '{url}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
@@ -225,7 +225,7 @@ def signature(url: str) -> dict:
             listing = sorted((posixpath.relpath(p, path), i.get("size")) for p, i in fs.find(path, detail=True).items())
             return {"url": url, "files": len(listing), "listing": hashlib.sha256(repr(listing).encode()).hexdigest()}
         info = fs.info(path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- fsspec backends raise their own types: one line
         raise HardnegError(f"cannot read '{url}': {type(e).__name__}: {e}") from None
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
     return {"url": url, "size": info.get("size"), "mtime": str(mtime) if mtime is not None else None}

@@ -80,13 +80,13 @@ def _put_via_temp(fs, path: str, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         fs.mv(tmp, path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- any backend's error becomes one line; the finally removes the partial file
         raise HardnegError(f"cannot write '{path}': {type(e).__name__}: {e}; the partial file was removed") from None
     finally:
         try:
             if fs.exists(tmp):
                 fs.rm(tmp)
-        except Exception:  # cleanup errors never mask the error being handled
+        except Exception:  # noqa: BLE001 -- cleanup errors never mask the error being handled
             pass
 
 

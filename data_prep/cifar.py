@@ -55,7 +55,7 @@ def load_pickle(data: bytes, where: str):
         raise HardnegError(
             f"refusing to unpickle {where}: it names {e}, which a CIFAR batch never holds; nothing was run"
         ) from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- a damaged pickle raises many types (EOFError, UnpicklingError, ValueError ...)
         raise HardnegError(f"{where} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     return _str_keys(obj)
 
@@ -202,7 +202,7 @@ class Cifar100Source(_CifarSource):
         coarse_names = _names(meta.get("coarse_label_names", []))
         _, fine, (coarse, _) = self._arrays["train"]
         fine_to_coarse = {}
-        for f, c in zip(fine.tolist(), coarse.tolist()):
+        for f, c in zip(fine.tolist(), coarse.tolist(), strict=True):
             fine_to_coarse.setdefault(f, c)
         return {
             "coarse_classes": coarse_names,

@@ -33,7 +33,7 @@ def unavailable() -> Optional[str]:
     try:
         import ffcv.fields  # noqa: F401
         import ffcv.writer  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native build (OSError, numba errors)
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'import failed'}"
     return None
 

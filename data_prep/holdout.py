@@ -51,7 +51,7 @@ def held_out(labels, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
     starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])  # each label's first
     ends = np.append(starts[1:], len(ordered))
     held: list[np.ndarray] = []
-    for label, start, end in zip(ordered[starts].tolist(), starts.tolist(), ends.tolist()):
+    for label, start, end in zip(ordered[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
         if label < 0:
             continue
         positions, n = order[start:end], end - start
@@ -128,7 +128,7 @@ class HoldoutSource(Source):
         positions = [int(i) for i in positions]
         inner_split = "train" if split in self.positions else split
         mapped = [self._where(split, i)[1] for i in positions] if split in self.positions else list(positions)
-        for pos, item in zip(positions, self.inner.load(inner_split, mapped)):
+        for pos, item in zip(positions, self.inner.load(inner_split, mapped), strict=True):
             if isinstance(item, dict):
                 yield dict(item, split=split, index=int(pos))
             else:

@@ -36,7 +36,7 @@ def read_marker(url: str) -> Optional[dict]:
     try:
         with fsspec.open(url, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
-    except Exception:
+    except (OSError, ValueError):  # missing, unreadable, or not JSON (a write cut short): the file is redone
         return None
 
 
@@ -53,7 +53,7 @@ def intact(url: str, entry: dict) -> bool:
         if not fs.isfile(path) or fs.size(path) != entry["bytes"]:
             return False
         return not is_local(fs) or file_sha256(fs, path) == entry["sha256"]
-    except Exception:
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, or an entry of another shape: not intact
         return False
 
 

@@ -26,7 +26,7 @@ def out_fs(out: str):
         raise HardnegError(f"OUT={out!r}; expected a path or an fsspec URL")
     try:
         fs, root = fsspec.core.url_to_fs(out)
-    except Exception as e:  # unknown protocol, missing driver (e.g. s3fs), bad URL
+    except Exception as e:  # noqa: BLE001 -- unknown protocol, missing driver (e.g. s3fs), bad URL
         raise HardnegError(f"cannot use OUT '{out}': {type(e).__name__}: {e}") from None
     return fs, root.rstrip("/") or "/"
 
@@ -109,7 +109,7 @@ def read_manifest(out: str) -> dict:
             raw = f.read()
     except FileNotFoundError:
         raise HardnegError(f"no manifest {where}; write one with `hardneg prep SOURCE {out}`") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- fsspec backends raise their own types: one line
         raise HardnegError(f"cannot read manifest {where}: {type(e).__name__}: {e}") from None
     try:
         m = json.loads(raw.decode("utf-8"))
@@ -158,7 +158,7 @@ def _verify_ffcv(fs, root: str, entry: dict) -> list[str]:
                 size += len(chunk)
     except FileNotFoundError:
         return [f"{name}: missing"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- verify lists every problem: a backend's error on one file is one of them
         return [f"{name}: unreadable ({type(e).__name__}: {e})"]
     problems = []
     if size != entry["bytes"]:
@@ -201,7 +201,7 @@ def verify(out: str) -> list[str]:
             except FileNotFoundError:
                 problems.append(f"{name}: missing")
                 continue
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- verify lists every problem: a backend's error on one file is one of them
                 problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
                 continue
             if len(data) != shard["bytes"]:

@@ -41,7 +41,7 @@ def list_files(url: str, suffixes: tuple[str, ...], what: str) -> tuple[object, 
             raise HardnegError(f"{what} PATH '{url}' does not exist")
     except HardnegError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- fsspec backends raise their own types: one line
         raise HardnegError(f"cannot read {what} PATH '{url}': {type(e).__name__}: {e}") from None
     if not paths:
         raise HardnegError(f"{what} PATH '{url}' has no {' or '.join(suffixes)} files")
@@ -55,7 +55,7 @@ def _hf_classes(schema, column: str):
         feature = meta.get("info", {}).get("features", {}).get(column, {})
         names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
         return [str(n) for n in names] if names else None
-    except Exception:
+    except (ValueError, AttributeError, TypeError):  # metadata that is not JSON or of another shape: no names
         return None
 
 
@@ -126,7 +126,7 @@ class ParquetSource(Source):
                     names = names or (_hf_classes(schema, label) if label else None)
             except HardnegError:
                 raise
-            except Exception as e:  # not parquet, truncated, unreachable
+            except Exception as e:  # noqa: BLE001 -- not parquet, truncated, unreachable
                 raise HardnegError(
                     f"cannot read parquet file '{rel}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 ) from None
@@ -160,7 +160,7 @@ class ParquetSource(Source):
                         for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH, columns=[image]):
                             for value in _image_values(batch.column(0)):
                                 yield value, None
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 -- pyarrow and fsspec raise their own types (truncated file, unreachable): one line
                     raise HardnegError(
                         f"cannot read parquet file '{entry['rel']}': {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}"

@@ -68,11 +68,11 @@ def check_writable(out: str) -> None:
         for path in created:  # deepest first
             try:
                 fs.rmdir(path)
-            except Exception:  # object stores may have no directories to remove
+            except Exception:  # noqa: BLE001 -- object stores may have no directories to remove
                 pass
     except HardnegError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- OSError locally; botocore/gcsfs errors (credentials, no bucket) on object stores
         raise HardnegError(f"cannot write to OUT '{out}': {type(e).__name__}: {e}") from None
 
 
@@ -80,7 +80,7 @@ def _old_manifest(fs, root: str) -> Optional[dict]:
     try:
         with fs.open(posixpath.join(root, MANIFEST_NAME), "rb") as f:
             return json.loads(f.read().decode("utf-8"))
-    except Exception:
+    except (OSError, ValueError):  # none, unreadable or not JSON: as if there were no earlier run
         return None
 
 
@@ -89,7 +89,7 @@ def _old_files(old: Optional[dict]) -> set[str]:
     try:
         paths = {s["path"] for split in old["splits"].values() for s in split["shards"]}
         paths |= {split["ffcv"]["path"] for split in old["splits"].values() if split.get("ffcv")}
-    except Exception:
+    except (AttributeError, KeyError, TypeError):  # no manifest (None), or one of another shape
         return set()
     # Only plain shard / FFCV names in OUT itself are ever deleted, whatever a stale manifest says.
     return {p for p in paths if isinstance(p, str) and "/" not in p and p.endswith((".tar", ".beton")) and p[:1] != "."}
@@ -110,7 +110,7 @@ def _nothing_to_do(old: dict, source: str, out: str, prep: dict) -> bool:
             return False  # --strict now: the skipped inputs must fail the run
         files = [f for split in old["splits"].values() for f in [*split["shards"], split.get("ffcv")] if f]
         return all(intact(join_url(out, f["path"]), f) for f in files)
-    except Exception:  # a manifest of another shape: rewrite
+    except (AttributeError, KeyError, TypeError):  # a manifest of another shape: rewrite
         return False
 
 
@@ -153,7 +153,7 @@ def _remove_temps(fs, root: str) -> None:
         for path in fs.ls(root, detail=False):
             if _TEMP.match(posixpath.basename(path.rstrip("/"))):
                 fs.rm(path)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- best effort: a temp file left behind is harmless, and the next run removes it
         pass
 
 
@@ -177,7 +177,7 @@ def _previous(old: Optional[dict], fingerprint: str, split: str, name: str, posi
         return None
     listed = [s for s in old.get("skipped", []) if s.get("split") == split and isinstance(s.get("index"), int)]
     wanted = np.isin([s["index"] for s in listed], positions) if listed else []  # no per-record set
-    skipped = [s for s, keep in zip(listed, wanted) if keep]
+    skipped = [s for s, keep in zip(listed, wanted, strict=True) if keep]
     return {"entry": entries[0], "skipped": skipped}
 
 
@@ -253,7 +253,7 @@ def prepare(
         raise HardnegError(
             f"shard_size={shard_size!r} (--shard-size): a shard holds at least 1 sample; expected an integer >= 1"
         )
-    sources.resolve(source)
+    sources.check_spec(source)
     plan_shards({}, shard_size, seed)  # checks seed before any work
     if format != "wds":
         from data_prep import ffcv
@@ -321,7 +321,7 @@ def prepare(
         status["wrote"] = True
     try:
         fs.rm(posixpath.join(root, PROGRESS_DIR), recursive=True)
-    except Exception:  # object stores may report a missing prefix
+    except Exception:  # noqa: BLE001 -- object stores may report a missing prefix
         pass
 
     # Files of an earlier run that this manifest no longer lists.
@@ -405,7 +405,7 @@ def _clean_failed(fs, root: str, existed: bool, fingerprint: str, only_if_empty:
             fs.rm(root, recursive=True)
         else:
             fs.rm(posixpath.join(root, PROGRESS_DIR), recursive=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- best effort while another error is on its way to the user: it must not mask that one
         pass
 
 

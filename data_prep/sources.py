@@ -1,4 +1,4 @@
-"""Readers of raw datasets -> records per split, in a deterministic order."""
+"""Readers of raw datasets -> records per split, in a deterministic order; SOURCES is their one table."""
 
 from __future__ import annotations
 
@@ -43,9 +43,6 @@ class Dataset:
     skipped: list[dict] = field(default_factory=list)
 
 
-Reader = Callable[[Optional[str], str, int], Dataset]  # (path or None, spec, test_size) -> Dataset
-
-
 def _decode_rgb(data: bytes) -> np.ndarray:
     """Decode image bytes to an (H, W, 3) uint8 array; grey, palette and RGBA become RGB."""
     return decode_image(data)[0]
@@ -86,7 +83,7 @@ def decode_record(data: bytes, split: str, index: int, label: int, file: str, sp
     """A Record from encoded image bytes; SkipImage if they do not decode."""
     try:
         pixels, passthrough = decode_image(data)
-    except Exception as e:  # PIL raises many types for broken files
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
         raise SkipImage(file, f"{type(e).__name__}: {e}".splitlines()[0]) from None
     return Record(split, index, label, pixels, file, spec, passthrough)
 
@@ -182,11 +179,6 @@ class DigitsSource(Source):
         return Record(split, int(i), int(labels[i]), rgb[i], None, self.spec)
 
 
-def read_digits(path: Optional[str], spec: str, test_size: int) -> Dataset:
-    """scikit-learn's 1,797 8x8 handwritten digits; stratified held-out test split (random_state=0)."""
-    return DigitsSource(path, spec, test_size).materialize()
-
-
 def _subdirs(fs, path: str) -> list[str]:
     """Sorted names of the visible sub-directories of ``path``."""
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p)]
@@ -224,7 +216,7 @@ class ImageFolderSource(Source):
         try:
             fs, root = fsspec.core.url_to_fs(path)
             is_dir = fs.isdir(root)
-        except Exception as e:  # unknown protocol, missing driver, permission...
+        except Exception as e:  # noqa: BLE001 -- unknown protocol, missing driver, permission...
             raise HardnegError(f"cannot read imagefolder path '{path}': {type(e).__name__}: {e}") from None
         if not is_dir:
             raise HardnegError(f"imagefolder path '{path}' does not exist or is not a directory")
@@ -249,17 +241,9 @@ class ImageFolderSource(Source):
         label, rel = self.listing.entry(split, int(index))
         try:
             data = self.listing.read(rel)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- a file that cannot be read is one bad input, skipped and counted, not a crash
             raise SkipImage(rel, f"unreadable: {type(e).__name__}: {e}") from None
         return decode_record(data, split, int(index), label, rel, self.spec)
-
-
-def read_imagefolder(path: Optional[str], spec: str, test_size: int) -> Dataset:
-    """One sub-folder per class, optionally inside ``train/`` and ``val/``; undecodable files skipped."""
-    dataset = ImageFolderSource(path, spec, test_size).materialize()
-    if not any(dataset.splits.values()):
-        raise HardnegError(f"imagefolder path '{path}' has no readable images ({len(dataset.skipped)} skipped)")
-    return dataset
 
 
 def _opener(module: str, cls: str) -> Callable[[Optional[str], str, int], Source]:
@@ -286,24 +270,12 @@ SOURCES: dict[str, Callable[[Optional[str], str, int], Source]] = {
 }
 
 
-def _reader(name: str) -> Reader:
-    if name == "builtin:digits":
-        return read_digits
-    if name == "imagefolder:PATH":
-        return read_imagefolder
-    return lambda path, spec, test_size: SOURCES[name](path, spec, test_size).materialize()
-
-
-# name -> reader returning every record in memory (the skeleton's interface; small data only).
-READERS: dict[str, Reader] = {name: _reader(name) for name in SOURCES}
-
-
-def _match(spec: str, table: dict):
-    """(entry, path or None) for a source spec; HardnegError if unknown or missing its path."""
-    expected = ", ".join(table)
+def _match(spec: str) -> tuple[Callable[[Optional[str], str, int], Source], Optional[str]]:
+    """(opener, path or None) for a source spec; HardnegError if unknown or missing its path."""
+    expected = ", ".join(SOURCES)
     if not isinstance(spec, str) or not spec:
         raise HardnegError(f"empty dataset name; expected one of: {expected}")
-    for name, entry in table.items():
+    for name, entry in SOURCES.items():
         if name.endswith(":PATH"):
             prefix = name[: -len("PATH")]
             if spec == prefix[:-1] or spec.startswith(prefix):
@@ -316,18 +288,12 @@ def _match(spec: str, table: dict):
     raise HardnegError(f"unknown dataset '{spec}'; expected one of: {expected}")
 
 
-def resolve(spec: str) -> tuple[Reader, Optional[str]]:
-    """Find the reader for a source spec and split off its path; HardnegError if unknown."""
-    return _match(spec, READERS)
+def check_spec(spec: str) -> None:
+    """HardnegError unless ``spec`` names a source (with its path where it takes one); opens nothing."""
+    _match(spec)
 
 
 def open_source(spec: str, *, test_size: int = 300) -> Source:
     """The Source of a spec (``builtin:digits``, ``cifar10:/data/cifar-10-python.tar.gz``, ...)."""
-    opener, arg = _match(spec, SOURCES)
+    opener, arg = _match(spec)
     return opener(arg, spec, test_size)
-
-
-def read_source(spec: str, *, test_size: int = 300) -> Dataset:
-    """Read a whole dataset into memory (small data): ``builtin:digits``, ``imagefolder:/data/pets``..."""
-    reader, arg = resolve(spec)
-    return reader(arg, spec, test_size)

@@ -86,6 +86,6 @@ class TinyImageNetSource(Source):
         label, name = self.files[split][index]
         try:
             data = self.tree.read(name)
-        except Exception as e:  # a damaged member (CRC, truncation) is one bad input, not a crash
+        except Exception as e:  # noqa: BLE001 -- a damaged member (CRC, truncation) is one bad input, not a crash
             raise SkipImage(name, f"unreadable: {type(e).__name__}: {e}") from None
         return decode_record(data, split, index, label, name, self.spec)

@@ -120,7 +120,7 @@ class WdsSource(Source):
             info = self.fs.info(path)
         except FileNotFoundError:
             raise HardnegError(f"WebDataset shard '{path}' does not exist") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- fsspec backends raise their own types: one line
             raise HardnegError(f"cannot read WebDataset shard '{path}': {type(e).__name__}: {e}") from None
         mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
         return [info.get("size"), str(mtime) if mtime is not None else info.get("ETag") or info.get("etag")]

@@ -90,7 +90,9 @@ class DeviceTwoViews(torch.nn.Module):
         super().__init__()
         import kornia.augmentation as K
 
-        steps = [K.RandomResizedCrop((cfg.image_size, cfg.image_size), scale=(cfg.crop_scale_min, cfg.crop_scale_max))]
+        steps: list = [  # kornia augmentation modules, in order
+            K.RandomResizedCrop((cfg.image_size, cfg.image_size), scale=(cfg.crop_scale_min, cfg.crop_scale_max))
+        ]
         if cfg.rotation_degrees > 0:
             steps.append(K.RandomRotation(cfg.rotation_degrees, p=1.0))
         if cfg.hflip_p > 0:
@@ -131,9 +133,10 @@ class CropFlipViews:
         from PIL import Image
 
         top, left, height, width, flip = self.params(image)
-        out = image.crop((left, top, left + width, top + height)).resize((self.size, self.size), Image.BILINEAR)
+        box = (left, top, left + width, top + height)
+        out = image.crop(box).resize((self.size, self.size), Image.Resampling.BILINEAR)
         if flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)  # a writable copy
 
     def __call__(self, image):

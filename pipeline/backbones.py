@@ -147,7 +147,8 @@ def build_vit(name: str, m: "ModelConfig", image_size: int) -> tuple["nn.Module"
     import timm
 
     net = timm.create_model(_VIT_ARCH[name], pretrained=False, **_vit_kwargs(m, image_size))
-    return net, int(getattr(net, "num_features"))  # timm sets it: the embedding width
+    # timm sets num_features (the embedding width); getattr: to mypy an nn.Module attribute is Tensor | Module
+    return net, int(getattr(net, "num_features"))  # noqa: B009
 
 
 def vit_code(name: str, m: "ModelConfig", image_size: int) -> str:

@@ -20,7 +20,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 from typing import Any, Optional
 
 import fsspec
@@ -29,6 +28,7 @@ import torch
 import yaml
 
 from data_prep.atomic import atomic_dir, atomic_path
+from pipeline import console
 from pipeline.errors import HardnegError
 
 STATE_FILE = "state.pt"
@@ -191,7 +191,7 @@ def load_bytes(blob: bytes, where: str) -> dict:
     """Parse and check the bytes of a ``state.pt`` (safe unpickler only); config as a dict."""
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError...: each becomes one line
+    except Exception as e:  # noqa: BLE001 -- UnpicklingError, RuntimeError (zip), EOFError...: each becomes one line
         raise _refusal(where, e) from None
     return _parse_config(check_state(state, where), where)
 
@@ -266,15 +266,13 @@ def upgrade(path: str, unsafe_load: bool = False) -> str:
     except pickle.UnpicklingError as e:
         if not unsafe_load:
             raise _refusal(where, e) from None
-        print(
-            f"hardneg: warning: reading {where} with pickle (weights_only=False): this runs any code the file "
-            "holds. Do this only for a checkpoint you wrote yourself.",
-            file=sys.stderr,
-            flush=True,
+        console.warn(
+            f"reading {where} with pickle (weights_only=False): this runs any code the file "
+            "holds. Do this only for a checkpoint you wrote yourself."
         )
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
         how = "read with pickle (--unsafe-load)"
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- pickle (asked for) may raise anything; each becomes one line
         raise _refusal(where, e) from None
     # plain first: an older writer's numpy step (np.int64) becomes the int the key check asks for
     state = _parse_config(check_state(_plain(state, "state", converted), where), where)

@@ -93,7 +93,7 @@ def chunked_step(
     assert grad is not None, "chunked_step: the loss does not depend on the embeddings"
     after = _rng_state(device)
     with running_stats_frozen(objective):
-        for (start, stop), state in zip(bounds, states):
+        for (start, stop), state in zip(bounds, states, strict=True):
             _set_rng_state(state, device)
             objective.embed(x1[start:stop], x2[start:stop]).backward(grad[start:stop])
     _set_rng_state(after, device)

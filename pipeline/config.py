@@ -9,11 +9,20 @@ naming the key and what is allowed.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pipeline.backbones import BACKBONES
 from pipeline.errors import HardnegError
@@ -137,15 +146,30 @@ class ModelConfig(_Section):
         return self
 
 
-def _loss_union() -> Any:
-    """The ``loss:`` section: a discriminated union on ``name`` of the registered methods' Settings."""
-    return Annotated[Union[tuple(m.Settings for m in METHODS.values())], Field(discriminator="name")]
+def _method_settings(value: Any) -> MethodConfig:
+    """The ``loss:`` section, validated by the Settings of the method its ``name`` selects (default: DEFAULT_METHOD).
+
+    A tagged union looked up in pipeline.methods.METHODS now, not when this module was imported, so a method
+    registered at run time is a method at once; the Settings' own errors keep their location under ``loss``.
+    """
+    if isinstance(value, MethodConfig):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "loss_section", "loss must be a mapping of settings, got {kind}", {"kind": type(value).__name__}
+        )
+    name = value.get("name", DEFAULT_METHOD)
+    if name not in METHODS:
+        raise PydanticCustomError(
+            "unknown_method",
+            "loss.name={name}: expected one of {expected}",
+            {"name": repr(name), "expected": ", ".join(map(repr, METHODS))},
+        )
+    return METHODS[name].Settings.model_validate({"name": name, **value})
 
 
-if TYPE_CHECKING:
-    LossConfig = MethodConfig
-else:
-    LossConfig = _loss_union()  # one member per pipeline/methods module; each owns its keys
+# what to_dict writes is the selected method's fields (SerializeAsAny), not the base class's
+LossConfig = SerializeAsAny[Annotated[MethodConfig, PlainValidator(_method_settings)]]
 
 
 class OptimConfig(_Section):
@@ -245,20 +269,12 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = METHODS[DEFAULT_METHOD].Settings.model_validate({})
+    loss: LossConfig = METHODS[DEFAULT_METHOD].Settings.model_validate({})  # one Settings per method: its keys
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
-
-    @field_validator("loss", mode="before")
-    @classmethod
-    def _default_method(cls, value: Any) -> Any:
-        """A loss section without ``name`` is the default method's (as before the union)."""
-        if isinstance(value, dict) and "name" not in value:
-            return {"name": DEFAULT_METHOD, **value}
-        return value
 
     @model_validator(mode="after")
     def _batch_serves_method(self) -> "Config":
@@ -362,19 +378,17 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _format_error(err: ValidationError) -> str:
-    """One line per config, naming the first bad key and what is allowed."""
+def _format_error(err: ValidationError, data: Any) -> str:
+    """One line per config, naming the first bad key and what is allowed (``data``: what was validated)."""
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if not isinstance(p, int))
-    method = None
-    if len(loc) >= 2 and loc[0] == "loss" and loc[1] in METHODS:  # the union's tag: which method's settings
-        method, loc = str(loc[1]), loc[:1] + loc[2:]
+    if first["type"] == "unknown_method":
+        return f"invalid config value {first['msg']}"
+    loss = data.get("loss") if isinstance(data, dict) else None
+    method = loss.get("name", DEFAULT_METHOD) if isinstance(loss, dict) else None  # whose settings were read
     key = ".".join(str(p) for p in loc) or "config"
-    if first["type"] == "union_tag_invalid" and loc == ("loss",):
-        expected = first.get("ctx", {}).get("expected_tags", "")
-        return f"invalid config value loss.name={first['ctx']['tag']!r}: expected one of {expected}"
     if first["type"] == "extra_forbidden":
-        if method is not None:
+        if loc[:1] == ("loss",) and method in METHODS:
             return _foreign_loss_key(method, str(loc[-1]), first.get("input"))
         allowed = ", ".join(_allowed_keys(Config, loc))
         return f"unknown config key '{key}'; allowed here: {allowed}"
@@ -422,7 +436,7 @@ def from_dict(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise HardnegError(_format_error(e)) from None
+        raise HardnegError(_format_error(e, data)) from None
 
 
 def load(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
@@ -485,10 +499,3 @@ def upgrade(data: dict) -> dict:
     settings = METHODS[loss.get("name", DEFAULT_METHOD)].Settings
     own = {k: v for k, v in loss.items() if k in settings.model_fields}
     return data | {"loss": settings.upgrade_stored(own, stored_format)}
-
-
-def refresh_methods() -> None:
-    """Rebuild Config.loss from pipeline.methods.METHODS after a method was added or removed at run time."""
-    default = METHODS[DEFAULT_METHOD].Settings.model_validate({})
-    Config.model_fields["loss"] = FieldInfo.from_annotated_attribute(_loss_union(), default)
-    Config.model_rebuild(force=True)

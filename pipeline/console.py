@@ -52,6 +52,26 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def warn(message: str) -> None:
+    """One ``hardneg: warning:`` line on stderr: the run goes on, but the user should know."""
+    print(f"hardneg: warning: {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """One ``hardneg: note:`` line on stderr: how something the user gave was read."""
+    print(f"hardneg: note: {message}", file=sys.stderr, flush=True)
+
+
+def error(message: str) -> None:
+    """The one ``hardneg: error:`` line of a command that failed (the CLI's, for a HardnegError)."""
+    print(f"hardneg: error: {message}", file=sys.stderr, flush=True)
+
+
+def tell(message: str) -> None:
+    """One line for the user on stderr, without a prefix (a notice while stdout carries a command's output)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class Progress:
     """Rank 0's progress: a live bar on a terminal, and one line per epoch everywhere
     (step, loss, images/s over the epoch, ETA of the run)."""

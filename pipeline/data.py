@@ -12,7 +12,6 @@ import hashlib
 import io
 import itertools
 import random
-import sys
 from typing import Callable, Iterator, Optional, Sequence
 
 import fsspec
@@ -25,6 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from data_prep import schema
 from data_prep.atomic import atomic_open
 from data_prep.manifest import read_manifest, shard_urls
+from pipeline import console
 from pipeline.augment import BatchColour, CropFlipViews
 from pipeline.errors import HardnegError
 
@@ -67,7 +67,8 @@ class SkipLedger:
     """Bad samples skipped on one rank: counts overall and per shard; each shard is named once on stderr."""
 
     def __init__(self, announce: bool = True):
-        self.read, self.skipped, self.per_shard, self.announce = 0, 0, {}, announce
+        self.read, self.skipped, self.announce = 0, 0, announce
+        self.per_shard: dict[str, int] = {}  # shard URL -> bad samples skipped in it
 
     def add(self, report: dict) -> None:
         """Count one batch's report {"read": n, "bad": [(url, reason), ...]}."""
@@ -77,18 +78,16 @@ class SkipLedger:
             self.per_shard[url] = self.per_shard.get(url, 0) + 1
             if url not in _NAMED_SHARDS and self.announce:
                 _NAMED_SHARDS.add(url)
-                print(
-                    f"hardneg: warning: skipping a bad sample in {url} ({reason}); further ones in this shard "
-                    "are counted in the metric data_skipped",
-                    file=sys.stderr,
-                    flush=True,
+                console.warn(
+                    f"skipping a bad sample in {url} ({reason}); further ones in this shard "
+                    "are counted in the metric data_skipped"
                 )
 
     def worst(self) -> tuple[Optional[str], int]:
         """(url, bad samples) of the shard with the most skips on this rank; (None, 0) when none."""
         if not self.per_shard:
             return None, 0
-        url = max(self.per_shard, key=self.per_shard.get)
+        url = max(self.per_shard, key=self.per_shard.__getitem__)
         return url, self.per_shard[url]
 
 
@@ -161,7 +160,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         for sample in window:
             try:
                 good.append(_decode_sample(sample))
-            except Exception as exn:  # the same record as the tar-level handler
+            except Exception as exn:  # noqa: BLE001 -- the same record as the tar-level handler
                 bad.append((sample.get("__url__"), _reason(exn)))
         if not good:
             raise HardnegError(
@@ -172,7 +171,7 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(self.seed, self.rank, step))
             views = [(*self.two_views(image), label) for image, label in good]
-            columns = list(zip(*views))
+            columns = list(zip(*views, strict=True))
             tensors = [torch.stack(c) for c in columns[:-1]]
             if self.batch_views is not None:  # drawn from the same step-seeded RNG: a resume stays exact
                 tensors = self.batch_views(tensors)
@@ -283,7 +282,7 @@ def _readable(urls: Iterator[str], ledger: SkipLedger) -> Iterator[tuple[Image.I
     for sample in group_by_keys(tar_file_expander(_open_streams(named(urls)), handler=on_error), handler=on_error):
         try:
             yield _decode_sample(sample)
-        except Exception as exn:
+        except Exception as exn:  # noqa: BLE001 -- a sample that fails to decode is skipped and counted (the skip budget decides)
             ledger.add({"read": 0, "bad": [(sample.get("__url__"), _reason(exn))]})
 
 
@@ -297,7 +296,7 @@ def require_ffcv() -> None:
     """HardnegError, one line, when FFCV's loader cannot be imported here (data.format=ffcv needs it)."""
     try:
         import ffcv.loader  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native build (OSError, numba errors)
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         raise HardnegError(
             f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `make setup` or set data.format=wds"
@@ -309,7 +308,7 @@ def _ffcv_images(path: str, order: Optional[np.ndarray] = None) -> Iterator[tupl
     for the metadata and allocation table), so evaluation needs no compiled loader and no fixed image size."""
     try:
         from ffcv.reader import Reader
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         raise HardnegError(
             f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `make setup`, or evaluate data prepared with --format wds or both"
@@ -482,7 +481,7 @@ def ffcv_train_batches(
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
         from ffcv.traversal_order.base import TraversalOrder
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken native build (OSError, numba errors)
         raise HardnegError(
             f"FFCV is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `make setup` or set data.format=wds"
@@ -626,8 +625,13 @@ def _undecodable_jpeg():
 def rank_order(indices: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
     """The sample order of one rank in one epoch: exactly torch's DistributedSampler(shuffle=True,
     drop_last=False) -- what FFCV's RANDOM order does with distributed=True -- for an explicit rank."""
-    sampler = torch.utils.data.DistributedSampler(
-        indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(
+        indices,  # type: ignore[arg-type]  # a sampler reads only len() of its dataset
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=False,
     )
     sampler.set_epoch(epoch)
     return indices[np.array(list(sampler), dtype=np.int64)]
@@ -746,4 +750,4 @@ def pretrain_shards(data_path: str, manifest: dict, split: str | Sequence[str]) 
     names = _splits(split)
     urls = [url for name in names for url in shard_urls(data_path, manifest, name)]
     counts = [shard["num_samples"] for name in names for shard in manifest["splits"][name]["shards"]]
-    return list(zip(urls, counts))
+    return list(zip(urls, counts, strict=True))

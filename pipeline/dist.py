@@ -167,7 +167,7 @@ def all_reduce_mean_named(values: dict[str, Tensor], device: torch.device) -> di
     """
     names = sorted(values)
     stacked = torch.stack([values[k].detach().reshape(()).to(device=device, dtype=torch.float64) for k in names])
-    return dict(zip(names, all_reduce_mean(stacked).tolist()))
+    return dict(zip(names, all_reduce_mean(stacked).tolist(), strict=True))
 
 
 def average_gradients_(module: nn.Module) -> None:

@@ -161,7 +161,7 @@ class EpochOrderBatches(torch.utils.data.IterableDataset):
             for position, image, label in good:
                 torch.manual_seed(hash_seed(self.seed, step, position))  # per sample: the same views at any W
                 views.append((*self.two_views(image), label))
-            columns = list(zip(*views))
+            columns = list(zip(*views, strict=True))
             tensors = [torch.stack(c) for c in columns[:-1]]
             if self.batch_views is not None:
                 torch.manual_seed(hash_seed(self.seed, step, positions.start))

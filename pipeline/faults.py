@@ -87,7 +87,7 @@ class NonfiniteGuard:
         if float(dist.all_reduce_mean(ok.float())) == 1.0:  # the one host sync per step of skip mode
             self.in_row = 0
             return True
-        for buffer, saved in zip(self.module.buffers(), self._saved):
+        for buffer, saved in zip(self.module.buffers(), self._saved, strict=True):
             buffer.copy_(saved)
         self.count, self.in_row = self.count + 1, self.in_row + 1
         if self.in_row >= self.max_in_row:

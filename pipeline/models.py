@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.backbones import build_backbone
 
-if TYPE_CHECKING:  # annotations only: config builds its loss union from the methods, which build models
+if TYPE_CHECKING:  # annotations only
     from pipeline.config import ModelConfig
 
 

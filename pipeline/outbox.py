@@ -18,13 +18,13 @@ import json
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 import uuid
 from typing import Callable, Optional
 
 from data_prep.atomic import write_json_atomic
+from pipeline import console
 
 SPOOL_DIR = "tracking-spool"
 RECORDS_FILE = "records.jsonl"
@@ -84,7 +84,7 @@ class Outbox:
                 try:
                     self.send(record)
                     break
-                except Exception:  # an unreachable server, a timeout, a 5xx: keep the record, try again
+                except Exception:  # noqa: BLE001 -- an unreachable server, a timeout, a 5xx: keep the record, try again
                     self.failures += 1
                     self.down_since = self.down_since or time.time()
                     if self._abandoned:
@@ -183,9 +183,7 @@ def read_spool(spool_dir: str) -> list[dict]:
 
 def warn_spooled(count: int, describe: str, run_dir: str) -> None:
     """The one-line warning of a run that ends with records it could not send."""
-    print(
-        f"hardneg: warning: the tracking server {describe} was unreachable; {count} records are kept in "
-        f"{os.path.join(run_dir, SPOOL_DIR)}; upload them later with `hardneg runs sync {run_dir}`",
-        file=sys.stderr,
-        flush=True,
+    console.warn(
+        f"the tracking server {describe} was unreachable; {count} records are kept in "
+        f"{os.path.join(run_dir, SPOOL_DIR)}; upload them later with `hardneg runs sync {run_dir}`"
     )

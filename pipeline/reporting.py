@@ -23,12 +23,12 @@ import yaml
 
 from data_prep.atomic import write_json_atomic
 from data_prep.manifest import read_manifest
-from pipeline import augment, checkpoint, data, evaluate, plots, run_info
+from pipeline import augment, checkpoint, console, data, evaluate, plots, run_info
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.dist import DistContext
 from pipeline.metric_names import LEGACY, grouped, name_of
-from pipeline.tracking import redact
+from pipeline.redaction import redact
 
 
 class EpochReporter:
@@ -51,11 +51,10 @@ class EpochReporter:
         splits = data.read_manifest(cfg.data.path)["splits"]
         self.monitor_split: Optional[str] = cfg.data.val_split if cfg.data.val_split in splits else None
         if self.monitor_split is None and ctx.is_main:
-            print(
+            console.say(
                 f"[hardneg] no '{cfg.data.val_split}' split in {cfg.data.path}: no kNN monitor during training"
                 + (" and no checkpoints/best" if cfg.train.best_by == "knn" else "")
-                + " (hardneg prep --val-fraction holds one out of train)",
-                flush=True,
+                + " (hardneg prep --val-fraction holds one out of train)"
             )
         self.tmp = tempfile.mkdtemp(prefix="hardneg-report-")
 
@@ -67,10 +66,8 @@ class EpochReporter:
             return
         if not self.ctx.is_main:
             return
-        from pipeline.tracking import run_context
-
         world_size = extra_params.get("world_size", self.ctx.world_size)
-        self.tracker.log_params(run_info.run_params(self.cfg) | run_context() | extra_params)
+        self.tracker.log_params(run_info.run_params(self.cfg) | run_info.run_context() | extra_params)
         self.tracker.log_text(yaml.safe_dump(redact(config_mod.to_dict(self.cfg)), sort_keys=False), "config.yaml")
         manifest = read_manifest(self.cfg.data.path)
         self.tracker.describe(

@@ -8,7 +8,9 @@ import getpass
 import hashlib
 import json
 import os
+import platform
 import subprocess
+from importlib import metadata
 from typing import Any
 
 from pipeline import config as config_mod
@@ -17,6 +19,7 @@ from pipeline.config import Config
 # set by the launcher or derived from other keys: not hyper-parameters
 BOOKKEEPING = ("tracking.run_id", "tracking.run_name")
 SOURCE_NAME = "hardneg train"  # what MLflow's "Source" shows (not the Ray worker's script)
+_VERSIONED_PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset", "fsspec", "numpy", "pydantic")
 
 
 def run_params(cfg: Config) -> dict[str, Any]:
@@ -123,3 +126,22 @@ def run_note(cfg: Config, manifest: dict, world_size: int) -> str:
         f"Scored by weighted kNN top-1 (k={cfg.eval.knn_k}) of split {cfg.data.eval_split} "
         f"against split {cfg.data.train_split}; metrics are grouped as train/, eval/, negatives/, perf/."
     )
+
+
+def run_context() -> dict[str, str]:
+    """Params describing where a run ran: package versions, hardware (the commit is a source tag: run_info)."""
+    context = {"hardware.platform": platform.platform(), "hardware.cpus": str(os.cpu_count())}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            context["hardware.gpu"] = torch.cuda.get_device_name(0)
+            context["hardware.gpus"] = str(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 -- hardware probing must never stop a run
+        pass
+    for package in _VERSIONED_PACKAGES:
+        try:
+            context[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return context

@@ -25,8 +25,9 @@ from pipeline.errors import HardnegError
 from pipeline.losses import tiling
 from pipeline.metric_names import grouped
 from pipeline.objectives import build_objective
+from pipeline.redaction import redact
 from pipeline.reporting import EpochReporter
-from pipeline.tracking import make_tracker, redact
+from pipeline.tracking import make_tracker
 
 # Keys that may change between a run and its resumption: length, launcher, bookkeeping.
 RESUMABLE_CHANGES = (
@@ -217,7 +218,9 @@ class Run:
 
     cfg: Config
     ctx: dist.DistContext
-    objective: torch.nn.Module
+    # an nn.Module with forward(x1, x2, labels, with_stats), after_step() and backbone (pipeline/objectives.py);
+    # Any: to mypy an nn.Module's attributes are Tensor | Module, so after_step() would not type-check
+    objective: Any
     net: torch.nn.Module  # the objective, DDP-wrapped on several ranks
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # the same seed on every rank: SSCL's and MoCHi's shared draws

@@ -156,7 +156,7 @@ def wait_until(predicate, proc, what: str, timeout: float = 1200) -> None:
         try:
             if predicate():
                 return
-        except Exception:  # the server may be restarting
+        except Exception:  # noqa: BLE001 -- the server may be restarting
             pass
         time.sleep(1)
     raise RuntimeError(f"timed out waiting for {what}")

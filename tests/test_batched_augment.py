@@ -4,6 +4,7 @@ distribution."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -108,10 +109,10 @@ def test_batched_colour_is_torchvision_per_sample():
         if applied[i]:
             f = {name: next(values) for name, values in factor.items()}  # factors are drawn for applied rows only
             ops = [
-                lambda y: F.adjust_brightness(y, f["brightness"]),
-                lambda y: F.adjust_contrast(y, f["contrast"]),
-                lambda y: F.adjust_saturation(y, f["saturation"]),
-                lambda y: F.adjust_hue(y, f["hue"]),
+                lambda y, f=f: F.adjust_brightness(y, f["brightness"]),
+                lambda y, f=f: F.adjust_contrast(y, f["contrast"]),
+                lambda y, f=f: F.adjust_saturation(y, f["saturation"]),
+                lambda y, f=f: F.adjust_hue(y, f["hue"]),
             ]
             for op in jit["order"].tolist():
                 want = ops[op](want)
@@ -172,12 +173,12 @@ def test_batched_stream_is_a_function_of_the_step(digits_shards):
     whole = stream(0)
     first = [next(whole) for _ in range(5)]
     whole.close()
-    assert all(not torch.equal(a[0], b[0]) for a, b in zip(first, first[1:]))
+    assert all(not torch.equal(a[0], b[0]) for a, b in pairwise(first))
     assert len({tuple(b[2].tolist()) for b in first}) == 5  # five different label sequences: no duplicates
     resumed = stream(3)
     again = next(resumed)
     resumed.close()
-    assert all(torch.equal(x, y) for x, y in zip(first[3], again))
+    assert all(torch.equal(x, y) for x, y in zip(first[3], again, strict=True))
 
 
 def test_batched_views_are_a_function_of_the_step(digits_shards):
@@ -192,7 +193,7 @@ def test_batched_views_are_a_function_of_the_step(digits_shards):
     whole = stream(0)
     batches = [next(whole) for _ in range(4)]
     got = next(stream(3))
-    assert all(torch.equal(x, y) for x, y in zip(got, batches[3]))
+    assert all(torch.equal(x, y) for x, y in zip(got, batches[3], strict=True))
     assert not torch.equal(batches[2][0], batches[3][0])
 
 

@@ -91,7 +91,7 @@ def _worst(one, other) -> float:
     ga, gb = _grads(one), _grads(other)
     assert ga.keys() == gb.keys() and ga
     worst = max(_relative(ga[k], gb[k]) for k in ga)
-    for (name, a), (_, b) in zip(one.named_buffers(), other.named_buffers()):
+    for (name, a), (_, b) in zip(one.named_buffers(), other.named_buffers(), strict=True):
         if a.is_floating_point():  # floored: a buffer that is zero up to rounding (the running mean of a
             worst = max(worst, _relative(a, b, floor=1.0))  # BatchNorm whose input is batch-normalised already)
         else:
@@ -159,7 +159,7 @@ def test_five_optimizer_steps_agree(method, one_thread):
                     chunked_step(model, x1, x2, labels, chunk_size=chunk)
             optims[id(model)].step()
             model.after_step()
-    for (name, a), (_, b) in zip(chunked.state_dict().items(), reference.state_dict().items()):
+    for (name, a), (_, b) in zip(chunked.state_dict().items(), reference.state_dict().items(), strict=True):
         if a.is_floating_point():
             assert _relative(a, b, floor=1.0 if "running" in name else 1e-300) < 1e-9, name
         else:

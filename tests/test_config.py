@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pydantic
 import pytest
 
 from pipeline import config
 from pipeline.errors import HardnegError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text: str) -> str:
@@ -81,3 +88,36 @@ def test_flatten_has_every_leaf():
     assert len(flat) == sum(
         len(section.model_fields) for section in (getattr(config.Config(), name) for name in config.Config.model_fields)
     )
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has imported after running ``code`` (this worktree first)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    probe = f"{code}\nimport sys\nprint('MODULES', *sorted({{m.split('.')[0] for m in sys.modules}}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    last = out.stdout.splitlines()[-1].split()  # after what the code printed (a config's YAML)
+    assert last[0] == "MODULES", out.stdout
+    return set(last[1:])
+
+
+HEAVY = {"torch", "torchvision", "timm", "numpy", "mlflow", "ray", "webdataset"}
+
+
+def test_the_config_imports_no_torch():
+    """Validating a config, and printing it, need pydantic and YAML only: no torch (seconds) on that path."""
+    seen = _modules_after(
+        "from pipeline import config\nconfig.load(None, ['loss.name=psm', 'model.backbone=vit_tiny'])"
+    )
+    assert "pipeline" in seen and "pydantic" in seen
+    assert seen.isdisjoint(HEAVY), sorted(seen & HEAVY)
+
+
+def test_print_config_and_a_config_error_import_no_torch(capsys):
+    """`hardneg train --print-config` prints the resolved YAML, and a bad key fails, before the stack loads."""
+    printed = _modules_after(
+        "from pipeline.app.cli import main\n"
+        "try:\n    main(['train', '--print-config', 'loss.name=hcl'])\n"
+        "except SystemExit as done:\n    assert done.code == 0"  # --print-config exits once it has printed
+    )
+    failed = _modules_after("from pipeline.app.cli import main\nassert main(['train', 'loss.nope=1']) == 2")
+    assert printed.isdisjoint(HEAVY) and failed.isdisjoint(HEAVY), sorted((printed | failed) & HEAVY)

@@ -285,7 +285,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         stats = _stats(z1[rows], z2[rows], labels[rows], dist.make_gather(ctx))
         names = sorted(stats)
         averaged = dist.all_reduce_mean(torch.stack([stats[k].double() for k in names]))  # as the loop does
-        save_rank(dict(zip(names, averaged)), rank, out_dir)
+        save_rank(dict(zip(names, averaged, strict=True)), rank, out_dir)
     finally:
         dist.destroy_process_group()
     os._exit(0)

@@ -166,7 +166,7 @@ def test_ddp_gradients_equal_single_process(ranks):
     for r in ranks:
         kind, _, grads = r["ddp"]
         assert kind == "DistributedDataParallel"
-        for got, want in zip(grads, (p.grad for p in model.parameters())):
+        for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     mean_loss = torch.stack([r["ddp"][1] for r in ranks]).mean()
     torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-6, atol=1e-8)

@@ -16,7 +16,7 @@ def knn_reference(bank, bank_y, queries, k, t, num_classes):
     bank, queries = F.normalize(bank.double(), dim=1), F.normalize(queries.double(), dim=1)
     preds = []
     for q in queries:
-        sims = [(float(q @ b), int(y)) for b, y in zip(bank, bank_y)]
+        sims = [(float(q @ b), int(y)) for b, y in zip(bank, bank_y, strict=True)]
         sims.sort(key=lambda p: -p[0])
         votes = [0.0] * num_classes
         for sim, y in sims[:k]:

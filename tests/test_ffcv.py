@@ -76,7 +76,7 @@ def test_beton_holds_the_split_in_planned_order(both):
         labels, images = beton_rows(out / entry["path"])
         wds_labels, wds_images = shard_rows(out, manifest, split)
         assert labels.tolist() == wds_labels
-        assert all((a == b).all() for a, b in zip(images, wds_images))
+        assert all((a == b).all() for a, b in zip(images, wds_images, strict=True))
     assert manifest["prep"]["format"] == "both" and verify(str(out)) == []
 
 
@@ -162,7 +162,7 @@ def test_ffcv_loader_batches_follow_the_rank_order(both):
     indices = np.arange(300, dtype=np.uint64)
     order = [data.rank_order(indices, 11, e, 1, 2) for e in (0, 1)]
     want = [order[0][k * 16 : (k + 1) * 16] for k in range(per_epoch)] + [order[1][:16]]
-    for (v1, v2, y), idx in zip(got, want):
+    for (v1, v2, y), idx in zip(got, want, strict=True):
         assert v1.shape == v2.shape == (16, 3, 32, 32) and v1.dtype == torch.float32 and y.dtype == torch.int64
         assert y.tolist() == labels[idx.astype(np.int64)].tolist()
         assert not torch.equal(v1, v2), "two independent views"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_hcl_beta0_tau0_equals_dcl0_equals_nt_xent_exactly():
     a = _grads(lambda x, y: hcl(x, y, temperature=0.5, tau_plus=0.0, beta=0.0), z1, z2)
     b = _grads(lambda x, y: dcl(x, y, temperature=0.5, tau_plus=0.0), z1, z2)
     c = _grads(lambda x, y: nt_xent(x, y, temperature=0.5), z1, z2)
-    for u, v, w in zip(a, b, c):
+    for u, v, w in zip(a, b, c, strict=True):
         assert torch.equal(u, v) and torch.equal(v, w)
 
 
@@ -227,7 +228,7 @@ def test_hcl_beta0_equals_dcl_exactly(tau_plus):
     z1, z2 = _pair(b=16, d=8, seed=7, dtype=torch.float32)
     a = _grads(lambda x, y: hcl(x, y, temperature=0.5, tau_plus=tau_plus, beta=0.0), z1, z2)
     b = _grads(lambda x, y: dcl(x, y, temperature=0.5, tau_plus=tau_plus), z1, z2)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
 
 
@@ -248,7 +249,7 @@ def test_sscl_without_synthetics_equals_hcl_exactly():
         z2,
     )
     b = _grads(lambda x, y: hcl(x, y, temperature=0.5, tau_plus=0.1, beta=1.0), z1, z2)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
 
 
@@ -282,7 +283,7 @@ def test_hcl_non_decreasing_in_beta(tau_plus):
     z1, z2 = _pair(b=8, d=6, seed=9)
     betas = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 10.0, 30.0, 100.0]
     losses = [hcl(z1, z2, temperature=0.5, tau_plus=tau_plus, beta=beta).item() for beta in betas]
-    assert all(b >= a - 1e-12 for a, b in zip(losses, losses[1:])), losses
+    assert all(b >= a - 1e-12 for a, b in pairwise(losses)), losses
     assert losses[-1] > losses[0]
 
 

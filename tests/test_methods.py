@@ -1,5 +1,5 @@
-"""The method table (pipeline/methods): a method is one module plus one registry line, and a loss key of
-another method is a one-line error naming it."""
+"""The method table (pipeline/methods): a method is its settings and its loss (or objective) plus one
+registry line, and a loss key of another method is a one-line error naming it."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import toy_method
 from pipeline import config, run_info, train
 from pipeline.app.cli import main as cli_main
 from pipeline.errors import HardnegError
-from pipeline.losses import nt_xent
+from pipeline.losses import dcl, hcl, nt_xent, sscl
 from pipeline.methods import METHODS
-from pipeline.objectives import build_objective
+from pipeline.methods.base import InBatchMethod
+from pipeline.objectives import bind_loss, build_objective
 
 TINY = ["model.width=4", "model.proj_hidden_dim=16", "model.proj_dim=8"]
 
@@ -28,14 +29,12 @@ KEYS_BEFORE_THE_UNION = {
 
 @contextmanager
 def registered_toy():
-    """Register tests/toy_method.py as loss.name=toy: the one registry line, then Config picks it up."""
-    METHODS["toy"] = toy_method
-    config.refresh_methods()
+    """Register tests/toy_method.py as loss.name=toy: the one registry line, and Config validates it at once."""
+    METHODS["toy"] = toy_method.METHOD
     try:
         yield toy_method
     finally:
         del METHODS["toy"]
-        config.refresh_methods()
 
 
 @pytest.fixture
@@ -72,7 +71,7 @@ def test_a_toy_method_trains_through_the_registry_only(toy):
     loss.backward()
     optimizer.step()
     objective.after_step()
-    assert any(not torch.equal(b, p) for b, p in zip(before, objective.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, objective.parameters(), strict=True))
     with pytest.raises(HardnegError, match=r"^loss\.toy_scale=2 is not a setting of loss\.name=hcl .*toy"):
         config.load(None, ["loss.name=hcl", "loss.toy_scale=2"])
 
@@ -121,15 +120,61 @@ def test_values_are_checked_by_their_own_method():
     assert config.load(None, ["loss.temperature=0.2"]).loss.name == "nt_xent"  # no name: the default method
 
 
-def test_registry_modules_own_their_name_and_every_old_key():
-    for name, module in METHODS.items():
+def test_registry_rows_own_their_name_and_every_old_key():
+    for name, row in METHODS.items():
         settings = config.load(None, [f"loss.name={name}"]).loss
-        assert type(settings) is module.Settings and settings.name == name
+        assert type(settings) is row.Settings and settings.name == name
         assert config.loss_keys(name)[:2] == ("name", "temperature")
         assert isinstance(
             build_objective(config.load(None, [*TINY, f"loss.name={name}", *_small(name)])), torch.nn.Module
         )
     assert set().union(*(m.Settings.model_fields for m in METHODS.values())) >= KEYS_BEFORE_THE_UNION
+
+
+IN_BATCH_BY_HAND = [  # each in-batch row, non-default settings, and the call its row must make
+    ("nt_xent", ["loss.temperature=0.3"], lambda z1, z2, g: nt_xent(z1, z2, temperature=0.3)),
+    (
+        "dcl",
+        ["loss.temperature=0.3", "loss.tau_plus=0.2"],
+        lambda z1, z2, g: dcl(z1, z2, temperature=0.3, tau_plus=0.2),
+    ),
+    (
+        "hcl",
+        ["loss.temperature=0.3", "loss.tau_plus=0.2", "loss.beta=2"],
+        lambda z1, z2, g: hcl(z1, z2, temperature=0.3, tau_plus=0.2, beta=2.0),
+    ),
+    (
+        "sscl",
+        [
+            "loss.temperature=0.3",
+            "loss.tau_plus=0.2",
+            "loss.beta=2",
+            "loss.n_hard=4",
+            "loss.n_synthetic=3",
+            "loss.mix=release",
+        ],
+        lambda z1, z2, g: sscl(
+            z1, z2, temperature=0.3, tau_plus=0.2, beta=2.0, n_hard=4, n_synthetic=3, mix="release", generator=g
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,overrides,by_hand", IN_BATCH_BY_HAND, ids=[row[0] for row in IN_BATCH_BY_HAND])
+def test_an_in_batch_row_calls_its_loss_with_its_settings(name, overrides, by_hand):
+    """The table's one rule: the loss gets every setting but name and the diagnostics-only keys, by name."""
+    assert isinstance(METHODS[name], InBatchMethod)
+    bound = bind_loss(config.load(None, [f"loss.name={name}", *overrides]).loss)
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    got = bound(z1, z2, None, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, by_hand(z1, z2, torch.Generator().manual_seed(3)))
+    default = bind_loss(config.load(None, [f"loss.name={name}"]).loss)(z1, z2, None, torch.Generator().manual_seed(3))
+    assert not torch.allclose(got, default)  # the settings reached the loss
+
+
+def test_every_in_batch_row_is_covered_above():
+    assert {n for n, row in METHODS.items() if isinstance(row, InBatchMethod)} == {r[0] for r in IN_BATCH_BY_HAND}
 
 
 def _small(name: str) -> list[str]:
@@ -143,8 +188,8 @@ def test_checkpoints_written_before_the_union_still_load():
     """Old checkpoints stored every method's loss keys; upgrade() drops the ones the run's method never read."""
     cfg = config.load(None, ["loss.name=hcl", "loss.beta=2"])
     old = config.to_dict(cfg)
-    for module in METHODS.values():  # the old flat LossConfig: every method's defaults beside hcl's values
-        old["loss"] = module.Settings.model_validate({}).model_dump(mode="json") | old["loss"]
+    for row in METHODS.values():  # the old flat LossConfig: every method's defaults beside hcl's values
+        old["loss"] = row.Settings.model_validate({}).model_dump(mode="json") | old["loss"]
     old["loss"]["name"] = "hcl"
     assert "psm_momentum" in old["loss"] and "mochi_s" in old["loss"]
     with pytest.raises(HardnegError, match=r"loss\.(psm|mochi|n_synthetic|mix)"):

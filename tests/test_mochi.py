@@ -241,7 +241,7 @@ def test_objective_uses_the_queue_before_enqueue_and_moves_the_key_encoder():
         for p in obj.encoder.parameters():
             p.add_(1.0)
     obj.after_step()
-    for b, t, s in zip(before, obj.momentum.parameters(), obj.encoder.parameters()):
+    for b, t, s in zip(before, obj.momentum.parameters(), obj.encoder.parameters(), strict=True):
         torch.testing.assert_close(t, 0.999 * b + 0.001 * s)
     for _ in range(3):  # 4 steps x 5 keys = 20 > 16: the ring wraps around
         obj(*_images(5, 2))

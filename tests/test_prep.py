@@ -22,7 +22,7 @@ from data_prep.manifest import RUN_NAME, read_manifest, shard_urls, verify
 from data_prep.plan import plan_shards
 from data_prep.prep import prepare
 from data_prep.schema import MANIFEST_NAME, sample_key
-from data_prep.sources import read_source
+from data_prep.sources import open_source
 from pipeline.errors import HardnegError
 
 
@@ -85,7 +85,7 @@ def test_digits_round_trip(digits_out):
         assert info["classes"] == [str(c) for c in range(10)]
         assert [s["num_samples"] for s in info["shards"]] == [400] * (count // 400) + [count % 400]
         indices = []
-        for shard, url in zip(info["shards"], shard_urls(out, manifest, split)):
+        for shard, url in zip(info["shards"], shard_urls(out, manifest, split), strict=True):
             assert os.path.isabs(url) and url.endswith(shard["path"])
             data = open(url, "rb").read()
             assert len(data) == shard["bytes"]
@@ -130,7 +130,7 @@ def test_rerun_writes_nothing(digits_out, tmp_path):
 
 
 def test_shard_bytes_are_deterministic(tmp_path):
-    records = read_source("builtin:digits").splits["test"][:20]
+    records = open_source("builtin:digits").materialize().splits["test"][:20]
     a = wds.write_shard(records, str(tmp_path / "a-000000.tar"))
     b = wds.write_shard(records, str(tmp_path / "b-000000.tar"))
     assert a["sha256"] == b["sha256"] and a["bytes"] == b["bytes"] and a["num_samples"] == 20
@@ -166,7 +166,7 @@ def test_verify_finds_corrupt_and_missing_shards(digits_out, tmp_path):
 
 
 def test_verify_counts_samples(tmp_path):
-    records = read_source("builtin:digits").splits["test"][:5]
+    records = open_source("builtin:digits").materialize().splits["test"][:5]
     out = tmp_path / "o"
     out.mkdir()
     entry = wds.write_shard(records, str(out / "test-000000.tar"))
@@ -188,7 +188,7 @@ def test_memory_round_trip():
         urls = shard_urls(out, manifest, "train")
         assert urls == [f"{out}/train-000000.tar", f"{out}/train-000001.tar"]
         total = 0
-        for url, shard in zip(urls, manifest["splits"]["train"]["shards"]):
+        for url, shard in zip(urls, manifest["splits"]["train"]["shards"], strict=True):
             with fsspec.open(url, "rb") as f:
                 data = f.read()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"]

@@ -127,7 +127,7 @@ def _vg(f, *xs):
 
 
 def _close(a, b, rtol=1e-10, atol=1e-12):
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v.to(u.dtype), rtol=rtol, atol=atol)
 
 
@@ -346,7 +346,7 @@ def test_bf16_autocast_still_computes_in_float32():
             psm_soft_loss(q, q_pre, keep, temperature=0.1, accept=accept),
             psm_hard_loss(q, keep[:, 0], temperature=0.1, accept=hard_accept),
         )
-    for a, p in zip(auto, plain):
+    for a, p in zip(auto, plain, strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, p)  # the matmuls did not drop to bf16
 
 
@@ -360,7 +360,9 @@ def test_gradcheck(weighting):
     hard_accept = torch.rand(6, 6, generator=torch.Generator().manual_seed(2)) < 0.5
     for mean_over in ("anchors", "pairs"):
         assert torch.autograd.gradcheck(
-            lambda a: psm_hard_loss(a, keep[:, 0], temperature=0.5, accept=hard_accept, mean_over=mean_over),
+            lambda a, mean_over=mean_over: psm_hard_loss(
+                a, keep[:, 0], temperature=0.5, accept=hard_accept, mean_over=mean_over
+            ),
             (q,),
             eps=1e-6,
             atol=1e-5,
@@ -420,13 +422,13 @@ def test_ema_update_and_momentum_copy():
     online = bn_mlp(3, 4, 2)
     twin = momentum_copy(online)
     assert all(not p.requires_grad for p in twin.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), online.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), online.parameters(), strict=True))
     old = [p.clone() for p in twin.parameters()]
     with torch.no_grad():
         for p in online.parameters():
             p.add_(1.0)
     ema_update_(twin, online, 0.9)
-    for o, t, s in zip(old, twin.parameters(), online.parameters()):
+    for o, t, s in zip(old, twin.parameters(), online.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * o + 0.1 * s)
     assert isinstance(online[-1], torch.nn.BatchNorm1d) and not online[-1].affine  # ends in BN without affine
 
@@ -481,7 +483,7 @@ def test_objective_looks_up_before_enqueue_and_updates_the_momentum_branch(monke
         for p in obj.encoder.parameters():
             p.add_(0.5)
     obj.after_step()
-    for b, t, s in zip(before, obj.momentum_encoder.parameters(), obj.encoder.parameters()):
+    for b, t, s in zip(before, obj.momentum_encoder.parameters(), obj.encoder.parameters(), strict=True):
         torch.testing.assert_close(t, 0.99 * b + 0.01 * s)
 
 

@@ -106,7 +106,7 @@ def test_batches_are_a_function_of_the_step(digits_shards):
     views = lambda image: (torch.as_tensor(list(image.getdata())[:8], dtype=torch.float32),)  # noqa: E731
     for workers in (0, 2):
 
-        def stream(start):
+        def stream(start, workers=workers):
             return data.train_batches(
                 digits_shards,
                 "train",
@@ -125,7 +125,7 @@ def test_batches_are_a_function_of_the_step(digits_shards):
         resumed = stream(4)
         for s in range(4, 9):
             got = next(resumed)
-            assert all(torch.equal(x, y) for x, y in zip(got, batches[s])), (workers, s)
+            assert all(torch.equal(x, y) for x, y in zip(got, batches[s], strict=True)), (workers, s)
         assert not torch.equal(batches[0][0], batches[5][0])  # a new epoch is a new order
 
 

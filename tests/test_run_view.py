@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from pipeline import config, metric_names, plots, run_info, tracking
+from pipeline import config, metric_names, plots, run_info, tracking, tracking_runs
 from pipeline.app.cli import main as cli_main
 from pipeline.losses import diagnostics
 from pipeline.objectives import build_objective
@@ -106,7 +106,7 @@ def _legacy_and_new_runs(tmp_path):
 
 def test_runs_table_reads_old_and_new_names_sorts_and_exports(tmp_path, capsys):
     uri, old_id, new_id = _legacy_and_new_runs(tmp_path)
-    rows = {r["run id"]: r for r in tracking.runs_table(uri, "hardneg")}
+    rows = {r["run id"]: r for r in tracking_runs.runs_table(uri, "hardneg")}
     old, new = rows[old_id], rows[new_id]
     assert (old["best kNN"], old["last kNN"], old["probe top-1"]) == (0.93, 0.91, 0.95)  # best != last
     assert old["train images/s (mean)"] == 200.0 and old["dataset"] == "cifar10"

@@ -152,7 +152,10 @@ def test_truncated_archives(tmp_path):
         write(str(path))
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        one_line_error(lambda: prepare(f"{spec}:{path}", str(tmp_path / f"out-{spec}")), "truncated or corrupt")
+        one_line_error(
+            lambda spec=spec, path=path: prepare(f"{spec}:{path}", str(tmp_path / f"out-{spec}")),
+            "truncated or corrupt",
+        )
         assert not (tmp_path / f"out-{spec}").exists()
 
 
@@ -189,7 +192,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     for payload in payloads:
         path = _cifar_with(tmp_path, "data_batch_3", payload)
         msg = one_line_error(
-            lambda: open_source(f"cifar10:{path}"), "refusing to unpickle", "data_batch_3", "nothing was run"
+            lambda path=path: open_source(f"cifar10:{path}"), "refusing to unpickle", "data_batch_3", "nothing was run"
         )
         assert "system" in msg or "eval" in msg
         assert not marker.exists()
@@ -216,7 +219,7 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path):
             ],
             extra,
         )
-        one_line_error(lambda: prepare(f"cifar10:{path}", str(tmp_path / "out")), words)
+        one_line_error(lambda path=path: prepare(f"cifar10:{path}", str(tmp_path / "out")), words)
         assert not (tmp_path / "escaped.txt").exists() and not os.path.exists("/tmp/hardneg-absolute.txt")
         assert not (tmp_path / "out").exists()
     zpath = tmp_path / "evil.zip"

@@ -42,7 +42,7 @@ def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen, log: s
         try:
             JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()
             return
-        except Exception:
+        except Exception:  # noqa: BLE001 -- the dashboard is still starting: poll again
             time.sleep(1)
     pytest.fail(f"the head's dashboard did not answer at {address}:\n{open(log).read()[-3000:]}")
 

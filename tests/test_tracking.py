@@ -12,7 +12,7 @@ from conftest import mlflow_server as start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import tracking, train
+from pipeline import redaction, tracking, train
 from pipeline.app import train_command
 from pipeline.app.cli import main as cli_main
 
@@ -122,7 +122,7 @@ def test_replayed_steps_are_not_logged_twice(tmp_path):
 
 
 def test_redaction():
-    r = tracking.redact(
+    r = redaction.redact(
         {
             "aws_secret_access_key": "x",
             "nested": {"api_key": "y", "ok": 1},

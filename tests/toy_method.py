@@ -1,6 +1,7 @@
 """A toy method, written as docs/methods.md ("Adding a method") tells: NT-Xent scaled by loss.toy_scale.
 
-tests/test_methods.py registers it with one registry line and trains it for a step.
+tests/test_methods.py registers it with one registry line (``METHODS["toy"] = toy_method.METHOD``) and
+trains it for a step.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.losses import nt_xent
-from pipeline.methods.in_batch import InBatchConfig, InBatchObjective
-
-IN_BATCH = True
+from pipeline.methods.base import InBatchMethod
+from pipeline.methods.settings import InBatchConfig
 
 
 class Settings(InBatchConfig):
@@ -22,11 +22,9 @@ class Settings(InBatchConfig):
     toy_scale: float = Field(2.0, gt=0.0)
 
 
-def bind_loss(cfg: Settings):
-    """toy_scale x NT-Xent as f(z1, z2, gather, generator)."""
-    return lambda z1, z2, gather, generator: cfg.toy_scale * nt_xent(z1, z2, gather=gather, temperature=cfg.temperature)
+def toy_loss(z1, z2, *, temperature: float, toy_scale: float, gather=None):
+    """toy_scale x NT-Xent; called with the settings (but name and n_hard, a diagnostic) as keywords."""
+    return toy_scale * nt_xent(z1, z2, gather=gather, temperature=temperature)
 
 
-def build_objective(cfg, gather=None, generator=None):
-    """Encoder + projector trained with the toy loss over the global batch."""
-    return InBatchObjective(cfg, bind_loss(cfg.loss), gather, generator)
+METHOD = InBatchMethod(Settings, toy_loss)  # the registry row: the settings and the loss function

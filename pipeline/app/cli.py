@@ -43,7 +43,7 @@ def _load_config(args):
 
 
 def _print_train_summary(result: dict) -> None:
-    from pipeline.tracking import ui_command
+    from pipeline.tracking_store import ui_command
 
     knn = result.get("knn_top1")
     # the monitor's split (data.val_split): never the test split, which only `hardneg eval` reads
@@ -70,7 +70,7 @@ def cmd_eval(args) -> None:
     )
     print(json.dumps(result, indent=2))
     if result.get("warning"):  # a probe below chance says so
-        print(f"hardneg: warning: {result['warning']}", file=sys.stderr)
+        console.warn(result["warning"])
 
 
 def cmd_demo(args) -> None:
@@ -83,7 +83,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_runs(args) -> None:
-    from pipeline.tracking import runs_table, sync_spool
+    from pipeline.tracking_runs import runs_table
+    from pipeline.tracking_spool import sync_spool
 
     if args.experiment == "sync":  # hardneg runs sync RUN_DIR: upload what a run could not send
         if not args.run_dir:
@@ -266,14 +267,14 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except HardnegError as e:
-        print(f"hardneg: error: {e}", file=sys.stderr)
+        console.error(str(e))
         return 2
     except KeyboardInterrupt:
         hint = {
             "train": "; `hardneg train ... --resume` continues from the last checkpoint",
             "prep": "; rerunning the same command keeps the finished shards",
         }.get(args.command, "")
-        print(f"hardneg: interrupted{hint}", file=sys.stderr)
+        console.tell(f"hardneg: interrupted{hint}")
         return 130
     finally:
         if previous is not None:

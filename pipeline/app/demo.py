@@ -11,7 +11,7 @@ from pipeline import config as config_mod
 from pipeline.app.train_command import train_run
 from pipeline.backbones import BACKBONES
 from pipeline.evaluate import evaluate_checkpoint, random_init_knn, raw_pixel_knn
-from pipeline.tracking import ui_command
+from pipeline.tracking_store import ui_command
 
 
 def _shards(out: str) -> str:

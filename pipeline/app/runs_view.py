@@ -1,4 +1,4 @@
-"""``hardneg runs`` output: the rows of tracking.runs_table as an aligned text table, CSV or markdown, sorted."""
+"""``hardneg runs`` output: the rows of tracking_runs.runs_table as an aligned text table, CSV or markdown, sorted."""
 
 from __future__ import annotations
 
@@ -91,7 +91,10 @@ def render(rows: list[dict], fmt: str = "text", columns: Sequence[str] = COLUMNS
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     if columns == NARROW:
         widths = _fit(table, widths, [columns.index(c) for c in ("run", "dataset")])
-    return "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in table) + "\n"
+    return (
+        "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip() for line in table)
+        + "\n"
+    )
 
 
 def _fit(table: list[list[str]], widths: list[int], shrinkable: list[int]) -> list[int]:

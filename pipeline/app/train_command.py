@@ -12,7 +12,6 @@ workers than the cluster's CPUs/GPUs.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -23,11 +22,12 @@ import fsspec
 import torch
 
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, data, dist, faults, train
+from pipeline import checkpoint, console, data, dist, faults, train
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.errors import HardnegError
-from pipeline.tracking import MlflowTracker, absolute_uri, check_server_access, check_store_path, create_run
+from pipeline.tracking import MlflowTracker, create_run
+from pipeline.tracking_store import absolute_uri, check_server_access, check_store_path
 
 
 def _absolute(url: str) -> str:
@@ -52,7 +52,7 @@ def _storage_fs(url: str):
     """(filesystem, root) of cluster.storage_path; HardnegError when fsspec cannot open it (e.g. s3fs missing)."""
     try:
         return fsspec.core.url_to_fs(url)
-    except Exception as e:  # unknown protocol, missing driver, bad URL
+    except Exception as e:  # noqa: BLE001 -- unknown protocol, missing driver, bad URL
         raise HardnegError(f"cannot use cluster.storage_path={url}: {type(e).__name__}: {e}") from None
 
 
@@ -119,7 +119,7 @@ def _check_writable(url: str) -> None:
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except Exception as e:  # OSError locally; botocore/google errors (credentials, no bucket) on object stores
+    except Exception as e:  # noqa: BLE001 -- OSError locally; botocore/google errors (credentials, no bucket) on object stores
         text = str(e).strip()
         reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
         raise HardnegError(f"cannot write to cluster.storage_path={url}: {reason}") from None
@@ -177,11 +177,7 @@ def check_gpu(cfg: Config, environ=os.environ) -> Config:
             f"cluster.use_gpu=true but this machine has no CUDA GPU (torch.cuda.is_available() is False); "
             f"set cluster.use_gpu=false, or {NO_GPU_OVERRIDE}=1 to train on CPU anyway"
         )
-    print(
-        f"hardneg: warning: cluster.use_gpu=true without a GPU ({NO_GPU_OVERRIDE}=1): training on CPU",
-        file=sys.stderr,
-        flush=True,
-    )
+    console.warn(f"cluster.use_gpu=true without a GPU ({NO_GPU_OVERRIDE}=1): training on CPU")
     return _with(cfg, "cluster", use_gpu=False)
 
 
@@ -224,7 +220,7 @@ def _failed_run_marked(cfg: Config) -> Iterator[None]:
         if cfg.tracking.enabled and run_id is not None:
             try:
                 MlflowTracker(cfg.tracking, run_id).finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            except Exception:  # the store itself may be what failed; keep the original error
+            except Exception:  # noqa: BLE001 -- the store itself may be what failed; keep the original error
                 pass
         raise
 

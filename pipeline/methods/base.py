@@ -1,25 +1,31 @@
-"""What every method module provides, and the config model its settings derive from.
+"""What a method is, as the registry holds it, and the config model its settings derive from.
 
-A method module (pipeline/methods/<name>.py) defines ``Settings`` (a pydantic model with
-``name: Literal["<name>"]``, a member of the discriminated union ``Config.loss``), ``IN_BATCH`` and
-``build_objective(cfg, gather, generator)``; an in-batch method also defines ``bind_loss(settings)``.
-pipeline/methods/__init__.py maps each name to its module.
+A method is a row of pipeline/methods/__init__.py's METHODS: its ``Settings`` (a pydantic model with
+``name: Literal["<name>"]``, pipeline/methods/settings.py) and what trains it. An in-batch method
+(InBatchMethod) names a loss function, which InBatchObjective calls with the settings as keyword arguments;
+any other method (Method) names its objective class. Both are named as ``"module:attribute"`` and imported
+only when a model is built, so this module, the settings and the registry import no torch: the config
+validates in a fraction of a second. A plugin or a test may give the function or class itself.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Callable, ClassVar, Optional, Protocol
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from pipeline.config import Config
 
 # f(z1, z2, gather, generator) -> scalar loss: an in-batch method's loss with its hyper-parameters bound
-LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[Callable], Optional[torch.Generator]], torch.Tensor]
+LossFn = Callable[["torch.Tensor", "torch.Tensor", Optional[Callable], Optional["torch.Generator"]], "torch.Tensor"]
+# (cfg, gather, generator) -> the nn.Module the step loop trains
+ObjectiveClass = Callable[["Config", Optional[Callable], Optional["torch.Generator"]], "nn.Module"]
 
 # constraints shared by several methods' settings (each method states its own default)
 Temperature = Annotated[float, Field(gt=0.0)]
@@ -52,17 +58,30 @@ class MethodConfig(BaseModel):
         return None
 
 
-class Method(Protocol):
-    """A method module, as the registry holds it."""
+def resolve(ref: Union[str, Callable]) -> Any:
+    """The object a ``"package.module:attribute"`` reference names (imported now); a callable as it is."""
+    if callable(ref):
+        return ref
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
-    @property
-    def Settings(self) -> type[MethodConfig]:  # noqa: N802 -- the module's class of that name
-        """The method's ``loss:`` config model: ``name: Literal["<name>"]`` plus its own keys."""
 
-    @property
-    def IN_BATCH(self) -> bool:  # noqa: N802 -- a module constant
-        """True: the objective has .model and .loss_fn (a LossFn), which bench step times."""
+@dataclass(frozen=True)
+class InBatchMethod:
+    """An in-batch method: encoder + projector (InBatchObjective) and ``loss(z1, z2, gather=, **settings)``.
 
-    def build_objective(
-        self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None
-    ) -> nn.Module: ...
+    ``loss`` is called with ``settings.loss_kwargs()`` (its fields but name and the diagnostics-only keys)
+    and, when ``draws``, the step's generator as ``generator=`` (SSCL draws its synthetic mixes from it).
+    """
+
+    Settings: type[MethodConfig]  # an InBatchConfig
+    loss: Union[str, Callable[..., "torch.Tensor"]]  # "module:function", or the function
+    draws: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method with its own objective (queue/bank methods: PSM, MoCHi): ``objective(cfg, gather, generator)``."""
+
+    Settings: type[MethodConfig]
+    objective: Union[str, ObjectiveClass]  # "module:Class", or the class

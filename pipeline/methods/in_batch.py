@@ -1,12 +1,13 @@
 """The in-batch family's shared objective (SimCLR / DCL / HCL / SSCL and any method of that shape).
 
 Encoder f + projector g; the loss is the method's bound LossFn over the gathered global batch.
-Each in-batch method module supplies its Settings (an InBatchConfig) and its bind_loss.
+Each in-batch method is a row of the registry: its Settings (an InBatchConfig) and its loss function,
+bound by pipeline.objectives.bind_loss.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,38 +15,12 @@ from torch import nn
 
 from pipeline.losses import diagnostics
 from pipeline.losses.synth import synthesize_hard_negatives
-from pipeline.methods.base import LossFn, MethodConfig, NHard
+from pipeline.methods.base import LossFn
+from pipeline.methods.settings import InBatchConfig
 from pipeline.models import build_model
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-
-
-class InBatchConfig(MethodConfig):
-    """Settings every in-batch method has: n_hard (the diagnostics' hardest-negative count unless the method uses it)."""
-
-    n_hard: NHard = 32
-    DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ("n_hard",)
-
-    def batch_problem(self, global_batch: int) -> Optional[str]:
-        """n_hard hardest negatives must exist among an anchor's 2 x batch - 2 (the other views of the global
-        batch) where n_hard is the method's own setting (SSCL's s); as a diagnostic's count it is clamped."""
-        negatives = 2 * global_batch - 2
-        if "n_hard" not in self.DIAGNOSTIC_KEYS and self.n_hard > negatives:
-            return (
-                f"loss.n_hard={self.n_hard} exceeds the {negatives} negatives per anchor of "
-                f"train.global_batch_size={global_batch} (2 x {global_batch} views - 2); set "
-                f"train.global_batch_size>={-(-(self.n_hard + 2) // 2)} or loss.n_hard<={negatives}"
-            )
-        return None
-
-    def beta_for_stats(self) -> float:
-        """The hardness weighting the effective-negatives diagnostic assumes (0: uniform)."""
-        return 0.0
-
-    def synthetic_for_stats(self) -> tuple[int, Literal["paper", "release"]]:
-        """(n_synthetic, mix) of the synthesizer the diagnostics replay (0: none)."""
-        return 0, "paper"
 
 
 class InBatchObjective(nn.Module):

@@ -1,59 +1,26 @@
 """MoCHi (Kalantidis et al., NeurIPS 2020, arXiv:2010.01028) on MoCo-v2: loss.name=mochi.
 
 No official code was released. With mochi_s = mochi_s_prime = 0 it is plain MoCo-v2 (arXiv:2003.04297).
-Settings (mochi_* keys) and the objective (query encoder, EMA key encoder, FIFO queue); the loss math
-is pipeline/losses/mochi.py.
+The objective (query encoder, EMA key encoder, FIFO queue); the settings (mochi_* keys) are
+pipeline/methods/settings.py's MoCHiSettings, the loss math is pipeline/losses/mochi.py.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from pipeline.losses import diagnostics, tiling
 from pipeline.losses.mochi import draw_mixes, mochi_logits, mochi_tiled_mean
 from pipeline.methods.banks import bank_samples, labels_or_unknown, no_grad_gather, push_keys_, register_key_bank
-from pipeline.methods.base import MethodConfig
+from pipeline.methods.settings import MoCHiSettings
 from pipeline.models import build_model, ema_update_, momentum_copy
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-
-IN_BATCH = False
-
-
-class Settings(MethodConfig):
-    """MoCHi's settings (docs/methods.md); mochi_n_hard also counts the diagnostics' hardest negatives."""
-
-    name: Literal["mochi"] = "mochi"
-    mochi_momentum: float = Field(0.999, ge=0.0, le=1.0)
-    mochi_queue_size: int = Field(65536, ge=1)  # MoCo-v2's K (github.com/facebookresearch/moco main_moco.py)
-    mochi_n_hard: int = Field(1024, ge=1)  # N hardest queue keys per query (docs/recipes.md: the paper's tables)
-    mochi_s: int = Field(1024, ge=0)  # mixes of two hard negatives, alpha ~ U(0, 1)
-    mochi_s_prime: int = Field(512, ge=0)  # mixes of the query with a hard negative, beta ~ U(0, 0.5)
-
-    def label(self) -> str:
-        """moco_v2 without mixes (mochi_s = mochi_s_prime = 0: Chen et al. 2020, MoCHi's baseline), else mochi."""
-        return "moco_v2" if self.mochi_s == 0 and self.mochi_s_prime == 0 else "mochi"
-
-    @model_validator(mode="after")
-    def _queue_holds_what_is_mined(self) -> "Settings":
-        if self.mochi_n_hard > self.mochi_queue_size:
-            raise ValueError(
-                f"loss.mochi_n_hard={self.mochi_n_hard} must be <= loss.mochi_queue_size={self.mochi_queue_size}"
-            )
-        return self
-
-
-def build_objective(
-    cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None
-) -> MoCHiObjective:
-    """MoCo-v2's query and key encoders and queue, with MoCHi's synthetic hard negatives."""
-    return MoCHiObjective(cfg, gather, generator)
 
 
 @torch.no_grad()
@@ -88,7 +55,7 @@ class MoCHiObjective(nn.Module):
 
     def __init__(self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        assert isinstance(cfg.loss, Settings), type(cfg.loss)
+        assert isinstance(cfg.loss, MoCHiSettings), type(cfg.loss)
         self.cfg, self.bn_groups = cfg.loss, cfg.model.shuffle_bn_groups
         self.encoder = build_model(cfg.model, cfg.augment.image_size)
         self.momentum = momentum_copy(self.encoder)

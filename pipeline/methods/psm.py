@@ -1,77 +1,26 @@
 """PSM (Dong et al., arXiv:2311.00358; github.com/dhkdhk/PSM config.conf, src/model/psm.py): loss.name=psm.
 
-Settings (psm_* keys), the objective (EMA key branch, memory bank, mined positives) and its diagnostics;
-the loss math is pipeline/losses/psm.py.
+The objective (EMA key branch, memory bank, mined positives) and its diagnostics; the settings (psm_* keys)
+are pipeline/methods/settings.py's PSMSettings, the loss math is pipeline/losses/psm.py.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from pipeline.backbones import build_backbone
 from pipeline.losses import diagnostics
 from pipeline.losses.psm import VARIANTS, nearest_neighbors, psm_hard_loss, psm_soft_parts
 from pipeline.methods.banks import bank_samples, labels_or_unknown, no_grad_gather, push_keys_, register_key_bank
-from pipeline.methods.base import MethodConfig, NHard
+from pipeline.methods.settings import PSMSettings
 from pipeline.models import bn_mlp, ema_update_, momentum_copy
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-
-IN_BATCH = False
-
-
-class Settings(MethodConfig):
-    """PSM's settings (official defaults; docs/methods.md). n_hard: the diagnostics' hardest count."""
-
-    name: Literal["psm"] = "psm"
-    n_hard: NHard = 32
-    psm_momentum: float = Field(0.99, ge=0.0, le=1.0)  # EMA of the key encoder + projector
-    psm_bank_size: int = Field(16384, ge=1)  # FIFO memory bank of momentum keys (view 2)
-    psm_n_neighbors: int = Field(5, ge=0)  # K mined positives per key
-    psm_accept_a: float = Field(0.5, ge=0.0)  # acceptance p = clip(exp(-a (s_in - s_i+ - b)^2), 0, 0.999)
-    psm_accept_b: float = Field(0.0, ge=-2.0, le=2.0)
-    # release (default): hard positive weighting (all 1), L_hard's acceptance on raw dot products and its
-    # mean over every anchor x negative-sum pair, as github.com/dhkdhk/PSM src/model/psm.py computes them;
-    # release_rowwise: the same with L_hard's per-anchor mean (what `release` computed before 2026-12-04);
-    # paper: soft weighting, acceptance on cosines, per-anchor mean (docs/methods.md)
-    psm_variant: Literal["release", "release_rowwise", "paper"] = "release"
-    psm_aa: float = Field(1.0, ge=0.0)  # weight of L_hard
-    DIAGNOSTIC_KEYS: ClassVar[tuple[str, ...]] = ("n_hard",)
-
-    @classmethod
-    def upgrade_stored(cls, loss: dict, stored_format: int) -> dict:
-        """Stored before format 2 (2026-12-04), psm_variant=release ran the per-anchor L_hard: release_rowwise."""
-        if stored_format >= 2 or loss.get("psm_variant", "release") != "release":
-            return loss
-        print(
-            "hardneg: note: this checkpoint's config predates 2026-12-04, when loss.psm_variant=release computed "
-            "L_hard's per-anchor mean; loaded as release_rowwise, which computes that (docs/methods.md)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return loss | {"psm_variant": "release_rowwise"}
-
-    @model_validator(mode="after")
-    def _bank_holds_what_is_mined(self) -> "Settings":
-        if self.psm_n_neighbors > self.psm_bank_size:
-            raise ValueError(
-                f"loss.psm_n_neighbors={self.psm_n_neighbors} must be <= loss.psm_bank_size={self.psm_bank_size}"
-            )
-        return self
-
-
-def build_objective(
-    cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None
-) -> PSMObjective:
-    """PSM's encoder, projector, predictor, momentum branch and bank."""
-    return PSMObjective(cfg, gather, generator)
 
 
 class PSMObjective(nn.Module):
@@ -90,7 +39,7 @@ class PSMObjective(nn.Module):
 
     def __init__(self, cfg: Config, gather: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        assert isinstance(cfg.loss, Settings), type(cfg.loss)
+        assert isinstance(cfg.loss, PSMSettings), type(cfg.loss)
         m, self.cfg = cfg.model, cfg.loss
         self.encoder, feat_dim = build_backbone(m, cfg.augment.image_size)
         self.projector = bn_mlp(feat_dim, m.proj_hidden_dim, m.proj_dim)
@@ -211,7 +160,8 @@ def _psm_stats(parts, offset: int, k_nn: int, labels, col_labels, n_hard: int) -
     stats["accept_rate"] = kept.sum() / cand.sum().clamp(min=1)
     if labels is not None:
         rates = [
-            diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard) for p, cl in zip(parts, col_labels)
+            diagnostics.false_negative_rate(p.sim, negative, labels, cl, n_hard)
+            for p, cl in zip(parts, col_labels, strict=True)
         ]
         stats["false_neg_rate"] = torch.stack(rates).mean()
         if k_nn > 0:

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
                 result = run_step("configs/demo.yaml", overrides, int(steps[1]), int(steps[3]), args.device)
                 print_table(result)
                 report["sections"]["step"] = result
-            except Exception:  # one broken section must not lose the others' figures
+            except Exception:  # noqa: BLE001 -- one broken section must not lose the others' figures
                 failed.append(name)
                 report["sections"]["step"] = {"error": traceback.format_exc(limit=3)}
             continue
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         try:
             with contextlib.redirect_stdout(buffer):
                 code = run_bench(name, sub_argv)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- one broken bench must not lose the others' figures
             code, buffer = 1, io.StringIO(buffer.getvalue() + traceback.format_exc(limit=3))
         text = buffer.getvalue()
         print(f"== bench {name} {' '.join(sub_argv)} ({time.perf_counter() - start:.0f} s)\n{text}")

@@ -13,6 +13,7 @@ import os
 import platform
 import tempfile
 import time
+from itertools import pairwise
 
 import torch
 import torch.multiprocessing as mp
@@ -21,6 +22,7 @@ from pipeline import augment, data, dist, faults
 from pipeline import config as config_mod
 from pipeline.errors import HardnegError
 from pipeline.methods import method
+from pipeline.methods.base import InBatchMethod
 from pipeline.objectives import build_objective
 from pipeline.train import build_optimizer
 
@@ -42,7 +44,8 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
     """Mean seconds per step in each phase (single process) and their shares of the step."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    if not method(cfg.loss.name).IN_BATCH:  # the phases below are the in-batch objective's .model and .loss_fn
+    # the phases below are the in-batch objective's .model and .loss_fn
+    if not isinstance(method(cfg.loss.name), InBatchMethod):
         raise HardnegError(f"bench step times the in-batch methods; loss.name={cfg.loss.name} is not one")
     objective = build_objective(cfg, None, generator).to(device)
     optimizer = build_optimizer(cfg.optim, objective)
@@ -100,7 +103,7 @@ def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torc
         _sync(device)
         marks.append(time.perf_counter())
         if step >= warmup:
-            for key, start, end in zip(totals, marks, marks[1:]):
+            for key, (start, end) in zip(totals, pairwise(marks), strict=True):
                 totals[key] += end - start
     per_step = {k: v / steps for k, v in totals.items()}
     step_s = sum(per_step.values())
