@@ -234,6 +234,7 @@ def two_ranks(tmp_path_factory):
     return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("chunked")))
 
 
+@pytest.mark.slow  # two spawned processes, every method
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_workers_give_the_one_worker_objective(two_ranks, method, one_thread):
     single = _objective(method)
