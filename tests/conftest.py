@@ -19,6 +19,11 @@ import pytest
 
 from pipeline import config
 
+# Ray Train's controller looks at its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a finished
+# run, a dead worker and a reported checkpoint are seen only then. The suite's runs last seconds, so each paid
+# up to 2 s per such moment; the driver passes the setting on to the controller (jobs and CLI runs inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -229,6 +234,14 @@ def mlflow_server(root, *extra_args: str, env: Optional[dict] = None) -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """One `mlflow server` for the session, for the tests that only need "a server" (not one they stop): each
+    logs runs and registered models of its own there, so they do not see each other's."""
+    with mlflow_server(tmp_path_factory.mktemp("shared-mlflow")) as url:
+        yield url
 
 
 def logged_text(client, run_id: str) -> str:
