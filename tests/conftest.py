@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -228,11 +229,16 @@ def mlflow_server(root, *extra_args: str, env: Optional[dict] = None) -> Iterato
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        # the whole group (its own session): `mlflow server` leaves its uvicorn worker to unwind slowly otherwise
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
         log.close()
 
 
