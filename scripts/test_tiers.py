@@ -6,6 +6,12 @@
 `all` runs fast, then rest (both, even when fast fails), and prints each tier's wall time and the 25 slowest
 tests of the two (setup + call + teardown); both print the fast tier's 10 slowest. Extra arguments go to pytest.
 
+The rest tier is two pytest processes at once: the tests that start Ray, and the others (servers, the browser,
+CLI trainings). Much of its time is waiting (a Ray start-up, a server's first answer, a job's status poll), not
+CPU, so the two halves overlap on 2 cores. Only the first starts Ray (the conftest guard fails any other test
+that does), so the two never share Ray's state in HOME. Its output comes live; the other's follows when it ends.
+HARDNEG_TEST_JOBS=1 runs the rest tier as one process instead.
+
 usage: python scripts/test_tiers.py {fast,all} [PYTEST_ARG ...]
 """
 
@@ -21,6 +27,8 @@ import xml.etree.ElementTree as ET
 
 REST = "ray or server or browser or slow"
 TIERS = {"fast": f"not ({REST})", "rest": REST}
+# the rest tier's two halves, run side by side (their union is REST)
+HALVES = {"rest/ray": "ray", "rest/other": f"({REST}) and not ray"}
 SLOWEST = 25
 FAST_SLOWEST = 10  # the fast tier has a budget of its own (4 min on 2 cores): what to look at first
 
@@ -31,16 +39,49 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _pytest(marker: str, extra: list[str], junit: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", "-m", marker, f"--junitxml={junit}", *extra]
+
+
 def run_tier(name: str, extra: list[str], junit: str) -> tuple[int, float]:
     """pytest on one tier; its exit status and wall time."""
     print(f"=== tier {name}: pytest -m '{TIERS[name]}'", flush=True)
     start, cpu = time.monotonic(), _children_cpu()
-    argv = [sys.executable, "-m", "pytest", "-q", "-m", TIERS[name], f"--junitxml={junit}", *extra]
-    rc = subprocess.run(argv).returncode
+    rc = subprocess.run(_pytest(TIERS[name], extra, junit)).returncode
     wall, cpu = time.monotonic() - start, _children_cpu() - cpu
     # CPU seconds say what the tier costs when the machine is shared (wall time then mostly measures the others)
     print(f"=== tier {name}: exit {rc}, {wall:.0f} s wall ({wall / 60:.1f} min), {cpu:.0f} s CPU", flush=True)
     return rc, wall
+
+
+def run_halves(extra: list[str], out: str) -> tuple[int, float, list[str]]:
+    """The rest tier as its two halves at once: exit status (the worse), wall time, and the JUnit reports."""
+    print(f"=== tier rest: pytest -m '{TIERS['rest']}', as two processes at once: " + ", ".join(HALVES), flush=True)
+    start, cpu = time.monotonic(), _children_cpu()
+    (live, live_marker), (quiet, quiet_marker) = HALVES.items()
+    junits = [os.path.join(out, f"{name.replace('/', '-')}.xml") for name in HALVES]
+    log_path = os.path.join(out, "rest-other.log")
+    with open(log_path, "w") as log:
+        background = subprocess.Popen(_pytest(quiet_marker, extra, junits[1]), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            print(f"=== {live}: pytest -m '{live_marker}' (its output follows)", flush=True)
+            rcs = {live: subprocess.run(_pytest(live_marker, extra, junits[0])).returncode}
+            rcs[quiet] = background.wait()
+        finally:
+            if background.poll() is None:  # Ctrl-C: take the other half down too
+                background.terminate()
+                background.wait()
+    print(f"\n=== {quiet}: pytest -m '{quiet_marker}' (its output, which ran meanwhile)", flush=True)
+    with open(log_path) as log:
+        sys.stdout.write(log.read())
+    wall, cpu = time.monotonic() - start, _children_cpu() - cpu
+    for name, rc in rcs.items():
+        print(f"=== {name}: exit {rc}", flush=True)
+    # 5 (no tests collected) is a pass for a half that happens to be empty under -k
+    rc = max((0 if rc == 5 else rc) for rc in rcs.values())
+    rc = 5 if all(r == 5 for r in rcs.values()) else rc
+    print(f"=== tier rest: exit {rc}, {wall:.0f} s wall ({wall / 60:.1f} min), {cpu:.0f} s CPU", flush=True)
+    return rc, wall, junits
 
 
 def durations(junit: str) -> list[tuple[float, str]]:
@@ -66,6 +107,11 @@ def main(argv: list[str]) -> int:
     results, times = {}, {}
     with tempfile.TemporaryDirectory(prefix="hardneg-tiers-") as out:
         for name in names:
+            if name == "rest" and os.environ.get("HARDNEG_TEST_JOBS", "2") != "1":
+                rc, wall, junits = run_halves(extra, out)
+                results[name] = rc, wall
+                times[name] = [t for junit in junits for t in durations(junit)]
+                continue
             junit = os.path.join(out, f"{name}.xml")
             results[name] = run_tier(name, extra, junit)
             times[name] = durations(junit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,11 @@ from typing import Iterator, Optional
 import pytest
 
 from pipeline import config
+
+# Ray Train's controller looks at its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a finished
+# run, a dead worker and a reported checkpoint are seen only then. The suite's runs last seconds, so each paid
+# up to 2 s per such moment; the driver passes the setting on to the controller (jobs and CLI runs inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def free_port() -> int:
@@ -223,12 +229,25 @@ def mlflow_server(root, *extra_args: str, env: Optional[dict] = None) -> Iterato
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        # the whole group (its own session): `mlflow server` leaves its uvicorn worker to unwind slowly otherwise
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
         log.close()
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """One `mlflow server` for the session, for the tests that only need "a server" (not one they stop): each
+    logs runs and registered models of its own there, so they do not see each other's."""
+    with mlflow_server(tmp_path_factory.mktemp("shared-mlflow")) as url:
+        yield url
 
 
 def logged_text(client, run_id: str) -> str:

@@ -61,8 +61,8 @@ def train_workers() -> list[int]:
 def ray_registered_step(run_dir: str):
     """The step of the latest checkpoint Ray Train's controller has registered (its manager snapshot), or None.
 
-    A report reaches the controller only at its next health-check poll (every 2 s, later on a loaded
-    machine): a restart resumes from the latest *registered* checkpoint, which may trail the newest
+    A report reaches the controller only at its next health-check poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 2 s by
+    default, 0.5 s in the suite, later on a loaded machine): a restart resumes from the latest *registered* checkpoint, which may trail the newest
     one on disk, and begins at step 0 when none is registered yet.
     """
     try:

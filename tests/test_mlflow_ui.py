@@ -1,4 +1,5 @@
-"""The MLflow UI as a researcher opens it: a real tiny run, `mlflow ui` on 127.0.0.1, headless Chromium.
+"""The MLflow UI as a researcher opens it: a real tiny run on the session's `mlflow server` (127.0.0.1, the UI
+that `mlflow ui` serves too), headless Chromium.
 
 Checks that the run page shows the description, the method tag, the dataset and the source commit, that
 the metrics tab has the grouped sections, that the artifacts and the registered model's aliases show.
@@ -35,34 +36,37 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ui_run(tmp_path_factory, request):
-    """One real tiny SSCL run in a SQLite store, and `mlflow ui` serving it on a free 127.0.0.1 port."""
+    """One real tiny SSCL run logged to the session's `mlflow server` (which serves MLflow's UI); with
+    HARDNEG_UI_STORE, the newest run of that store, served by `mlflow ui` on a free 127.0.0.1 port."""
     from pipeline.app import train_command
 
     tmp = tmp_path_factory.mktemp("ui")
     uri = os.environ.get("HARDNEG_UI_STORE")
-    if uri:
-        from mlflow.tracking import MlflowClient
-
-        newest = MlflowClient(uri).search_runs(
-            [MlflowClient(uri).get_experiment_by_name("hardneg").experiment_id],
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )[0]
-        result = {"tracking_uri": uri, "mlflow_run_id": newest.info.run_id}
-    else:
-        digits_shards = request.getfixturevalue("digits_shards")
+    if not uri:
+        url = request.getfixturevalue("shared_mlflow_server")
         result = train_command.train_run(
             tiny_config(
                 tmp,
-                digits_shards,
+                request.getfixturevalue("digits_shards"),
                 "cluster.launcher=local",
                 "loss.name=sscl",
                 "train.knn_every_epochs=1",
                 "tracking.system_metrics_every_s=0",
+                f"tracking.uri={url}",
+                "tracking.experiment=ui",  # the shared server's other tests log to experiments of their own
                 *ARTIFACTS_ON,
             )
         )
-        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        yield url, result, tmp
+        return
+    from mlflow.tracking import MlflowClient
+
+    newest = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("hardneg").experiment_id],
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    result = {"tracking_uri": uri, "mlflow_run_id": newest.info.run_id}
     port = free_port()
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(tmp / "ui.log", "w")

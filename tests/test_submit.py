@@ -100,7 +100,8 @@ def ray_head():
         _wait_for_dashboard(address, token, head, log)
         yield address, f"127.0.0.1:{gcs}", token
     finally:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        # `ray start --block` takes over 10 s to unwind on SIGTERM; the head's state is thrown away with tmp
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
@@ -145,7 +146,7 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     remote = [
         f"data.path={digits_shards}",
         f"cluster.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "cluster.num_workers=1",  # one CPU each: the two jobs run side by side on the 2-CPU head
         "data.shuffle_buffer=200",
         "augment.image_size=8",
         "model.width=4",
@@ -156,17 +157,9 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
         "train.knn_every_epochs=0",
         "eval.knn_k=20",
     ]
+    long_db, tiny_db = tmp_path / "long.db", tmp_path / "tiny.db"  # one SQLite file per job: no lock contention
 
-    # a tiny training job, followed to the end: id printed, logs streamed, SUCCEEDED
-    done = hardneg("launch", "--address", address, "--no-pip", *remote, "tracking.run_name=job1", env=client_env)
-    assert done.returncode == 0, done.stderr
-    job = job_id_of(done.stdout)
-    assert f"epoch 1/1 step {1347 // 128}/{1347 // 128}" in done.stdout and f"job {job}: SUCCEEDED" in done.stdout
-    assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: SUCCEEDED")
-    assert checkpoint.load(str(tmp_path / "runs" / "job1"))["step"] == 1347 // 128  # written by the job on the cluster
-    assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: already SUCCEEDED"
-
-    # a long job, not followed: PENDING/RUNNING, then stopped
+    # a long job, not followed (launched first, so its start-up overlaps the tiny job's run and checks below)
     started = hardneg(
         "launch",
         "--address",
@@ -174,12 +167,36 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
         "--no-pip",
         "--no-wait",
         *remote,
+        f"tracking.uri=sqlite:///{long_db}",
         "train.epochs=500",
         "tracking.run_name=job2",
         env=client_env,
     )
     assert started.returncode == 0, started.stderr
-    job = job_id_of(started.stdout)
+    long_job = job_id_of(started.stdout)
+
+    # a tiny training job, followed to the end: id printed, logs streamed, SUCCEEDED
+    done = hardneg(
+        "launch",
+        "--address",
+        address,
+        "--no-pip",
+        *remote,
+        f"tracking.uri=sqlite:///{tiny_db}",
+        "tracking.run_name=job1",
+        env=client_env,
+    )
+    assert done.returncode == 0, done.stderr
+    job = job_id_of(done.stdout)
+    assert f"epoch 1/1 step {1347 // 128}/{1347 // 128}" in done.stdout and f"job {job}: SUCCEEDED" in done.stdout
+    assert hardneg("status", job, "--address", address, env=client_env).stdout.startswith(f"{job}: SUCCEEDED")
+    assert checkpoint.load(str(tmp_path / "runs" / "job1"))["step"] == 1347 // 128  # written by the job on the cluster
+    assert hardneg("stop", job, "--address", address, env=client_env).stdout.strip() == f"{job}: already SUCCEEDED"
+    missing = hardneg("status", "raysubmit_nosuchjob", "--address", address, env=client_env)
+    assert missing.returncode == 2 and "raysubmit_nosuchjob" in missing.stderr
+
+    # the long job: PENDING/RUNNING, then stopped
+    job = long_job
     seen = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -191,7 +208,7 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     assert seen[-1] == "RUNNING" and set(seen) <= {"PENDING", "RUNNING"}, seen
     while time.monotonic() < deadline and checkpoint.latest(str(tmp_path / "runs" / "job2")) is None:
         time.sleep(1)  # training for real: its MLflow run exists (opened before the first checkpoint)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{long_db}")
     run_id = next(
         r.info.run_id
         for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -212,8 +229,6 @@ def test_launch_status_stop_on_a_local_head(ray_head, tmp_path, digits_shards):
     stopped = re.search(r"stopped at step (\d+)", logs)
     assert stopped, logs[-3000:]
     assert checkpoint.load(checkpoint.latest(str(tmp_path / "runs" / "job2")))["step"] == int(stopped.group(1)) > 0
-    missing = hardneg("status", "raysubmit_nosuchjob", "--address", address, env=client_env)
-    assert missing.returncode == 2 and "raysubmit_nosuchjob" in missing.stderr
 
 
 def test_more_workers_or_gpus_than_the_cluster_has(ray_head, tmp_path, digits_shards):
@@ -227,9 +242,24 @@ def test_more_workers_or_gpus_than_the_cluster_has(ray_head, tmp_path, digits_sh
         f"cluster.address={gcs}",
     ]
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # an explicit address never guesses the token
-    for override, needs in (
+    cases = (
         ("cluster.num_workers=4", "needs 4 CPUs; the Ray cluster has 2"),
         ("cluster.use_gpu=true", "needs 2 GPUs; the Ray cluster has 0"),
-    ):
-        assert_one_line_error(without_ray_core_log(hardneg("train", *common, override, env=env, timeout=300)), needs)
+    )
+    # the two refusals side by side: each is a CLI process that spends its seconds importing and connecting
+    procs = [
+        subprocess.Popen(
+            [os.path.join(BIN, "hardneg"), "train", *common, override],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | env,
+        )
+        for override, _ in cases
+    ]
+    for proc, (_, needs) in zip(procs, cases):
+        out, err = proc.communicate(timeout=300)
+        print(out[-4000:], err[-2000:], sep="\n")
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        assert_one_line_error(without_ray_core_log(done), needs)
     assert not (tmp_path / "mlflow.db").exists()  # refused before an MLflow run was created

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from conftest import ARTIFACTS_ON, logged_text, tiny_config
-from conftest import mlflow_server as start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -19,16 +18,9 @@ from pipeline.app.cli import main as cli_main
 SECRET = "hunter2-very-secret"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on a free 127.0.0.1 port with a SQLite backend and proxied artifacts."""
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
-        yield url
-
-
 @pytest.mark.parametrize("store", [pytest.param("server", marks=pytest.mark.server), "sqlite"])
 def test_run_logs_everything_and_resumes_cleanly(store, tmp_path, digits_shards, request):
-    uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
+    uri = request.getfixturevalue("shared_mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
     common = [
         "cluster.launcher=local",
         f"tracking.uri={uri}",
