@@ -18,7 +18,7 @@ PACKAGES = ("pipeline", "data_prep", "cluster")
 HOMES = {
     "torch.distributed": ("pipeline/dist.py",),
     "ray": ("cluster/",),
-    "mlflow": ("pipeline/tracking.py",),
+    "mlflow": ("pipeline/tracking.py", "pipeline/tracking_grid.py"),
     "webdataset": ("pipeline/data.py", "data_prep/wds.py"),
     "webdataset.writer": ("data_prep/wds.py",),
     "ffcv": ("pipeline/data.py", "data_prep/ffcv.py"),
