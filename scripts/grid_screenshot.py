@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+EXPAND = "button, [role=button]"  # in the parent's row, the first is the toggle of its nested runs
 
 
 def _free_port() -> int:
@@ -49,6 +52,7 @@ def _serve(uri: str, log_path: str) -> tuple[subprocess.Popen, str]:
 
 
 def main(uri: str, experiment: str, out: str) -> None:
+    parent_name = experiment  # reproduce names the parent run after the grid
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
@@ -67,19 +71,17 @@ def main(uri: str, experiment: str, out: str) -> None:
             )
             page = browser.new_page(viewport={"width": 1400, "height": 760})
             page.goto(f"{url}/#/experiments/{found.experiment_id}/runs")
-            page.wait_for_function(
-                "name => document.body && document.body.innerText.includes(name)", arg=experiment, timeout=90_000
-            )
+            parent = page.locator("div[role=row]", has_text=parent_name).first  # the grid's parent run
+            parent.wait_for(timeout=120_000)
             close = page.locator("button[aria-label=Close]")  # the assistant panel hides half the page
             if close.count():
                 close.first.click()
-            expand = page.locator("[aria-label*='xpand'], button:has-text('+')")  # the parent's nested-runs toggle
-            for i in range(expand.count()):
-                try:
-                    expand.nth(i).click(timeout=2000)
-                except Exception:  # a toggle that is not the parent's
-                    pass
-            time.sleep(3)
+            if os.environ.get("HARDNEG_DUMP_HTML"):  # to find the toggle when MLflow's markup changes
+                open(os.path.join(tmp, "row.html"), "w").write(parent.inner_html())
+                print(os.path.join(tmp, "row.html"))
+            parent.locator(EXPAND).first.click()  # its nested runs
+            page.locator("div[role=row]", has_text="-s0").first.wait_for(timeout=60_000)  # a cell: <m>-<d>-s0
+            time.sleep(2)
             shot = os.path.join(tmp, "grid.png")
             page.screenshot(path=shot)
             browser.close()
@@ -89,8 +91,11 @@ def main(uri: str, experiment: str, out: str) -> None:
             image.convert("RGB").quantize(colors=128).save(out, optimize=True)
         print(f"wrote {out}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        os.killpg(proc.pid, signal.SIGTERM)  # mlflow ui's server runs in processes of its own session
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_plan_max_cells_bounds_the_cells_started(tmp_path):
     spec = plan.next_trial()
     assert spec["id"] == "a-d-s0" and plan.next_trial() is None
     _finish(plan, spec, knn_top1=0.5)
-    assert plan.next_trial() == DONE and plan.remaining() == 3
+    assert plan.next_trial() == DONE and plan.remaining() == 0  # --max-cells 1: nothing more this run
 
 
 def test_grid_file_errors(tmp_path):
@@ -310,7 +310,8 @@ def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_s
     assert set(scores) == {0.05, 0.1} and choice["chosen_lr"] == max(scores, key=scores.get)
     cell = json.loads((root / "cells" / "nt_xent-digits-s0.json").read_text())
     assert cell["lr"] == choice["chosen_lr"] and cell["query_split"] == "test"  # test only in the final evaluation
-    assert sorted(os.listdir(root / "runs")) == ["nt_xent-digits-lr0.05-s0", "nt_xent-digits-lr0.1-s0"]  # reused
+    runs = sorted(name for name in os.listdir(root / "runs") if not name.startswith("."))  # .tune: Tune's files
+    assert runs == ["nt_xent-digits-lr0.05-s0", "nt_xent-digits-lr0.1-s0"]  # seed 0 reused the chosen candidate
     assert f"| {choice['chosen_lr']:g} |" in text and "| 12.50 |" in text
     assert "(published 12.50)" in capsys.readouterr().out
 

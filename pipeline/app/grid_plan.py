@@ -168,23 +168,25 @@ class GridPlan:
         return DONE if not self.running else None
 
     def remaining(self) -> int:
-        """Trials still to finish this run, as far as known now (an unchosen lr's seeds count once it is chosen)."""
-        count = len(self.running)
+        """Trials still to finish this run: running, then startable within --max-cells (lr candidates, cells)."""
+        candidates = cells = 0
         for pair in self.pairs:
             if not pair.resolved:
-                count += sum(
+                candidates += sum(
                     1
                     for lr in pair.candidates
                     if lr not in pair.scores
                     and lr not in pair.failed
                     and val_trial_id(pair.method, pair.dataset, pair.seeds[0], lr) not in self.started
                 )
-            count += sum(
+            cells += sum(
                 1
                 for s in pair.seeds
                 if cell_name(pair.method, pair.dataset, s) not in self.started and not self.cell_done(pair, s)
             )
-        return count
+        if self.only is not None:
+            cells = min(cells, max(0, self.only - self.seed_cells_started))
+        return len(self.running) + candidates + cells
 
     def trial_finished(self, trial_id: str, result: dict) -> None:
         """Record a finished trial: a candidate's validation score (then maybe the lr choice), or a cell."""
