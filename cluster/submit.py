@@ -152,10 +152,10 @@ def grid_job_spec(
     if not os.path.isabs(out):
         raise HardnegError(
             f"grid out: {out} is relative, so the grid's records and table would land in the job's temporary "
-            f"working dir; give an absolute path on the head (or shared storage)"
+            f"working dir; give an absolute path on the head (or shared storage) with --out"
         )
     args = ["python", "-m", "pipeline.app.cli", "reproduce", _inside(grid_path, working_dir, "--grid")]
-    args += ["--address", "auto"]
+    args += ["--address", "auto", "--out", out]
     if max_concurrent is not None:
         args += ["--max-concurrent", str(max_concurrent)]
     if verbose:

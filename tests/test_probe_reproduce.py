@@ -327,7 +327,8 @@ def test_launch_grid_submits_reproduce_and_refuses_what_the_job_would_lose(tmp_p
     assert [c.tracking.run_name for c in cells] == ["simclr-stl10-s0", "dcl-stl10-s0", "hcl-stl10-s0"]
     spec = grid_job_spec("configs/grids/stl10_hcl.yaml", cells, remote, out="/abs/results", working_dir=root)
     assert spec["entrypoint"].startswith(
-        "python -m pipeline.app.cli reproduce configs/grids/stl10_hcl.yaml --address auto data.path=s3://b/stl10"
+        "python -m pipeline.app.cli reproduce configs/grids/stl10_hcl.yaml --address auto --out /abs/results "
+        "data.path=s3://b/stl10"
     )
     with pytest.raises(HardnegError, match="grid out: results is relative"):
         grid_job_spec("configs/grids/stl10_hcl.yaml", cells, remote, out="results", working_dir=root)

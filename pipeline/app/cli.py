@@ -118,6 +118,7 @@ def cmd_reproduce(args) -> None:
         address=args.address,
         max_concurrent=args.max_concurrent,
         overrides=args.overrides,
+        out=args.out,
     )
     print(text, end="")
 
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N cells at once (default: as many as the cluster's CPUs/GPUs hold)",
     )
+    p.add_argument("--out", metavar="DIR", help="the grid's folder for records and table, in place of its out:")
     p.add_argument(
         "overrides",
         nargs="*",

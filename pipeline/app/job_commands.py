@@ -24,6 +24,7 @@ def add_cluster_parsers(sub) -> None:
         help="submit `hardneg reproduce GRID --address auto` instead of training (the overrides go to every cell)",
     )
     p.add_argument("--max-concurrent", type=int, metavar="N", help="with --grid: at most N cells at once")
+    p.add_argument("--out", metavar="DIR", help="with --grid: the grid's folder on the head, in place of its out:")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
     p.add_argument(
         "--no-pip",
@@ -54,12 +55,13 @@ def _grid_spec(args: argparse.Namespace) -> dict:
         raise HardnegError("--grid runs the grid's own configs: drop --config / --resume (a rerun resumes by itself)")
     check_grid_file(args.grid)
     grid = load_grid(args.grid)
-    cells = cell_configs(grid, f"{grid.out}/{grid.name}", [*args.overrides, "cluster.address=auto"])
+    out = args.out or grid.out
+    cells = cell_configs(grid, f"{out}/{grid.name}", [*args.overrides, "cluster.address=auto"])
     return grid_job_spec(
         args.grid,
         cells,
         args.overrides,
-        out=grid.out,
+        out=out,
         pip=not args.no_pip,
         verbose=args.verbose,
         max_concurrent=args.max_concurrent,

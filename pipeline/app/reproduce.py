@@ -294,18 +294,19 @@ def reproduce(
     address: Optional[str] = None,
     max_concurrent: Optional[int] = None,
     overrides: Sequence[str] = (),
+    out: Optional[str] = None,
 ) -> str:
     """Run every unfinished cell of the grid as Ray Tune trials (at most ``only`` cells; only ``methods``' when
     given) on the private local Ray or the cluster at ``address``, at most ``max_concurrent`` at once (default:
-    as many as the cluster's resources hold), ``overrides`` applied to every cell last; write and return the
-    table (every method, from the records)."""
+    as many as the cluster's resources hold), ``overrides`` applied to every cell last, ``out`` in place of the
+    grid file's; write and return the table (every method, from the records)."""
     grid = load_grid(grid_path)
     unknown = [m for m in methods or [] if m not in grid.methods]
     if unknown:
         raise HardnegError(f"grid {grid.name}: no method {', '.join(unknown)}; it has: {', '.join(grid.methods)}")
     if max_concurrent is not None and max_concurrent < 1:
         raise HardnegError(f"--max-concurrent {max_concurrent}; expected 1 or more")
-    root = os.path.abspath(os.path.join(grid.out, grid.name))
+    root = os.path.abspath(os.path.join(out or grid.out, grid.name))
     cells_dir = os.path.join(root, "cells")
     os.makedirs(cells_dir, exist_ok=True)
     picked = [m for m in grid.methods if not methods or m in methods]
