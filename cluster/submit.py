@@ -67,6 +67,48 @@ def _local_only(value: str) -> bool:
 STOP_WAIT_S = 300  # seconds `hardneg stop` lets a job checkpoint before Ray kills it
 
 
+def _check_remote_paths(cfg: config_mod.Config, allow_local: bool = False) -> None:
+    """HardnegError when a path of ``cfg`` would only exist in the job's temporary working dir (or, unless
+    ``allow_local``: a grid's cell may be one process in a trial, when cfg trains in the driver process)."""
+    if cfg.cluster.launcher != "ray" and not allow_local:
+        raise HardnegError("cluster.launcher=local cannot run on a cluster; drop the override")
+    for key, value in (
+        ("data.path", cfg.data.path),
+        ("cluster.storage_path", cfg.cluster.storage_path),
+        ("tracking.uri", cfg.tracking.uri),
+    ):
+        if _local_only(value):
+            raise HardnegError(
+                f"{key}={value} is relative, so on the cluster it would land in the job's temporary "
+                f"working dir; give an absolute path on shared storage or a URL (s3://, gs://, "
+                f"http://MLFLOW:5000 for tracking.uri)"
+            )
+
+
+def _inside(path: str, working_dir: Path, flag: str) -> str:
+    """``path`` relative to the uploaded working dir; HardnegError when it lies outside."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(working_dir.resolve()):
+        raise HardnegError(
+            f"{flag} {path} lies outside {working_dir}, the directory uploaded to the cluster; put it under configs/"
+        )
+    return resolved.relative_to(working_dir.resolve()).as_posix()
+
+
+def _runtime_env(working_dir: Path, pip: bool, environ: Mapping[str, str]) -> dict:
+    """The job's runtime env: the working dir, the stop wait, the MLflow account, the pip dependencies."""
+    # `hardneg stop` (ray job stop) sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s):
+    # too short for the workers to reach a log step and write a checkpoint. The job supervisor reads it from here.
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_WAIT_S))}
+    # The job reaches an authenticated tracking server with the submitter's own account: the variables travel in
+    # the job's runtime env (readable only with the cluster's Ray token), never in the config or the entrypoint.
+    env_vars |= {name: environ[name] for name in CREDENTIAL_VARS if environ.get(name)}
+    runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    if pip:
+        runtime_env["pip"] = pip_requirements(working_dir)
+    return runtime_env
+
+
 def job_spec(
     config_path: Optional[str],
     overrides: Sequence[str],
@@ -80,42 +122,46 @@ def job_spec(
     """{"entrypoint", "runtime_env"} of the training job; HardnegError on a config that cannot run there."""
     overrides = [*overrides, "cluster.address=auto"]
     cfg = config_mod.load(config_path, overrides)  # the same validation the job will do, but now
-    if cfg.cluster.launcher != "ray":
-        raise HardnegError("cluster.launcher=local cannot run on a cluster; drop the override")
-    for key, value in (
-        ("data.path", cfg.data.path),
-        ("cluster.storage_path", cfg.cluster.storage_path),
-        ("tracking.uri", cfg.tracking.uri),
-    ):
-        if _local_only(value):
-            raise HardnegError(
-                f"{key}={value} is relative, so on the cluster it would land in the job's temporary "
-                f"working dir; give an absolute path on shared storage or a URL (s3://, gs://, "
-                f"http://MLFLOW:5000 for tracking.uri)"
-            )
+    _check_remote_paths(cfg)
     args = ["python", "-m", "pipeline.app.cli", "train"]
     if config_path:
-        path = Path(config_path).resolve()
-        if not path.is_relative_to(working_dir.resolve()):
-            raise HardnegError(
-                f"--config {config_path} lies outside {working_dir}, the directory uploaded to the "
-                f"cluster; put it under configs/"
-            )
-        args += ["--config", path.relative_to(working_dir.resolve()).as_posix()]
+        args += ["--config", _inside(config_path, working_dir, "--config")]
     if resume:
         args.append("--resume")
     if verbose:  # the job's own console: Ray's and the libraries' logs, as `hardneg train --verbose` shows them
         args.append("--verbose")
-    # `hardneg stop` (ray job stop) sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s):
-    # too short for the workers to reach a log step and write a checkpoint. The job supervisor reads it from here.
-    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_WAIT_S))}
-    # The job reaches an authenticated tracking server with the submitter's own account: the variables travel in
-    # the job's runtime env (readable only with the cluster's Ray token), never in the config or the entrypoint.
-    env_vars |= {name: environ[name] for name in CREDENTIAL_VARS if environ.get(name)}
-    runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
-    if pip:
-        runtime_env["pip"] = pip_requirements(working_dir)
-    return {"entrypoint": shlex.join(args + overrides), "runtime_env": runtime_env}
+    return {"entrypoint": shlex.join(args + overrides), "runtime_env": _runtime_env(working_dir, pip, environ)}
+
+
+def grid_job_spec(
+    grid_path: str,
+    cells: Sequence[config_mod.Config],
+    overrides: Sequence[str],
+    *,
+    out: str,
+    working_dir: Path = PROJECT_ROOT,
+    pip: bool = True,
+    verbose: bool = False,
+    max_concurrent: Optional[int] = None,
+    environ: Mapping[str, str] = os.environ,
+) -> dict:
+    """{"entrypoint", "runtime_env"} of a grid job, `hardneg reproduce GRID --address auto [overrides]` on the head;
+    ``cells``: one loaded config per method x dataset (with the overrides), checked here like a training job's;
+    ``out``: the grid's folder for its records, which must outlive the job's working dir."""
+    for cfg in cells:
+        _check_remote_paths(cfg, allow_local=True)  # a launcher=local cell is one process in its Tune trial
+    if not os.path.isabs(out):
+        raise HardnegError(
+            f"grid out: {out} is relative, so the grid's records and table would land in the job's temporary "
+            f"working dir; give an absolute path on the head (or shared storage) with --out"
+        )
+    args = ["python", "-m", "pipeline.app.cli", "reproduce", _inside(grid_path, working_dir, "--grid")]
+    args += ["--address", "auto", "--out", out]
+    if max_concurrent is not None:
+        args += ["--max-concurrent", str(max_concurrent)]
+    if verbose:
+        args.append("--verbose")
+    return {"entrypoint": shlex.join(args + list(overrides)), "runtime_env": _runtime_env(working_dir, pip, environ)}
 
 
 def _dashboard_url(address: str) -> str:
@@ -195,9 +241,12 @@ def launch_job(
     resume: bool = False,
     verbose: bool = False,
     working_dir: Path = PROJECT_ROOT,
+    spec: Optional[dict] = None,
 ) -> str:
-    """Submit training as a Ray Job, print its id, stream its logs until it ends (unless not ``wait``)."""
-    spec = job_spec(config_path, overrides, working_dir=working_dir, pip=pip, resume=resume, verbose=verbose)
+    """Submit training (or the prepared job ``spec``, e.g. a grid's) as a Ray Job, print its id, stream its logs
+    until it ends (unless not ``wait``)."""
+    if spec is None:
+        spec = job_spec(config_path, overrides, working_dir=working_dir, pip=pip, resume=resume, verbose=verbose)
     jobs = client(address)
     try:
         job_id = jobs.submit_job(

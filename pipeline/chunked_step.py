@@ -20,7 +20,7 @@ draw repeats. The objective's contract: ``forward(x1, x2, labels, with_stats)`` 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ def _set_rng_state(state: tuple[torch.Tensor, Optional[torch.Tensor]], device: t
 
 
 def chunked_step(
-    objective: nn.Module,
+    objective: Any,  # an nn.Module with embed / keys / loss_from (supports_chunks)
     x1: torch.Tensor,
     x2: torch.Tensor,
     labels: Optional[torch.Tensor],

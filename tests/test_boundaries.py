@@ -18,7 +18,12 @@ PACKAGES = ("pipeline", "data_prep", "cluster")
 HOMES = {
     "torch.distributed": ("pipeline/dist.py",),
     "ray": ("cluster/",),
-    "mlflow": ("pipeline/tracking.py", "pipeline/tracking_spool.py", "pipeline/tracking_runs.py"),
+    "mlflow": (
+        "pipeline/tracking.py",
+        "pipeline/tracking_spool.py",
+        "pipeline/tracking_runs.py",
+        "pipeline/tracking_grid.py",
+    ),
     "webdataset": ("pipeline/data.py", "pipeline/epoch_order.py", "data_prep/wds.py"),
     "webdataset.writer": ("data_prep/wds.py",),
     "ffcv": ("pipeline/data.py", "data_prep/ffcv.py"),

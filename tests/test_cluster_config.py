@@ -278,5 +278,10 @@ def test_the_documented_launch_commands_are_valid():
     assert len(commands) >= 2
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])
+        if args.grid:  # `launch --grid`: every cell of the grid checked as launch checks it
+            from pipeline.app.job_commands import _grid_spec
+
+            assert "reproduce" in _grid_spec(args)["entrypoint"]
+            continue
         spec = job_spec(args.config, args.overrides, working_dir=ROOT, pip=not args.no_pip)
         assert "train" in spec["entrypoint"]

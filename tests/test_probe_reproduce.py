@@ -1,9 +1,12 @@
-"""Linear probe on separable features; the reproduce grid skips finished cells and resumes interrupted ones."""
+"""Linear probe on separable features; the reproduce grid: its plan (which trial may start when: lr choice first,
+records on disk), its table, and on the shared Ray it skips finished cells, resumes interrupted ones and
+chooses each method's lr on the validation split."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -12,7 +15,9 @@ from conftest import tiny_config
 
 from pipeline import checkpoint
 from pipeline.app import train_command
-from pipeline.app.reproduce import _cell_config, load_grid, reproduce
+from pipeline.app.grid_plan import DONE, GridPlan
+from pipeline.app.grid_table import table
+from pipeline.app.reproduce import Grid, _cell_config, _results, load_grid, reproduce
 from pipeline.config import EvalConfig
 from pipeline.errors import HardnegError
 from pipeline.probe import accuracy, fit_linear
@@ -73,8 +78,9 @@ def write_grid(tmp_path, digits_shards, epochs: int) -> str:
     return str(grid)
 
 
+@pytest.mark.ray
 @pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
-def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards):
+def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards, shared_ray):
     grid_path = write_grid(tmp_path, digits_shards, epochs=2)
     root = tmp_path / "results" / "tiny"
     # An interrupted cell: its training stopped after epoch 1 of 2.
@@ -98,28 +104,125 @@ def test_grid_skips_finished_and_resumes_interrupted(tmp_path, digits_shards):
     assert (root / "table.md").read_text() == text
 
 
+def _run_plan_here(results: dict):
+    """A stand-in for the Tune runner: the plan's trials one after another in this process, with fake results."""
+
+    def run(plan, probes, max_concurrent):
+        while (spec := plan.next_trial()) != DONE:
+            assert spec is not None  # nothing runs meanwhile, so something is always startable
+            result = results.get(spec["method"], {"knn_top1": 0.5})
+            plan.trial_finished(
+                spec["id"],
+                {
+                    "method": spec["method"],
+                    "dataset": spec["dataset"],
+                    "seed": spec["seed"],
+                    "cell": spec["id"],
+                    "wall_s": 1,
+                }
+                | ({"val_knn_top1": spec["lr"]} if spec["kind"] == "lr" else result),
+            )
+
+    return run
+
+
 def test_grid_runs_only_the_named_methods(tmp_path, monkeypatch):
     import pipeline.app.reproduce as reproduce_mod
 
-    grid_path = write_grid(tmp_path, str(tmp_path / "shards"), epochs=1)
-    ran = []
-
-    def fake_cell(grid, method, dataset, seed, root, lr=None):
-        ran.append(method)
-        return {
-            "method": method,
-            "dataset": dataset,
-            "seed": seed,
-            "cell": f"{method}-{dataset}-s{seed}",
-            "knn_top1": 0.5,
-        }
-
-    monkeypatch.setattr(reproduce_mod, "run_cell", fake_cell)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    grid_path = write_grid(tmp_path, str(shards), epochs=1)
+    monkeypatch.setattr(reproduce_mod, "_check_cells", lambda grid, cfgs: None)  # no data: the plan alone
+    monkeypatch.setattr(reproduce_mod, "_run_on_ray", _run_plan_here({}))
     text = reproduce(grid_path, methods=["hcl"])
-    assert ran == ["hcl"] and os.listdir(tmp_path / "results" / "tiny" / "cells") == ["hcl-digits-s0.json"]
+    assert os.listdir(tmp_path / "results" / "tiny" / "cells") == ["hcl-digits-s0.json"]
     assert "| hcl | digits | – | 50.00 ± 0.00 |" in text and "| nt_xent | digits | – | – |" in text
     with pytest.raises(HardnegError, match="no method simclr; it has: nt_xent, hcl"):
         reproduce(grid_path, methods=["simclr"])
+
+
+def _plan(tmp_path, lrs=None, only=None, events=None) -> GridPlan:
+    """Methods a, b on dataset d, seeds 0 and 1, records under tmp_path/cells; ``events`` collects (kind, cell)."""
+    cells = tmp_path / "cells"
+    cells.mkdir(exist_ok=True)
+    return GridPlan(
+        ["a", "b"],
+        ["d"],
+        [0, 1],
+        lrs or {},
+        str(cells),
+        lambda kind, method, dataset, seed, lr: {"kind": kind, "method": method, "seed": seed, "lr": lr},
+        only=only,
+        on_event=lambda kind, record: (events if events is not None else []).append((kind, record.get("cell"))),
+    )
+
+
+def _finish(plan, spec, **values):
+    plan.trial_finished(spec["id"], {"method": spec["method"], "dataset": "d", "seed": spec["seed"]} | values)
+
+
+def test_plan_runs_a_methods_seeds_after_its_lr_choice_and_fills_the_gaps_with_other_methods(tmp_path):
+    plan = _plan(tmp_path, lrs={"a": [0.1, 0.2]})
+    first, second = plan.next_trial(), plan.next_trial()
+    assert [(s["kind"], s["id"]) for s in (first, second)] == [("lr", "a-d-lr0.1-s0-val"), ("lr", "a-d-lr0.2-s0-val")]
+    # a's seeds wait for its lr: b's cells fill the free slots meanwhile
+    b0, b1 = plan.next_trial(), plan.next_trial()
+    assert [b0["id"], b1["id"]] == ["b-d-s0", "b-d-s1"] and plan.next_trial() is None
+    _finish(plan, first, val_knn_top1=0.7)
+    assert plan.next_trial() is None  # one candidate still trains
+    _finish(plan, second, val_knn_top1=0.9)
+    choice = json.loads((tmp_path / "cells" / "a-d-lr.json").read_text())
+    assert choice["chosen_lr"] == 0.2 and choice["val_knn_top1"] == {"0.1": 0.7, "0.2": 0.9}
+    a0 = plan.next_trial()
+    assert (a0["kind"], a0["id"], a0["lr"]) == ("seed", "a-d-s0", 0.2)
+    assert plan.remaining() == 4  # a-d-s0, b-d-s0, b-d-s1 running; a-d-s1 to start
+    for spec in (a0, plan.next_trial(), b0, b1):
+        _finish(plan, spec, knn_top1=0.5)
+    assert plan.next_trial() == DONE and plan.remaining() == 0
+
+    # a new plan over the same records (a rerun): nothing left to start
+    again = _plan(tmp_path, lrs={"a": [0.1, 0.2]})
+    assert again.next_trial() == DONE
+
+
+def test_plan_fails_cells_in_one_record_each_and_reruns_them(tmp_path):
+    events = []
+    plan = _plan(tmp_path, lrs={"a": [0.1]}, events=events)
+    candidate, b0, b1 = plan.next_trial(), plan.next_trial(), plan.next_trial()
+    plan.trial_failed(candidate["id"], "HardnegError: diverged", attempts=2)  # a's only candidate: no lr for a
+    plan.trial_failed(b0["id"], "RuntimeError: boom", attempts=2)
+    _finish(plan, b1, knn_top1=0.5)
+    assert plan.next_trial() == DONE  # a's seeds fail at once: they cannot run without an lr
+    failed = {p.name: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.failed.json")}
+    assert sorted(failed) == ["a-d-s0.failed.json", "a-d-s1.failed.json", "b-d-s0.failed.json"]
+    assert failed["a-d-s0.failed.json"]["failed"] == "no lr candidate finished (lr 0.1: HardnegError: diverged)"
+    assert failed["b-d-s0.failed.json"] == failed["b-d-s0.failed.json"] | {
+        "failed": "RuntimeError: boom",
+        "attempts": 2,
+    }
+    assert [e for e in events if e[0] == "failed"] == [("failed", "b-d-s0"), ("failed", "a-d-s0"), ("failed", "a-d-s1")]
+
+    grid = Grid(name="g", datasets={"d": "x"}, methods={"a": "a.yaml", "b": "b.yaml"}, seeds=[0, 1])
+    text = table(grid, _results(grid, str(tmp_path / "cells")))
+    assert "| b | d | – | 50.00 ± 0.00 | – | 1 |" in text
+    assert "| b | d | seed 0 | failed: RuntimeError: boom | | | | |" in text
+    assert "| a | d | seed 1 | failed: no lr candidate finished (lr 0.1: HardnegError: diverged) |" in text
+
+    # a rerun tries the failed cells again (and the lr candidate); a success removes the failure record
+    again = _plan(tmp_path, lrs={"a": [0.1]})
+    candidate, b0 = again.next_trial(), again.next_trial()
+    assert (candidate["id"], b0["id"], again.next_trial()) == ("a-d-lr0.1-s0-val", "b-d-s0", None)
+    _finish(again, b0, knn_top1=0.6)
+    assert not (tmp_path / "cells" / "b-d-s0.failed.json").exists()
+
+
+def test_plan_max_cells_bounds_the_cells_started(tmp_path):
+    plan = _plan(tmp_path, only=1)
+    spec = plan.next_trial()
+    assert spec["id"] == "a-d-s0" and plan.next_trial() is None
+    _finish(plan, spec, knn_top1=0.5)
+    assert plan.next_trial() == DONE and plan.remaining() == 0  # --max-cells 1: nothing more this run
 
 
 def test_grid_file_errors(tmp_path):
@@ -189,8 +292,9 @@ def test_probe_transform_follows_the_release_protocols():
     assert "GaussianBlur" in kinds(hcl) and hcl.transforms[0].scale == (0.08, 1.0)
 
 
+@pytest.mark.ray
 @pytest.mark.slow  # tens of seconds of CPU: not in make test-fast
-def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_shards, capsys):
+def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_shards, shared_ray, capsys):
     grid_path = write_grid(tmp_path, digits_shards, epochs=1)
     raw = yaml.safe_load(open(grid_path))
     raw["methods"] = {"nt_xent": raw["methods"]["nt_xent"]}
@@ -206,6 +310,28 @@ def test_grid_chooses_each_methods_lr_on_the_validation_split(tmp_path, digits_s
     assert set(scores) == {0.05, 0.1} and choice["chosen_lr"] == max(scores, key=scores.get)
     cell = json.loads((root / "cells" / "nt_xent-digits-s0.json").read_text())
     assert cell["lr"] == choice["chosen_lr"] and cell["query_split"] == "test"  # test only in the final evaluation
-    assert sorted(os.listdir(root / "runs")) == ["nt_xent-digits-lr0.05-s0", "nt_xent-digits-lr0.1-s0"]  # reused
+    runs = sorted(name for name in os.listdir(root / "runs") if not name.startswith("."))  # .tune: Tune's files
+    assert runs == ["nt_xent-digits-lr0.05-s0", "nt_xent-digits-lr0.1-s0"]  # seed 0 reused the chosen candidate
     assert f"| {choice['chosen_lr']:g} |" in text and "| 12.50 |" in text
     assert "(published 12.50)" in capsys.readouterr().out
+
+
+def test_launch_grid_submits_reproduce_and_refuses_what_the_job_would_lose(tmp_path):
+    from cluster.submit import grid_job_spec
+    from pipeline.app.reproduce import cell_configs
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    grid = load_grid(str(root / "configs" / "grids" / "stl10_hcl.yaml"))
+    remote = ["data.path=s3://b/stl10", "cluster.storage_path=s3://b/runs", "tracking.uri=http://m:5000"]
+    cells = cell_configs(grid, "/abs/results", [*remote, "cluster.address=auto"])
+    assert [c.tracking.run_name for c in cells] == ["simclr-stl10-s0", "dcl-stl10-s0", "hcl-stl10-s0"]
+    spec = grid_job_spec("configs/grids/stl10_hcl.yaml", cells, remote, out="/abs/results", working_dir=root)
+    assert spec["entrypoint"].startswith(
+        "python -m pipeline.app.cli reproduce configs/grids/stl10_hcl.yaml --address auto --out /abs/results "
+        "data.path=s3://b/stl10"
+    )
+    with pytest.raises(HardnegError, match="grid out: results is relative"):
+        grid_job_spec("configs/grids/stl10_hcl.yaml", cells, remote, out="results", working_dir=root)
+    local = cell_configs(grid, "/abs/results", ["cluster.address=auto"])  # data/stl10: only in the job's dir
+    with pytest.raises(HardnegError, match="data.path=data/stl10 is relative"):
+        grid_job_spec("configs/grids/stl10_hcl.yaml", local, [], out="/abs/results", working_dir=root)

@@ -257,7 +257,7 @@ def test_more_workers_or_gpus_than_the_cluster_has(ray_head, tmp_path, digits_sh
         )
         for override, _ in cases
     ]
-    for proc, (_, needs) in zip(procs, cases):
+    for proc, (_, needs) in zip(procs, cases, strict=True):
         out, err = proc.communicate(timeout=300)
         print(out[-4000:], err[-2000:], sep="\n")
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

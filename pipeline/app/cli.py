@@ -93,6 +93,10 @@ def cmd_runs(args) -> None:
         print(f"sent {done['records']} records ({done['metric_steps']} metric steps) to {done['uri']}")
         return
     rows = runs_table(args.tracking_uri, args.experiment)
+    if args.grid:
+        from pipeline.app.runs_view import grid_children
+
+        rows = grid_children(rows, args.tracking_uri, args.experiment)
     if not rows:
         print(f"experiment '{args.experiment}' has no runs")
         return
@@ -108,7 +112,16 @@ def cmd_reproduce(args) -> None:
     check_grid_file(args.grid)  # is it a grid? before importing the training stack (seconds)
     from pipeline.app.reproduce import reproduce
 
-    print(reproduce(args.grid, only=args.max_cells, methods=args.method), end="")
+    text = reproduce(
+        args.grid,
+        only=args.max_cells,
+        methods=args.method,
+        address=args.address,
+        max_concurrent=args.max_concurrent,
+        overrides=args.overrides,
+        out=args.out,
+    )
+    print(text, end="")
 
 
 def cmd_bench(args) -> None:
@@ -206,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="aligned text (default), CSV (raw numbers) or a markdown table",
     )
     p.add_argument("--wide", action="store_true", help="text: every column (default: what fits 120 columns)")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="only the cells of the experiment's reproduce grid (the child runs of its parent run)",
+    )
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser(
@@ -223,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="run only this method's cells (repeatable; the table still shows every finished cell)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="the Ray cluster to run the cells on (HOST:6379, 'auto' inside a Ray Job); default: a private local Ray",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N cells at once (default: as many as the cluster's CPUs/GPUs hold)",
+    )
+    p.add_argument("--out", metavar="DIR", help="the grid's folder for records and table, in place of its out:")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="applied to every cell last, e.g. cluster.storage_path=s3://B/runs tracking.uri=http://HEAD:5000",
     )
     _verbose_arg(p)
     p.set_defaults(func=cmd_reproduce)
@@ -273,6 +311,7 @@ def main(argv=None) -> int:
         hint = {
             "train": "; `hardneg train ... --resume` continues from the last checkpoint",
             "prep": "; rerunning the same command keeps the finished shards",
+            "reproduce": "; rerunning the same command skips the finished cells and resumes the others",
         }.get(args.command, "")
         console.tell(f"hardneg: interrupted{hint}")
         return 130

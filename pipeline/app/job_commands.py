@@ -18,6 +18,13 @@ def add_cluster_parsers(sub) -> None:
     )
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
     p.add_argument("--config", metavar="FILE")
+    p.add_argument(
+        "--grid",
+        metavar="GRID.yaml",
+        help="submit `hardneg reproduce GRID --address auto` instead of training (the overrides go to every cell)",
+    )
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="with --grid: at most N cells at once")
+    p.add_argument("--out", metavar="DIR", help="with --grid: the grid's folder on the head, in place of its out:")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
     p.add_argument(
         "--no-pip",
@@ -37,6 +44,30 @@ def add_cluster_parsers(sub) -> None:
         p.set_defaults(func=cmd_status if name == "status" else cmd_stop)
 
 
+def _grid_spec(args: argparse.Namespace) -> dict:
+    """The job of `hardneg launch --grid`: the grid checked here (its file, every cell's config and paths)."""
+    from cluster.submit import grid_job_spec
+    from pipeline.app.grid_file import check_grid_file
+    from pipeline.app.reproduce import cell_configs, load_grid
+    from pipeline.errors import HardnegError
+
+    if args.config or args.resume:
+        raise HardnegError("--grid runs the grid's own configs: drop --config / --resume (a rerun resumes by itself)")
+    check_grid_file(args.grid)
+    grid = load_grid(args.grid)
+    out = args.out or grid.out
+    cells = cell_configs(grid, f"{out}/{grid.name}", [*args.overrides, "cluster.address=auto"])
+    return grid_job_spec(
+        args.grid,
+        cells,
+        args.overrides,
+        out=out,
+        pip=not args.no_pip,
+        verbose=args.verbose,
+        max_concurrent=args.max_concurrent,
+    )
+
+
 def cmd_launch(args: argparse.Namespace) -> None:
     from cluster.submit import launch_job
 
@@ -49,6 +80,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
             pip=not args.no_pip,
             resume=args.resume,
             verbose=args.verbose,
+            spec=_grid_spec(args) if args.grid else None,
         )
     except KeyboardInterrupt:
         raise SystemExit(130) from None

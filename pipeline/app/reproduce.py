@@ -1,36 +1,42 @@
-"""`hardneg reproduce GRID.yaml`: pretrain + evaluate a (method x dataset x seed) grid, then tabulate.
+"""`hardneg reproduce GRID.yaml`: pretrain + evaluate a (method x dataset x seed) grid as Ray Tune trials, then tabulate.
 
-Cells run one after another (each uses the workers its config asks for) on one Ray session, so a
-grid on a cluster keeps every GPU busy without oversubscribing it. Each finished cell leaves a JSON
-result (written atomically); a rerun skips those, resumes a cell whose training was interrupted,
-and evaluates a cell that trained but was not evaluated. The table puts mean ± std beside the
-published numbers.
+Every cell is a Tune trial (cluster/tune.py) that trains through train_run (a TorchTrainer with the workers its
+config asks for, or one process with cluster.launcher=local) and then evaluates; as many run at once as the
+cluster holds, bounded by --max-concurrent, on the private local Ray or a cluster (--address, or as a Ray Job).
+Each finished cell leaves a JSON record (pipeline/app/grid_plan.py); a rerun skips those, resumes a cell whose
+training was interrupted from its checkpoint, and evaluates a cell that trained but was not evaluated. A trial
+that raises is retried (cluster.max_failures) from its own last checkpoint; one that fails for good is one row
+"failed: REASON" and the other cells go on. The table puts mean ± std beside the published numbers; MLflow gets
+one parent run per grid with every cell a child (pipeline/tracking_grid.py).
 
 Learning rates: ``lrs`` lists candidate optim.lr values per method. Each candidate trains once (the
 first seed) and is scored by kNN top-1 on the validation split (data.val_split, held out of train by
 `hardneg prep --val-fraction`); the best one then runs every seed, and only those are evaluated on the
-test split. The choice is stored in cells/<method>-<dataset>-lr.json. No test number picks anything.
+test split; meanwhile the other methods' cells fill the free slots. The choice is stored in
+cells/<method>-<dataset>-lr.json. No test number picks anything.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import statistics
 import time
-from typing import Literal, Optional
+from functools import partial
+from typing import Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_prep.atomic import write_atomic, write_json_atomic
+from data_prep.atomic import write_atomic
 from data_prep.manifest import read_manifest
-from pipeline import checkpoint, data
+from pipeline import checkpoint, console, data
 from pipeline import config as config_mod
+from pipeline.app import grid_table, train_command
+from pipeline.app.grid_plan import GridPlan, cell_name, read_json
 from pipeline.app.train_command import train_run
 from pipeline.errors import HardnegError
 from pipeline.evaluate import evaluate_checkpoint
+from pipeline.tracking import check_store_path
+from pipeline.tracking_grid import log_grid_results, parent_run
 from pipeline.train import planned_steps
 
 
@@ -64,20 +70,26 @@ def load_grid(path: str) -> Grid:
         key = ".".join(str(p) for p in first["loc"]) or "grid"
         raise HardnegError(f"invalid grid {path}: {key}: {first['msg']}") from None
     base = os.path.dirname(os.path.abspath(path))
+    found = {}
     for name, config_path in grid.methods.items():
-        if not os.path.isfile(config_path) and not os.path.isfile(os.path.join(base, config_path)):
+        beside = os.path.join(base, config_path)
+        if not os.path.isfile(config_path) and not os.path.isfile(beside):
             raise HardnegError(f"grid {path}: config of method '{name}' not found: {config_path}")
-    return grid
-
-
-def _cell_name(method: str, dataset: str, seed: int, lr: Optional[float] = None) -> str:
-    return f"{method}-{dataset}-s{seed}" if lr is None else f"{method}-{dataset}-lr{lr:g}-s{seed}"
+        found[name] = config_path if os.path.isfile(config_path) else beside  # as given, else beside the grid
+    return grid.model_copy(update={"methods": found})
 
 
 def _cell_config(
-    grid: Grid, method: str, dataset: str, seed: int, root: str, lr: Optional[float] = None
+    grid: Grid,
+    method: str,
+    dataset: str,
+    seed: int,
+    root: str,
+    lr: Optional[float] = None,
+    extra: Sequence[str] = (),
 ) -> config_mod.Config:
-    cell = _cell_name(method, dataset, seed, lr)
+    """A cell's config: its method's file, then the grid's and the method's overrides, its seed and lr."""
+    cell = cell_name(method, dataset, seed, lr)
     return config_mod.load(
         grid.methods[method],
         [
@@ -89,162 +101,286 @@ def _cell_config(
             *grid.overrides,
             *grid.method_overrides.get(method, []),
             *([f"optim.lr={lr}"] if lr is not None else []),
+            *extra,
         ],
     )
 
 
-def _train_cell(cfg: config_mod.Config, root: str) -> tuple[str, float]:
-    """Train (or resume, or skip when trained) one cell; (its final checkpoint, training seconds spent now)."""
+def cell_configs(
+    grid: Grid, root: str, extra: Sequence[str] = (), methods: Optional[Sequence[str]] = None
+) -> list[config_mod.Config]:
+    """The first seed's config of every method x dataset x lr candidate: what the grid's cells ask for."""
+    return [
+        _cell_config(grid, m, d, grid.seeds[0], root, lr, extra)
+        for m in (methods or list(grid.methods))
+        for d in grid.datasets
+        for lr in (grid.lrs.get(m) or [None])
+    ]
+
+
+def _train_cell(cfg: config_mod.Config) -> tuple[str, dict]:
+    """Train (or resume, or skip when trained) one cell; (its final checkpoint, how: resumed_from_step or
+    trained_before when an earlier trial, e.g. the chosen lr candidate for the first seed, trained it)."""
     cell = cfg.tracking.run_name
-    run_dir = os.path.join(root, "runs", cell)
+    run_dir = f"{cfg.cluster.storage_path.rstrip('/')}/{cell}"  # <out>/<name>/runs/<cell> unless overridden
     spe = data.steps_per_epoch(read_manifest(cfg.data.path), cfg.data.pretrain, cfg.train.global_batch_size)
     total = planned_steps(cfg, spe)
     found = checkpoint.latest(run_dir)
-    start = time.perf_counter()
+    how: dict = {"resumed_from_step": None}
     if found is None:
         train_run(cfg)
-    elif checkpoint.load(found)["step"] < total:
-        print(f"[reproduce] {cell}: resuming its interrupted training", flush=True)
-        train_run(cfg, resume=cell)
-    return checkpoint.latest(run_dir), time.perf_counter() - start
+    else:
+        step = checkpoint.load(found)["step"]
+        if step < total:
+            train_run(cfg, resume=cell)
+            how["resumed_from_step"] = step
+        else:
+            how["trained_before"] = True
+    return checkpoint.latest(run_dir), how
 
 
-def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str, lr: Optional[float] = None) -> dict:
-    """Train (or resume, or skip when trained) then evaluate one cell on the test split; returns its result dict."""
-    cfg = _cell_config(grid, method, dataset, seed, root, lr)
-    start = time.perf_counter()
-    final, _ = _train_cell(cfg, root)
-    result = evaluate_checkpoint(final, cfg.data.path, protocol=grid.protocol, track=True)
+def _as_child(cfg: config_mod.Config, parent_run_id: Optional[str], kind: str) -> config_mod.Config:
+    """The cell's MLflow run as a child of the grid's parent (made here unless its checkpoint already names one)."""
+    if parent_run_id is None or not cfg.tracking.enabled:
+        return cfg
+    if checkpoint.latest(f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.tracking.run_name}") is not None:
+        return cfg  # the run its checkpoint names, made a child when it started
+    from pipeline.tracking_grid import child_run
+
+    run_id = child_run(cfg.tracking, parent_run_id, cfg.tracking.run_name, {"hardneg.trial": kind})
+    return train_command._with(cfg, "tracking", run_id=run_id)
+
+
+def cell_result(spec: dict) -> dict:
+    """One trial of the grid, wherever it runs: train (or resume) its cell, then evaluate it; its record.
+
+    ``spec``: kind ("lr": a candidate, scored by kNN top-1 on the validation split; "seed": a cell, evaluated on
+    the test split), config (the cell's resolved config as a dict), protocol, parent_run_id."""
+    started = time.time()
+    cfg = _as_child(config_mod.from_dict(spec["config"]), spec.get("parent_run_id"), spec["kind"])
+    final, how = _train_cell(cfg)
+    if spec["kind"] == "lr":
+        scored = evaluate_checkpoint(
+            final, cfg.data.path, overrides=[f"data.eval_split={cfg.data.val_split}"], protocol="knn"
+        )
+        result: dict = {"val_knn_top1": scored["knn_top1"], "split": cfg.data.val_split, "step": scored["step"]}
+    else:
+        result = evaluate_checkpoint(final, cfg.data.path, protocol=spec["protocol"], track=True)
     return result | {
-        "method": method,
-        "dataset": dataset,
-        "seed": seed,
+        "method": spec["method"],
+        "dataset": spec["dataset"],
+        "seed": spec["seed"],
         "cell": cfg.tracking.run_name,
         "lr": cfg.optim.lr,
-        "wall_s": round(time.perf_counter() - start, 1),
+        "wall_s": round(time.time() - started, 1),
+        "started_at": started,
+        "ended_at": time.time(),
+        **how,
     }
 
 
-def choose_lr(grid: Grid, method: str, dataset: str, root: str) -> Optional[float]:
-    """The candidate lr with the best kNN top-1 on the validation split (first seed); None without candidates."""
-    candidates = grid.lrs.get(method, [])
-    if not candidates:
-        return None
-    path = os.path.join(root, "cells", f"{method}-{dataset}-lr.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["chosen_lr"]
-    scores = {}
-    for lr in candidates:
-        cfg = _cell_config(grid, method, dataset, grid.seeds[0], root, lr)
-        if cfg.data.val_split not in read_manifest(cfg.data.path)["splits"]:
-            raise HardnegError(
-                f"grid {grid.name}: choosing {method}'s lr needs a '{cfg.data.val_split}' split in "
-                f"{cfg.data.path} (hardneg prep --val-fraction)"
-            )
-        final, _ = _train_cell(cfg, root)
-        scores[lr] = evaluate_checkpoint(
-            final, cfg.data.path, overrides=[f"data.eval_split={cfg.data.val_split}"], protocol="knn"
-        )["knn_top1"]
-        print(f"[reproduce] {cfg.tracking.run_name}: val kNN top-1 {scores[lr]:.4f}", flush=True)
-    chosen = max(candidates, key=lambda lr: (scores[lr], -candidates.index(lr)))
-    write_json_atomic(
-        path,
-        {
-            "method": method,
-            "dataset": dataset,
-            "val_knn_top1": {f"{k:g}": v for k, v in scores.items()},
-            "chosen_lr": chosen,
-            "chosen_on": f"knn_top1 on the validation split, seed {grid.seeds[0]}",
-        },
-        indent=2,
-    )
-    return chosen
+def _spec(
+    grid: Grid, root: str, extra: Sequence[str], parent_run_id: Optional[str], kind: str, method, dataset, seed, lr
+) -> dict:
+    cfg = train_command.resolve_paths(_cell_config(grid, method, dataset, seed, root, lr, extra))
+    return {
+        "kind": kind,
+        "method": method,
+        "dataset": dataset,
+        "seed": seed,
+        "lr": lr,
+        "protocol": grid.protocol,
+        "parent_run_id": parent_run_id,
+        "config": config_mod.to_dict(cfg),
+    }
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}"
+def run_cell(grid: Grid, method: str, dataset: str, seed: int, root: str, lr: Optional[float] = None) -> dict:
+    """One cell in this process, as the sequential runner ran it (the trial body, without Tune): its result."""
+    return cell_result(_spec(grid, root, (), None, "seed", method, dataset, seed, lr))
 
 
-def table(grid: Grid, results: list[dict]) -> str:
-    """Markdown: one row per method x dataset, mean ± std over seeds (in %), beside the published number."""
-    lines = [
-        f"### {grid.name}: top-1 (%) on the test split over seeds {grid.seeds}",
-        "",
-        "| method | dataset | lr | kNN top-1 | linear top-1 | seeds | published | wall s / cell |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+def _results(grid: Grid, cells_dir: str) -> list[dict]:
+    """Every finished cell's record, then every failed one's (a cell that both failed and finished: finished)."""
+    results = []
     for method in grid.methods:
         for dataset in grid.datasets:
-            cells = [r for r in results if r["method"] == method and r["dataset"] == dataset]
-            knn = [r["knn_top1"] for r in cells if "knn_top1" in r]
-            linear = [r["linear_top1"] for r in cells if "linear_top1" in r]
-            published = grid.published.get(method, {}).get(dataset)
-            lrs = sorted({f"{r['lr']:g}" for r in cells if "lr" in r})
-            wall = [r["wall_s"] for r in cells if "wall_s" in r]
-            lines.append(
-                f"| {method} | {dataset} | {', '.join(lrs) or '–'} | {_mean_std(knn)} | {_mean_std(linear)} | "
-                f"{len(cells)} | {'–' if published is None else f'{published:.2f}'} | "
-                f"{f'{statistics.fmean(wall):.0f}' if wall else '–'} |"
+            for seed in grid.seeds:
+                name = cell_name(method, dataset, seed)
+                record = read_json(os.path.join(cells_dir, name + ".json")) or read_json(
+                    os.path.join(cells_dir, name + ".failed.json")
+                )
+                if record is not None:
+                    results.append(record)
+    return results
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class _Progress:
+    """The driver's console: one line per finished trial, with the count and an overall ETA; the partial table
+    (table.md, table.csv) rewritten after every cell."""
+
+    def __init__(self, grid: Grid, root: str) -> None:
+        self.grid, self.root, self.start = grid, root, time.time()
+        self.plan: Optional[GridPlan] = None
+
+    def _eta(self) -> str:
+        assert self.plan is not None
+        done, left = self.plan.finished_now, self.plan.remaining()
+        if left == 0:
+            return f"{done} trials done, none left"
+        if done == 0:
+            return f"{left} trials to go"
+        eta = (time.time() - self.start) / done * left  # the observed rate, concurrency included
+        return f"{done} done, {left} to go, ETA {_duration(eta)}"
+
+    def __call__(self, kind: str, record: dict) -> None:
+        if kind == "cell":
+            published = self.grid.published.get(record["method"], {}).get(record["dataset"])
+            scores = ", ".join(f"{k} {record[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in record)
+            resumed = f", resumed from step {record['resumed_from_step']}" if record.get("resumed_from_step") else ""
+            resumed += ", training reused" if record.get("trained_before") else ""
+            line = (
+                f"{record['cell']}: {scores}"
+                + (f" (published {published:.2f})" if published is not None else "")
+                + f" in {_duration(record['wall_s'])}{resumed}"
             )
-    if grid.published_note:
-        lines += ["", grid.published_note]
-    return "\n".join(lines) + "\n"
+        elif kind == "val":
+            line = f"{record['cell']}: val kNN top-1 {record['val_knn_top1']:.4f} in {_duration(record['wall_s'])}"
+        elif kind == "lr":
+            scores = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in record["scores"].items())
+            line = (
+                f"{record['method']}-{record['dataset']}: lr {record['lr']:g} chosen on the validation split ({scores})"
+            )
+        else:  # failed, val_failed
+            line = f"{record['cell']}: failed after {record['attempts']} attempt(s): {record['reason'] if 'reason' in record else record['failed']}"
+        print(f"[reproduce] {line} · {self._eta()}" if kind != "lr" else f"[reproduce] {line}", flush=True)
+        if kind in ("cell", "failed"):
+            self.write_table()
+
+    def write_table(self) -> str:
+        cells_dir = os.path.join(self.root, "cells")
+        results = _results(self.grid, cells_dir)
+        text = grid_table.table(self.grid, results)
+        write_atomic(os.path.join(self.root, "table.md"), text)
+        write_atomic(os.path.join(self.root, "table.csv"), grid_table.table_csv(self.grid, results))
+        return text
 
 
-def reproduce(grid_path: str, only: Optional[int] = None, methods: Optional[list[str]] = None) -> str:
-    """Run every unfinished cell of the grid (at most ``only`` of them; only ``methods``' cells when given),
-    write and return the table (every method of the grid, from the finished cells)."""
+def _check_cells(grid: Grid, cfgs: list[config_mod.Config]) -> None:
+    """What every trial would trip over, refused once here: unreadable data, no validation split for an lr
+    choice, a bad store path."""
+    for cfg in cfgs:
+        cfg = train_command.resolve_paths(cfg)
+        check_store_path(cfg.tracking)
+        train_command.check_data(cfg)
+        if "-lr" in cfg.tracking.run_name and cfg.data.val_split not in read_manifest(cfg.data.path)["splits"]:
+            method = cfg.tracking.run_name.rsplit("-lr", 1)[0]
+            raise HardnegError(
+                f"grid {grid.name}: choosing the lr of {method} needs a '{cfg.data.val_split}' split in "
+                f"{cfg.data.path} (hardneg prep --val-fraction)"
+            )
+
+
+def reproduce(
+    grid_path: str,
+    only: Optional[int] = None,
+    methods: Optional[list[str]] = None,
+    address: Optional[str] = None,
+    max_concurrent: Optional[int] = None,
+    overrides: Sequence[str] = (),
+    out: Optional[str] = None,
+) -> str:
+    """Run every unfinished cell of the grid as Ray Tune trials (at most ``only`` cells; only ``methods``' when
+    given) on the private local Ray or the cluster at ``address``, at most ``max_concurrent`` at once (default:
+    as many as the cluster's resources hold), ``overrides`` applied to every cell last, ``out`` in place of the
+    grid file's; write and return the table (every method, from the records)."""
     grid = load_grid(grid_path)
     unknown = [m for m in methods or [] if m not in grid.methods]
     if unknown:
         raise HardnegError(f"grid {grid.name}: no method {', '.join(unknown)}; it has: {', '.join(grid.methods)}")
-    root = os.path.abspath(os.path.join(grid.out, grid.name))
+    if max_concurrent is not None and max_concurrent < 1:
+        raise HardnegError(f"--max-concurrent {max_concurrent}; expected 1 or more")
+    root = os.path.abspath(os.path.join(out or grid.out, grid.name))
     cells_dir = os.path.join(root, "cells")
     os.makedirs(cells_dir, exist_ok=True)
     picked = [m for m in grid.methods if not methods or m in methods]
-    todo = [(m, d, s) for m in picked for d in grid.datasets for s in grid.seeds]
-    ran = 0
-    first_cfg = _cell_config(grid, *todo[0], root)
-    with _ray_session(first_cfg):
-        for method, dataset, seed in todo:
-            path = os.path.join(cells_dir, f"{method}-{dataset}-s{seed}.json")
-            if os.path.exists(path):
-                print(f"[reproduce] {method}-{dataset}-s{seed}: done, skipped", flush=True)
-                continue
-            if only is not None and ran >= only:
-                break
-            result = run_cell(grid, method, dataset, seed, root, choose_lr(grid, method, dataset, root))
-            write_json_atomic(path, result, indent=2)
-            ran += 1
-            published = grid.published.get(method, {}).get(dataset)
-            print(
-                f"[reproduce] {result['cell']}: "
-                + ", ".join(f"{k} {result[k]:.4f}" for k in ("knn_top1", "linear_top1") if k in result)
-                + (f" (published {published:.2f})" if published is not None else ""),
-                flush=True,
+    extra = [*overrides, *([f"cluster.address={address}"] if address else [])]
+    # one config per method x dataset x lr: what the cluster must hold, and the checks done once here
+    probes = cell_configs(grid, root, extra, picked)
+    _check_cells(grid, probes)
+    for m in picked:
+        for d in grid.datasets:
+            for seed in grid.seeds:
+                if os.path.exists(os.path.join(cells_dir, cell_name(m, d, seed) + ".json")):
+                    print(f"[reproduce] {cell_name(m, d, seed)}: done, skipped", flush=True)
+    tracking = train_command.resolve_paths(probes[0]).tracking
+    parent_id = parent_run(tracking, grid.name) if tracking.enabled else None
+    progress = _Progress(grid, root)
+    plan = GridPlan(
+        picked,
+        list(grid.datasets),
+        grid.seeds,
+        grid.lrs,
+        cells_dir,
+        partial(_spec, grid, root, extra, parent_id),
+        only=only,
+        on_event=progress,
+    )
+    progress.plan = plan
+    status = "KILLED"
+    try:
+        if plan.remaining():
+            _run_on_ray(plan, probes, max_concurrent)
+        status = "FAILED" if any("failed" in r for r in _results(grid, cells_dir)) else "FINISHED"
+    finally:
+        text = progress.write_table()
+        if parent_id is not None:
+            results = _results(grid, cells_dir)
+            log_grid_results(
+                tracking,
+                parent_id,
+                grid_path,
+                text,
+                grid_table.table_csv(grid, results),
+                grid_table.summary_metrics(grid, results),
+                status=status,
             )
-    results = []
-    for name in sorted(os.listdir(cells_dir)):
-        if name.endswith(".json") and not name.endswith("-lr.json"):
-            with open(os.path.join(cells_dir, name)) as f:
-                results.append(json.load(f))
-    text = table(grid, results)
-    write_atomic(os.path.join(root, "table.md"), text)
     return text
 
 
-@contextlib.contextmanager
-def _ray_session(cfg: config_mod.Config):
-    """Keep one Ray instance up for the whole grid when the cells run on Ray."""
-    if cfg.cluster.launcher != "ray":
-        yield
-        return
-    from cluster.train import ray_session  # Ray is imported only under cluster/
+def _run_on_ray(plan: GridPlan, probes: list[config_mod.Config], max_concurrent: Optional[int]) -> None:
+    """The plan's trials under Ray Tune, on the Ray the first cell's config names (a private one by default)."""
+    from cluster import tune as grid_tune  # Ray is imported only under cluster/
+    from cluster.train import ray_session
 
-    with ray_session(cfg):
-        yield
+    # the session fits the largest cell: a private Ray gets at least its CPUs
+    largest = max(probes, key=lambda c: c.cluster.num_workers * c.cluster.cpus_per_worker)
+    with ray_session(largest):
+        available = grid_tune.cluster_resources()
+        problem = grid_tune.check_cells_fit(probes, available)
+        if problem:
+            raise HardnegError(problem)
+        # beyond what fits now, a trial only waits for its workers (or for an autoscaler to bring them)
+        concurrency = max_concurrent or grid_tune.fitting_concurrency(probes, available)
+        print(
+            f"[reproduce] {plan.remaining()} trials, up to {concurrency} at once "
+            f"(cluster: {available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs)",
+            flush=True,
+        )
+        grid_tune.run_trials(
+            plan,
+            cell_result,
+            lambda spec: grid_tune.trial_resources(config_mod.from_dict(spec["config"])),
+            # Tune's own files (results, error traces) beside the cells' runs: shared storage on a cluster
+            storage_path=f"{train_command.resolve_paths(probes[0]).cluster.storage_path.rstrip('/')}/.tune",
+            name=time.strftime("tune-%Y%m%d-%H%M%S"),
+            max_concurrent=concurrency,
+            max_failures=max(c.cluster.max_failures for c in probes),
+            verbose=console.is_verbose(),
+        )

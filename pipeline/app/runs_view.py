@@ -71,6 +71,16 @@ def sort_rows(rows: list[dict], column: Optional[str]) -> list[dict]:
     return sorted(rows, key=lambda r: (r.get(column) is None, str(r.get(column))))
 
 
+def grid_children(rows: list[dict], uri: str, experiment: str) -> list[dict]:
+    """The rows of the child runs of the experiment's (newest) reproduce grid parent run, in the rows' order."""
+    from pipeline.tracking_grid import children_of_grid
+
+    parent_id, children = children_of_grid(uri, experiment)
+    if parent_id is None:
+        raise HardnegError(f"experiment '{experiment}' has no grid run (`hardneg reproduce GRID` makes one)")
+    return [row for row in rows if row.get("run id") in children]
+
+
 def render(rows: list[dict], fmt: str = "text", columns: Sequence[str] = COLUMNS) -> str:
     """The table as aligned text (two spaces between columns), CSV (raw values) or a markdown table."""
     if fmt not in FORMATS:
