@@ -35,7 +35,7 @@ from pipeline.app.grid_plan import GridPlan, cell_name, read_json
 from pipeline.app.train_command import train_run
 from pipeline.errors import HardnegError
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.tracking import check_store_path
+from pipeline.tracking_store import check_store_path
 from pipeline.tracking_grid import log_grid_results, parent_run
 from pipeline.train import planned_steps
 
