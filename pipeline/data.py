@@ -474,7 +474,10 @@ def ffcv_train_batches(
     with ``distributed=True`` semantics for this (rank, world_size) -- every epoch a fresh permutation,
     padded to a multiple of the world and dealt round-robin, full batches only -- so every rank yields the
     same number of batches. A remote .beton is copied once into the local cache. On a CUDA ``device`` the
-    decoded uint8 crops go straight to it (FFCV's ToDevice, non-blocking) and the colour steps run there."""
+    decoded uint8 crops go straight to it (FFCV's ToDevice, non-blocking) and the colour steps run there.
+
+    Long on purpose: FFCV's Loader is one declarative pipeline spec; splitting it would scatter one object.
+    """
     try:
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader

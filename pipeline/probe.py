@@ -90,7 +90,10 @@ def linear_probe(
     progress: bool = False,
 ) -> dict:
     """Linear top-1 of a frozen ``backbone``: train on ``train_split``, test on ``test_split`` (progress: bars on
-    stderr, one for the test features and one over all probe epochs)."""
+    stderr, one for the test features and one over all probe epochs).
+
+    Long on purpose: the probe's epoch loop and its schedule belong together, as in the papers' linear.py.
+    """
     backbone = backbone.to(device).eval()
     test_tf = augment.eval_transform(augment_cfg, eval_cfg.eval_image_size)
     sizes = {name: info["num_samples"] for name, info in data.read_manifest(data_path)["splits"].items()}

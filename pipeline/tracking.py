@@ -57,6 +57,7 @@ class NullTracker:
         tags: Optional[Mapping[str, str]] = None,
         knn_top1: Optional[float] = None,
     ) -> Optional[str]:
+        """Long on purpose: MLflow's model logging, registration and aliases are one transaction with its fallbacks."""
         return None
 
     def describe(self, tags: Mapping[str, str], note: str) -> None: ...

@@ -141,6 +141,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Long on purpose: a flat list of the subcommands' argparse declarations, one block per command."""
     parser = argparse.ArgumentParser(prog="hardneg", description="Contrastive pretraining with hard negatives.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -35,8 +35,8 @@ from pipeline.app.grid_plan import GridPlan, cell_name, read_json
 from pipeline.app.train_command import train_run
 from pipeline.errors import HardnegError
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.tracking_store import check_store_path
 from pipeline.tracking_grid import log_grid_results, parent_run
+from pipeline.tracking_store import check_store_path
 from pipeline.train import planned_steps
 
 
@@ -299,7 +299,10 @@ def reproduce(
     """Run every unfinished cell of the grid as Ray Tune trials (at most ``only`` cells; only ``methods``' when
     given) on the private local Ray or the cluster at ``address``, at most ``max_concurrent`` at once (default:
     as many as the cluster's resources hold), ``overrides`` applied to every cell last, ``out`` in place of the
-    grid file's; write and return the table (every method, from the records)."""
+    grid file's; write and return the table (every method, from the records).
+
+    Long on purpose: the driver's sequence (records, parent run, Tune, table, MLflow) reads best in one place.
+    """
     grid = load_grid(grid_path)
     unknown = [m for m in methods or [] if m not in grid.methods]
     if unknown:

@@ -281,6 +281,8 @@ def psm_hard_loss(
     norm ~sqrt(d) it rejects nearly every negative once s_in and s_i+ differ, so L_hard ~ 0; "cosine"
     (the paper's reading) on cosines. The logits are cosines / t either way. ``accept``: an explicit
     (2n, 2B) bool mask over the columns, for tests.
+
+    Long on purpose: most of it is the docstring and the argument checks; the math is the release's two means.
     """
     if acceptance_on not in ACCEPTANCE_ON:
         raise ValueError(f"acceptance_on={acceptance_on!r}; expected one of {ACCEPTANCE_ON}")

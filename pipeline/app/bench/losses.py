@@ -157,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """Long on purpose: its argparse declarations and the report's tables, in the order they print."""
     args = _parser().parse_args(argv)
     if args.quick:
         args.sizes, args.dim, args.repeats = "32,64", 16, 1

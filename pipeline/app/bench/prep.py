@@ -65,6 +65,7 @@ def _baseline(source, two_views, batch: int, workers: int):
 
 
 def main(argv: list[str]) -> int:
+    """Long on purpose: the argparse declarations, then one measured section after another, each printed as it ends."""
     p = argparse.ArgumentParser(prog="hardneg bench prep", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=10000, help="training images in the synthetic archive (default 10000)")
     p.add_argument("--workers", type=int, default=2, help="conversion processes and loader workers (default 2)")

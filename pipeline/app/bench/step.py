@@ -41,7 +41,10 @@ def machine(device: torch.device) -> dict:
 
 
 def step_breakdown(cfg: config_mod.Config, steps: int, warmup: int, device: torch.device) -> dict:
-    """Mean seconds per step in each phase (single process) and their shares of the step."""
+    """Mean seconds per step in each phase (single process) and their shares of the step.
+
+    Long on purpose: the phases are timed inline, one synchronised mark after another, so the shares add up to the step.
+    """
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     # the phases below are the in-batch objective's .model and .loss_fn

@@ -137,6 +137,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    """Long on purpose: its argparse declarations and the two runs it compares, in order."""
     a = parse_args(argv)
     from cluster.train import local_ray, run_on_workers  # Ray lives under cluster/
 
