@@ -120,15 +120,25 @@ def _columns(z1: Tensor, z2: Tensor, temperature: float, gather: Gather | None) 
     return _Columns(rows, cols, row_ids, pos_ids, temperature, 2 * n_global - 2)
 
 
-def _rows(c: _Columns, start: int, stop: int) -> _Batch:
-    """Logits and masks of the anchor rows start..stop-1 against every column (all rows: the whole batch)."""
+def _rows(c: _Columns, start: int, stop: int, in_place: bool = False) -> _Batch:
+    """Logits and masks of the anchor rows start..stop-1 against every column (all rows: the whole batch).
+
+    in_place: mask the logits themselves (``logits`` is then ``neg``), for a loss that reads only ``pos`` and
+    ``neg`` afterwards: one (R, C) buffer fewer; the same values and gradients.
+    """
     rows, row_ids, pos_ids = c.rows[start:stop], c.row_ids[start:stop], c.pos_ids[start:stop]
     col_ids = torch.arange(c.cols.shape[0], device=rows.device)  # (C,)
     neg_mask = (col_ids != row_ids[:, None]) & (col_ids != pos_ids[:, None])  # (R, C)
     logits = (rows / c.temperature) @ c.cols.T  # (R, C): 1/t folded into the (R, d) side, not a pass over (R, C)
-    pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
+    if in_place:  # indexing saves only the indices for backward (gather would keep the logits it reads)
+        pos = logits.reshape(-1)[torch.arange(rows.shape[0], device=rows.device) * logits.shape[1] + pos_ids]
+    else:
+        pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
     # -inf rather than masked_select: no (R, N) copy, and no host sync for its size on a GPU
-    neg = logits.masked_fill(~neg_mask, float("-inf"))  # (R, C)
+    if in_place:
+        neg = logits.masked_fill_(~neg_mask, float("-inf"))  # logits is neg from here: one (R, C) buffer fewer
+    else:
+        neg = logits.masked_fill(~neg_mask, float("-inf"))  # (R, C)
     return _Batch(rows, c.cols, row_ids, logits, c.temperature, neg_mask, pos, neg, c.n_neg)
 
 
@@ -210,7 +220,7 @@ def _hcl_mean(c: _Columns, *, tau_plus: float, beta: float, clamp: bool = True) 
     built a tile of rows at a time under tiling.loss_tile."""
 
     def per_rows(start: int, stop: int) -> Tensor:
-        b = _rows(c, start, stop)
+        b = _rows(c, start, stop, in_place=True)
         log_ng = _log_ng_hcl(
             b.pos, b.neg, n_neg=b.n_neg, temperature=c.temperature, tau_plus=tau_plus, beta=beta, clamp=clamp
         )
@@ -264,7 +274,7 @@ def sscl(
     draws = draw_mixing(c.cols.shape[0], n_synthetic, min(n_hard, c.n_neg), generator) if n_synthetic > 0 else None
 
     def per_rows(start: int, stop: int) -> Tensor:
-        b = _rows(c, start, stop)
+        b = _rows(c, start, stop, in_place=True)  # the synthesizer reads only the masked logits (hardness)
         neg = b.neg  # (R, C), N finite
         if draws is not None:
             h = synthesize_hard_negatives(
