@@ -24,7 +24,6 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.execution import context as ray_train_context
 
 from cluster.connect import init_ray, quiet_worker_logs
 from pipeline import checkpoint, console, dist, faults, train
@@ -65,9 +64,18 @@ def _worker_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     verbose = console.configure(loop_config.get("verbose", False))  # the driver's --verbose, on every node
     if not verbose:  # one "Reporting training result" line per report per rank; its logger is named by file path
-        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+        _quiet_report_logger()
     device = ray.train.torch.get_device() if cfg.cluster.use_gpu else torch.device("cpu")
     train.run(cfg, dist.current_context(device), RayHooks())
+
+
+def _quiet_report_logger() -> None:
+    """Raise to WARNING the logger Ray Train's execution context logs every report with. It is named by its
+    source file's path (inside Ray's private package), so it is found by that name, not imported."""
+    suffix = os.path.join("train", "v2", "_internal", "execution", "context.py")
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(suffix):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
