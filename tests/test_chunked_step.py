@@ -29,6 +29,7 @@ METHODS = {
     "dcl": ["loss.name=dcl"],
     "hcl": ["loss.name=hcl", "loss.beta=1.0"],
     "sscl": ["loss.name=sscl", "loss.n_hard=6", "loss.n_synthetic=4"],
+    "sscl_beta0": ["loss.name=sscl", "loss.n_hard=6", "loss.n_synthetic=4", "loss.beta=0"],  # DCL + synthetic
     "psm": ["loss.name=psm", "loss.psm_bank_size=40", "loss.psm_n_neighbors=2"],
     "moco_v2": [
         "loss.name=mochi",

@@ -182,18 +182,59 @@ class _LogHardnessWeightedSum(torch.autograd.Function):
         return grad * grad_out[:, None], None
 
 
+class _LogHardnessWeightedSumOfParts(torch.autograd.Function):
+    """``_LogHardnessWeightedSum`` of the column-wise concatenation of ``parts`` (R, M_k), without building it:
+    a tiled SSCL loss keeps its real and synthetic negatives apart (one (R, M) buffer fewer)."""
+
+    @staticmethod
+    def forward(ctx, beta: float, *parts: Tensor) -> Tensor:
+        top = torch.stack([p.amax(dim=1) for p in parts], dim=1).amax(dim=1, keepdim=True)  # (R, 1)
+        sum_a: Tensor | float = 0.0
+        sum_b: Tensor | float = 0.0
+        exps = []
+        for part in parts:
+            shifted = part - top  # (R, M_k) <= 0
+            by_beta = torch.mul(shifted, beta).exp_()
+            by_beta_plus_one = shifted.exp_().mul_(by_beta)
+            sum_a = sum_a + by_beta_plus_one.sum(dim=1, keepdim=True)
+            sum_b = sum_b + by_beta.sum(dim=1, keepdim=True)
+            exps.append((by_beta_plus_one, by_beta))
+        assert isinstance(sum_a, Tensor) and isinstance(sum_b, Tensor)
+        grads = [a.mul_((beta + 1.0) / sum_a).sub_(b.mul_(beta / sum_b)) for a, b in exps]
+        ctx.save_for_backward(*grads)
+        return (top + torch.log(sum_a) - torch.log(sum_b)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return (None, *(g * grad_out[:, None] for g in ctx.saved_tensors))
+
+
 def _log_ng_hcl(
-    pos: Tensor, neg: Tensor, *, n_neg: int, temperature: float, tau_plus: float, beta: float, clamp: bool = True
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    n_neg: int,
+    temperature: float,
+    tau_plus: float,
+    beta: float,
+    clamp: bool = True,
+    extra: Tensor | None = None,
 ) -> Tensor:
     """log Ng: (R,) of the HCL estimator (N/tau-)(sum_j w_ij neg_ij - tau+ pos_i), clamped at N e^{-1/t}.
 
     pos: (R,) positive logits, neg: (R, M) negative logits (s/t) with -inf where a column is no negative
     (exactly n_neg = N finite per row), w = softmax(beta * neg) (not detached).
     beta = 0 gives DCL, beta = 0 and tau+ = 0 gives NT-Xent (clamp=False: plain cross-entropy).
+    extra: (R, k) more negative logits, counted as if concatenated to ``neg`` (SSCL's synthetic ones, tiled).
     """
     if tau_plus > 0.0 and not clamp:
         raise ValueError("tau_plus > 0 needs the clamp: the debiased estimate can be negative")
-    if beta == 0.0:
+    if extra is not None:
+        if beta == 0.0:
+            log_sum = torch.logaddexp(torch.logsumexp(neg, dim=1), torch.logsumexp(extra, dim=1))
+        else:
+            log_sum = math.log(n_neg) + _LogHardnessWeightedSumOfParts.apply(beta, neg, extra)
+    elif beta == 0.0:
         log_sum = torch.logsumexp(neg, dim=1)  # (R,) log sum_j neg_ij
     else:
         log_sum = math.log(n_neg) + _LogHardnessWeightedSum.apply(neg, beta)  # (R,) log N sum_j w_ij neg_ij
@@ -276,6 +317,7 @@ def sscl(
     def per_rows(start: int, stop: int) -> Tensor:
         b = _rows(c, start, stop, in_place=True)  # the synthesizer reads only the masked logits (hardness)
         neg = b.neg  # (R, C), N finite
+        synthetic: Tensor | None = None
         if draws is not None:
             h = synthesize_hard_negatives(
                 b.logits,
@@ -290,8 +332,12 @@ def sscl(
                 draws=draws,
             )  # (R, k, d)
             synthetic = torch.einsum("rd,rkd->rk", b.rows, h) / t  # (R, k): gradient via the anchor only
-            neg = torch.cat([neg, synthetic], dim=1)  # (R, C + k), N + k finite
-        log_ng = _log_ng_hcl(b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp, beta=bt)
+            if not tiled:
+                neg, synthetic = torch.cat([neg, synthetic], dim=1), None  # (R, C + k), N + k finite
+        log_ng = _log_ng_hcl(
+            b.pos, neg, n_neg=b.n_neg + n_synthetic, temperature=t, tau_plus=tp, beta=bt, extra=synthetic
+        )  # tiled: the synthetic columns apart from the real ones, no (R, C + k) copy
         return _row_losses(b.pos, log_ng)
 
+    tiled = tiling.tiled(c.rows.shape[0]) is not None
     return tiling.row_mean(per_rows, c.rows.shape[0])
