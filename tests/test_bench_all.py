@@ -28,3 +28,17 @@ def test_bench_all_quick_step_section(tmp_path, capsys, monkeypatch):
     assert step["views_per_s"] > 0 and step["gather_s_2proc_gloo"] > 0
     printed = capsys.readouterr().out
     assert "data_wait" in printed and "report written to" in printed
+
+
+@pytest.mark.slow  # two measuring processes
+def test_bench_memory_measures_both_steps_in_fresh_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # configs/demo.yaml
+    out = tmp_path / "memory.json"
+    small = ["model.width=4", "model.proj_hidden_dim=32", "augment.image_size=8"]
+    args = ["--batches", "64", "--chunk", "16", "--tile", "32", "--steps", "2", "--threads", "1"]
+    assert main(["bench", "memory", *args, "--json", str(out), *small]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["plain", "chunk 16, tile 32"]
+    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "largest G within 8 GiB, plain: 64" in printed and "step time at G=64: chunked / plain" in printed
