@@ -26,6 +26,7 @@ import sys
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import ray
+import ray.cloudpickle as cloudpickle
 from ray import tune
 from ray.tune.search import Searcher
 
@@ -120,9 +121,16 @@ class _PlannerSearcher(Searcher):
 
 def _reason(trial) -> str:
     """The last meaningful line of a trial's error, as 'Type: message'."""
+    # The trial writes its error files in its local folder; get_pickled_error/get_error read the storage copy,
+    # which is synced later (at the last failure it may not exist yet): the local files first.
     error = None
     try:
-        error = trial.get_pickled_error()
+        local = trial.pickled_error_file
+        if local and os.path.exists(local):
+            with open(local, "rb") as f:
+                error = cloudpickle.load(f)
+        else:
+            error = trial.get_pickled_error()
     except Exception:  # noqa: BLE001 -- an unpicklable error of any kind: the text trace below
         pass
     if error is not None:
@@ -130,7 +138,12 @@ def _reason(trial) -> str:
         text = str(cause).strip().splitlines()
         name = type(cause).__name__
         return f"{name}: {text[-1]}" if text and name != "HardnegError" else (text[-1] if text else name)
-    trace = (trial.get_error() or "").strip().splitlines()
+    local_text = trial.error_file
+    if local_text and os.path.exists(local_text):
+        with open(local_text) as f:
+            trace = f.read().strip().splitlines()
+    else:
+        trace = (trial.get_error() or "").strip().splitlines()
     return trace[-1] if trace else "unknown error"
 
 
