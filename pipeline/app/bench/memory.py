@@ -63,7 +63,7 @@ def measure_one(cfg: config_mod.Config, device: torch.device, steps: int) -> dic
         p.grad = torch.zeros_like(p)
     optimizer.step()
     # one small step first: the libraries' one-time set-up (thread pools, kernels) is not the step's memory
-    warm = min(batch, train.chunk_size or 64)
+    warm = train.chunk_size or max(2, min(64, batch // 4))  # chunked: one chunk; plain: a small batch
     full = (x1, x2, labels)
     x1, x2, labels = x1[:warm], x2[:warm], labels[:warm]
     step()
