@@ -156,26 +156,13 @@ class _EpochStreams(torch.utils.data.IterableDataset):
         return samples
 
     def _batch(self, window: list, step: int, bad: list) -> tuple:
-        good = []
-        for sample in window:
-            try:
-                good.append(_decode_sample(sample))
-            except Exception as exn:  # noqa: BLE001 -- the same record as the tar-level handler
-                bad.append((sample.get("__url__"), _reason(exn)))
-        if not good:
-            raise HardnegError(
-                f"every sample of a batch of {len(window)} was unreadable (last from "
-                f"{bad[-1][0]}: {bad[-1][1]}); run `hardneg prep verify` on the data"
-            )
-        good += [good[i % len(good)] for i in range(len(window) - len(good))]
+        good = [(image, label) for _, image, label in decode_samples(window, bad)]
+        good = refilled(good, len(window))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(self.seed, self.rank, step))
             views = [(*self.two_views(image), label) for image, label in good]
-            columns = list(zip(*views, strict=True))
-            tensors = [torch.stack(c) for c in columns[:-1]]
-            if self.batch_views is not None:  # drawn from the same step-seeded RNG: a resume stays exact
-                tensors = self.batch_views(tensors)
-        return (*tensors, torch.as_tensor(columns[-1]))
+            # drawn from the same step-seeded RNG: a resume stays exact
+            return stacked_views(views, self.batch_views)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -202,6 +189,56 @@ class _EpochStreams(torch.utils.data.IterableDataset):
                 bad.clear()
                 step += self.readers
             epoch += 1
+
+
+def decode_samples(window: list, bad: list) -> list[tuple[int, Image.Image, int]]:
+    """(index in ``window``, image, label) of every raw sample that decodes; the others are recorded in ``bad``
+    (url, reason), as the tar-level handler records its own. HardnegError when none of them decodes."""
+    good = []
+    for index, sample in enumerate(window):
+        if sample is None:  # a slot the caller could not fill (it recorded why)
+            continue
+        try:
+            good.append((index, *_decode_sample(sample)))
+        except Exception as exn:  # noqa: BLE001 -- the same record as the tar-level handler
+            bad.append((sample.get("__url__"), _reason(exn)))
+    if not good:
+        raise HardnegError(
+            f"every sample of a batch of {len(window)} was unreadable (last from "
+            f"{bad[-1][0]}: {bad[-1][1]}); run `hardneg prep verify` on the data"
+        )
+    return good
+
+
+def refilled(good: list, size: int) -> list:
+    """``good`` cycled to ``size`` entries: the slots of skipped samples refilled, so every batch is full."""
+    return good + [good[i % len(good)] for i in range(size - len(good))]
+
+
+def stacked_views(views: list[tuple], batch_views: Optional[Callable]) -> tuple:
+    """Per-sample (*views, label) tuples -> (*stacked views, labels), then the per-batch view step if any
+    (drawn from the caller's RNG state)."""
+    columns = list(zip(*views, strict=True))
+    tensors = [torch.stack(c) for c in columns[:-1]]
+    if batch_views is not None:
+        tensors = batch_views(tensors)
+    return (*tensors, torch.as_tensor(columns[-1]))
+
+
+def loader_stream(dataset: torch.utils.data.IterableDataset, loader_workers: int) -> Iterator:
+    """Iterate ``dataset`` in this process (0 workers) or through a DataLoader of ``loader_workers`` persistent
+    workers, each item passed through as it is (batch_size=None), pinned for non-blocking H2D copies."""
+    if loader_workers == 0:
+        return iter(dataset)
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=loader_workers,
+            persistent_workers=True,
+            pin_memory=torch.cuda.is_available(),
+        )
+    )
 
 
 def hash_seed(*parts: int) -> int:
@@ -249,19 +286,7 @@ def train_batches(
         steps_per_epoch=steps_per_epoch,
         batch_views=batch_views,
     )
-    if loader_workers == 0:
-        stream = iter(dataset)
-    else:
-        stream = iter(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=loader_workers,
-                persistent_workers=True,
-                pin_memory=torch.cuda.is_available(),
-            )
-        )  # non-blocking H2D copies
-    for *batch, report in stream:
+    for *batch, report in loader_stream(dataset, loader_workers):
         ledger.add(report)
         yield tuple(batch)
 

@@ -26,8 +26,18 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep.manifest import read_manifest
-from pipeline.data import SkipLedger, _decode_sample, _open_streams, _reason, hash_seed, pretrain_shards, train_views
-from pipeline.errors import HardnegError
+from pipeline.data import (
+    SkipLedger,
+    _open_streams,
+    _reason,
+    decode_samples,
+    hash_seed,
+    loader_stream,
+    pretrain_shards,
+    refilled,
+    stacked_views,
+    train_views,
+)
 
 Shard = tuple[str, int]  # (url, samples)
 
@@ -135,38 +145,26 @@ class EpochOrderBatches(torch.utils.data.IterableDataset):
     def _batch(self, order: EpochOrder, cache: _ShardCache, step: int) -> tuple:
         epoch, positions = rank_positions(step, self.spe, self.global_batch, self.rank, self.world_size)
         bad: list = []
-        good, keys = [], []
+        window: list = []
         for position in positions:
             shard, index = order.locate(epoch, position)
             samples = cache.samples(shard, bad)
-            if index >= len(samples):  # the shard's tar lost members (counted in bad when it was read)
+            if index < len(samples):
+                window.append(samples[index])
+            else:  # the shard's tar lost members (counted in bad when it was read)
+                window.append(None)
                 bad.append((self.shards[shard][0], f"sample {index} missing from a short shard"))
-                continue
-            sample = samples[index]
-            try:
-                image, label = _decode_sample(sample)
-            except Exception as exn:  # noqa: BLE001 -- a bad sample of any kind is skipped and counted
-                bad.append((sample.get("__url__"), _reason(exn)))
-                continue
-            good.append((position, image, label))
-            keys.append(f"{self.shards[shard][0]}#{sample.get('__key__')}")
-        if not good:
-            raise HardnegError(
-                f"every sample of a batch of {len(positions)} was unreadable (last from {bad[-1][0]}: "
-                f"{bad[-1][1]}); run `hardneg prep verify` on the data"
-            )
-        good += [good[i % len(good)] for i in range(len(positions) - len(good))]  # full batches on every rank
+        decoded = decode_samples(window, bad)
+        keys = [f"{window[i].get('__url__')}#{window[i].get('__key__')}" for i, _, _ in decoded]
+        good = refilled([(positions[i], image, label) for i, image, label in decoded], len(positions))
         with torch.random.fork_rng(devices=[]):
             views = []
             for position, image, label in good:
                 torch.manual_seed(hash_seed(self.seed, step, position))  # per sample: the same views at any W
                 views.append((*self.two_views(image), label))
-            columns = list(zip(*views, strict=True))
-            tensors = [torch.stack(c) for c in columns[:-1]]
-            if self.batch_views is not None:
-                torch.manual_seed(hash_seed(self.seed, step, positions.start))
-                tensors = self.batch_views(tensors)
-        return (*tensors, torch.as_tensor(columns[-1]), {"read": len(positions), "bad": bad, "keys": keys})
+            torch.manual_seed(hash_seed(self.seed, step, positions.start))  # the per-batch step's draws, if any
+            batch = stacked_views(views, self.batch_views)
+        return (*batch, {"read": len(positions), "bad": bad, "keys": keys})
 
 
 def epoch_order_batches(
@@ -199,20 +197,8 @@ def epoch_order_batches(
         batch_views=batch_views,
     )
     ledger = ledger if ledger is not None else SkipLedger()
-    if loader_workers == 0:
-        stream: Iterator = iter(dataset)
-    else:
-        stream = iter(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=loader_workers,
-                persistent_workers=True,
-                pin_memory=torch.cuda.is_available(),
-            )
-        )
     step = start_step
-    for *batch, report in stream:
+    for *batch, report in loader_stream(dataset, loader_workers):
         ledger.add(report)
         if on_keys is not None:
             on_keys(step, report["keys"])

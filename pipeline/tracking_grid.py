@@ -33,20 +33,22 @@ def _experiment_id(client: MlflowClient, cfg: TrackingConfig) -> str:
     return client.create_experiment(cfg.experiment, artifact_location=default_artifact_location(cfg))
 
 
+def _newest(client: MlflowClient, experiment_id: str, filter_string: str) -> Optional[str]:
+    """The id of the newest run of the experiment that matches ``filter_string``, or None."""
+    found = client.search_runs(
+        [experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
 def parent_run(cfg: TrackingConfig, grid_name: str) -> str:
     """The grid's parent run in cfg.experiment (the newest one tagged with the grid's name), else a new one;
     marked RUNNING."""
     client = MlflowClient(tracking_uri=cfg.uri)
     try:
         experiment_id = _experiment_id(client, cfg)
-        found = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{GRID_TAG}` = '{grid_name}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
+        run_id = _newest(client, experiment_id, f"tags.`{GRID_TAG}` = '{grid_name}'")
+        if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return run_id
         run = client.create_run(experiment_id, run_name=grid_name, tags={GRID_TAG: grid_name})
@@ -60,14 +62,11 @@ def child_run(cfg: TrackingConfig, parent_id: str, cell: str, tags: Mapping[str,
     client = MlflowClient(tracking_uri=cfg.uri)
     try:
         experiment_id = _experiment_id(client, cfg)
-        found = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.run_name = '{cell}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
+        run_id = _newest(
+            client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.run_name = '{cell}'"
         )
-        if found:
-            return found[0].info.run_id
+        if run_id is not None:
+            return run_id
         run = client.create_run(
             experiment_id, run_name=cell, tags={PARENT_TAG: parent_id, CELL_TAG: cell, **dict(tags)}
         )

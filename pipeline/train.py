@@ -7,6 +7,7 @@ evaluates; every rank reports at the same steps, because Ray Train's ``report`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -20,7 +21,7 @@ from data_prep.manifest import read_manifest
 from pipeline import checkpoint, console, data, dist, epoch_order, faults, outbox, schedule
 from pipeline import config as config_mod
 from pipeline.chunked_step import CHUNKED_PARTS, chunked_step, supports_chunks
-from pipeline.config import Config, OptimConfig
+from pipeline.config import Config, OptimConfig, TrainConfig
 from pipeline.errors import HardnegError
 from pipeline.losses import tiling
 from pipeline.metric_names import grouped
@@ -383,20 +384,38 @@ def _train_step(run: Run, st: RunState, step: int, plan: schedule.StepPlan) -> t
 
 
 def _loss_and_gradients(run: Run, x1, x2, labels, with_stats: bool) -> tuple[torch.Tensor, dict]:
-    """The step's loss (and stats) with its gradients in .grad: one pass, or chunk by chunk (train.chunk_size)."""
-    train = run.cfg.train
+    """``loss_and_gradients`` with the run's network, objective, optimizer and autocast."""
+    parts = dict(net=run.net, objective=run.objective, optimizer=run.optimizer, autocast=run.autocast)
+    return loss_and_gradients(run.cfg.train, x1, x2, labels, with_stats, **parts)
+
+
+def loss_and_gradients(
+    train: TrainConfig,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    labels: torch.Tensor,
+    with_stats: bool,
+    *,
+    net: torch.nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    autocast: Any = None,
+) -> tuple[torch.Tensor, dict]:
+    """The step's loss (and stats) with its gradients in .grad: one pass through ``net`` (the objective, DDP-wrapped
+    on several ranks), or chunk by chunk (train.chunk_size) through ``objective``; `hardneg bench memory` measures it.
+    autocast: the run's bf16 autocast context (None: none)."""
     with (
-        run.autocast,
+        autocast or contextlib.nullcontext(),
         tiling.loss_tile(train.loss_tile),
     ):  # objectives compute losses in float32 whatever the net ran in
         if train.chunk_size is None:
-            loss, stats = run.net(x1, x2, labels, with_stats=with_stats)
-            run.optimizer.zero_grad(set_to_none=True)
+            loss, stats = net(x1, x2, labels, with_stats=with_stats)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             return loss, stats
-        run.optimizer.zero_grad(set_to_none=True)
-        loss, stats = chunked_step(run.objective, x1, x2, labels, chunk_size=train.chunk_size, with_stats=with_stats)
-    dist.average_gradients_(run.objective)  # the one all-reduce of the step (the chunked step bypasses DDP)
+        optimizer.zero_grad(set_to_none=True)
+        loss, stats = chunked_step(objective, x1, x2, labels, chunk_size=train.chunk_size, with_stats=with_stats)
+    dist.average_gradients_(objective)  # the one all-reduce of the step (the chunked step bypasses DDP)
     return loss, stats
 
 

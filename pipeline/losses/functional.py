@@ -130,14 +130,12 @@ def _rows(c: _Columns, start: int, stop: int, in_place: bool = False) -> _Batch:
     col_ids = torch.arange(c.cols.shape[0], device=rows.device)  # (C,)
     neg_mask = (col_ids != row_ids[:, None]) & (col_ids != pos_ids[:, None])  # (R, C)
     logits = (rows / c.temperature) @ c.cols.T  # (R, C): 1/t folded into the (R, d) side, not a pass over (R, C)
+    # -inf rather than masked_select: no (R, N) copy, and no host sync for its size on a GPU
     if in_place:  # indexing saves only the indices for backward (gather would keep the logits it reads)
         pos = logits.reshape(-1)[torch.arange(rows.shape[0], device=rows.device) * logits.shape[1] + pos_ids]
-    else:
-        pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
-    # -inf rather than masked_select: no (R, N) copy, and no host sync for its size on a GPU
-    if in_place:
         neg = logits.masked_fill_(~neg_mask, float("-inf"))  # logits is neg from here: one (R, C) buffer fewer
     else:
+        pos = logits.gather(1, pos_ids[:, None]).squeeze(1)  # (R,)
         neg = logits.masked_fill(~neg_mask, float("-inf"))  # (R, C)
     return _Batch(rows, c.cols, row_ids, logits, c.temperature, neg_mask, pos, neg, c.n_neg)
 

@@ -230,5 +230,4 @@ def mochi_loss(
         row_offset=row_offset,
         n_rows_global=n_rows_global,
     )
-    logits = mochi_logits(q, k, queue, draws, temperature=temperature)  # (n, 1 + K + s + s')
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    return mochi_row_losses(q, k, queue, draws, temperature=temperature).mean()

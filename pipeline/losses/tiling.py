@@ -36,11 +36,6 @@ def loss_tile(rows: Optional[int]) -> Iterator[None]:
         _TILE.reset(token)
 
 
-def current() -> Optional[int]:
-    """The tile size the enclosing ``loss_tile`` block set (None: untiled)."""
-    return _TILE.get()
-
-
 def tiled(n_rows: int) -> Optional[int]:
     """The tile size to use for ``n_rows`` rows: None when untiled or when one tile would hold every row."""
     tile = _TILE.get()

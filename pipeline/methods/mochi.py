@@ -101,13 +101,17 @@ class MoCHiObjective(nn.Module):
             row_offset=offset,
             n_rows_global=gathered.shape[0],
         )
+        logits: Optional[torch.Tensor] = None
         if tiling.tiled(n) is None:
             logits = mochi_logits(q, k, self.queue, draws, temperature=c.temperature)  # (n, 1 + Q + s + s')
             loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
         else:  # row tiles (train.loss_tile): never the whole (n, 1 + Q + s + s') logits with a graph
             loss = mochi_tiled_mean(q, k, self.queue, draws, temperature=c.temperature)
-            logits = mochi_logits(q.detach(), k, self.queue, draws, temperature=c.temperature) if with_stats else q
-        stats = self._stats(logits.detach() * c.temperature, own if labels is not None else None) if with_stats else {}
+        stats: dict = {}
+        if with_stats:
+            if logits is None:  # tiled: the diagnostics' whole matrix, without a graph
+                logits = mochi_logits(q.detach(), k, self.queue, draws, temperature=c.temperature)
+            stats = self._stats(logits.detach() * c.temperature, own if labels is not None else None)
         push_keys_(self, "queue", gathered[:, :d], gathered[:, d].long())  # AFTER the loss: global keys, rank order
         return loss, stats
 

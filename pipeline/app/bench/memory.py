@@ -2,8 +2,8 @@
 
 Each (global batch G, step kind) runs in a fresh process (one worker holding the whole batch), so one
 measurement's allocations never serve another's. The step is the training loop's own
-(train._loss_and_gradients' two paths: the plain forward + backward, or pipeline.chunked_step under
-train.loss_tile) plus the optimizer step, on random views of the config's image size. Peak memory: on CUDA
+(train.loss_and_gradients: the plain forward + backward, or pipeline.chunked_step under train.loss_tile)
+plus the optimizer step, on random views of the config's image size. Peak memory: on CUDA
 ``max_memory_allocated`` above what was allocated before the step; on CPU the growth of the process's peak
 resident set (``ru_maxrss``) over a step, after the model, optimizer state and the batch itself exist and after
 one small warm-up step (the libraries' one-time set-up), with glibc's mmap threshold fixed so freed large
@@ -25,10 +25,8 @@ import torch
 
 from pipeline import config as config_mod
 from pipeline.app.bench.step import machine
-from pipeline.chunked_step import chunked_step
-from pipeline.losses import tiling
 from pipeline.objectives import build_objective
-from pipeline.train import build_optimizer
+from pipeline.train import build_optimizer, loss_and_gradients
 
 GIB = 1 << 30
 
@@ -46,14 +44,8 @@ def measure_one(cfg: config_mod.Config, device: torch.device, steps: int) -> dic
     x1, x2 = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
     labels = torch.arange(batch, device=device) % 10
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=False)  # grads allocated once, before the measurement, like the optimizer
-        with tiling.loss_tile(train.loss_tile):
-            if train.chunk_size is None:
-                loss, _ = objective(x1, x2, labels)
-                loss.backward()
-            else:
-                chunked_step(objective, x1, x2, labels, chunk_size=train.chunk_size)
+    def step(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> None:
+        loss_and_gradients(train, a, b, y, False, net=objective, objective=objective, optimizer=optimizer)
         optimizer.step()
         objective.after_step()
         if device.type == "cuda":
@@ -64,10 +56,7 @@ def measure_one(cfg: config_mod.Config, device: torch.device, steps: int) -> dic
     optimizer.step()
     # one small step first: the libraries' one-time set-up (thread pools, kernels) is not the step's memory
     warm = train.chunk_size or max(2, min(64, batch // 4))  # chunked: one chunk; plain: a small batch
-    full = (x1, x2, labels)
-    x1, x2, labels = x1[:warm], x2[:warm], labels[:warm]
-    step()
-    x1, x2, labels = full
+    step(x1[:warm], x2[:warm], labels[:warm])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -75,13 +64,13 @@ def measure_one(cfg: config_mod.Config, device: torch.device, steps: int) -> dic
     else:
         before = _peak_rss_bytes()
     start = time.perf_counter()
-    step()
+    step(x1, x2, labels)
     first = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()) - before
     times = []
     for _ in range(steps - 1):
         start = time.perf_counter()
-        step()
+        step(x1, x2, labels)
         times.append(time.perf_counter() - start)
     return {"peak_bytes": max(peak, 0), "step_s": sum(times) / len(times) if times else first}
 
